@@ -1,0 +1,9 @@
+//! fewstep: text-to-image and image-to-image in 1–8 steps with Latent Consistency Models (LCM) and
+//! LCM-LoRA, with diffusers' semantics. See `DESIGN.md` for how the pieces fit.
+
+pub mod config;
+pub mod error;
+pub mod models;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,4 @@
+//! The model families: CLIP text encoder, UNet, VAE. Each is built from its diffusers config and a
+//! [`Weights`](crate::weights::Weights) view and knows nothing of schedulers or pipelines.
+
+pub mod nn;
