@@ -1,6 +1,8 @@
 //! Model weights: validated, memory-mapped `.safetensors` files, and [`Weights`], a prefix-scoped view that
 //! hands each model the tensors it asks for with the shape it expects.
 
+pub mod diffusers;
+pub mod hub;
 pub mod safetensors;
 
 use std::collections::HashMap;

@@ -1,0 +1,178 @@
+//! `fewstep generate`: the stable CLI contract of text-to-image and image-to-image.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::ValueEnum;
+use fewstep::image::{read_png, tensor_to_images, write_png};
+use fewstep::pipeline::StableDiffusion;
+use fewstep::schedulers::SchedulerKind;
+use fewstep::weights::hub::resolve_model;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The model used when `--model` is not given.
+pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd");
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SchedulerArg {
+    Lcm,
+    Ddim,
+    Euler,
+    #[value(name = "dpm++")]
+    DpmPlusPlus,
+}
+
+impl From<SchedulerArg> for SchedulerKind {
+    fn from(s: SchedulerArg) -> Self {
+        match s {
+            SchedulerArg::Lcm => SchedulerKind::Lcm,
+            SchedulerArg::Ddim => SchedulerKind::Ddim,
+            SchedulerArg::Euler => SchedulerKind::Euler,
+            SchedulerArg::DpmPlusPlus => SchedulerKind::DpmSolverPlusPlus,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RngArg {
+    /// torch's CPU generator: the same seed gives diffusers' picture.
+    Torch,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The prompt (or give it with --prompt).
+    #[arg(conflicts_with = "prompt_flag")]
+    prompt: Option<String>,
+    #[arg(long = "prompt", id = "prompt_flag")]
+    prompt_flag: Option<String>,
+    /// A diffusers model folder or a Hugging Face repo id (owner/name).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Number of UNet calls (default 4 for LCM, 25 for the other schedulers).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale (default 1.0 for LCM, 8.5 for a full LCM model, 7.5 for the other schedulers).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Seed (random and printed when not given).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, value_enum, default_value = "lcm")]
+    scheduler: SchedulerArg,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "torch")]
+    rng: RngArg,
+    /// Use the penultimate (k = 1) or an earlier CLIP layer, as diffusers' `clip_skip`.
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// img2img: the initial image (PNG).
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img: how much of the schedule to run, in (0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    strength: f64,
+    /// Output PNG; with --num-images K > 1, `NAME-0.png` … `NAME-{K-1}.png`.
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+fn output_paths(output: &Path, k: usize) -> Vec<PathBuf> {
+    if k == 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    (0..k)
+        .map(|i| output.with_file_name(format!("{stem}-{i}.png")))
+        .collect()
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let RngArg::Torch = args.rng;
+    let Some(prompt) = args.prompt.or(args.prompt_flag) else {
+        bail!("invalid prompt: give one, as `fewstep generate \"a red circle\"` or with --prompt");
+    };
+    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("invalid output: the folder {} does not exist", dir.display());
+        }
+    }
+    let dtype = match args.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let model_spec = args.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let model_dir = resolve_model(&model_spec, dtype == DType::F16)?;
+    let model = StableDiffusion::load_dir(&model_dir, dtype, &Device::Cpu)?;
+
+    let scheduler: SchedulerKind = args.scheduler.into();
+    let seed = args.seed.unwrap_or_else(rand_seed);
+    let mut req = model.request(&prompt, seed);
+    req.negative_prompt = args.negative_prompt;
+    req.scheduler = scheduler;
+    req.steps = args
+        .steps
+        .unwrap_or(if scheduler == SchedulerKind::Lcm { 4 } else { 25 });
+    req.guidance = args
+        .guidance
+        .unwrap_or_else(|| model.default_guidance(scheduler));
+    req.num_images = args.num_images;
+    req.clip_skip = args.clip_skip;
+    if let Some(path) = &args.init_image {
+        let img = read_png(path)?;
+        req.width = img.width;
+        req.height = img.height;
+        req.init_image = Some(img);
+        req.strength = args.strength;
+    }
+    req.width = args.width.unwrap_or(req.width);
+    req.height = args.height.unwrap_or(req.height);
+    model.validate(&req)?;
+    eprintln!("seed: {seed}");
+
+    let bar = ProgressBar::new(req.steps as u64).with_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} eta {eta}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    let out = model.generate(&req, &mut |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+
+    let images = tensor_to_images(&(out.images * 2.0 - 1.0)?)?;
+    let params = model.parameters_text(&req, &model_spec);
+    for (img, path) in images.iter().zip(output_paths(&args.output, images.len())) {
+        write_png(&path, img, Some(&params))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// A seed from the clock and the process id, for runs that give none.
+fn rand_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ ((std::process::id() as u64) << 32)) % (1 << 53)
+}

@@ -1,0 +1,302 @@
+//! The pipeline owns the denoising loop and nothing else: it encodes the prompt, asks the scheduler for
+//! timesteps, calls the UNet, hands its output back to the scheduler, and decodes the final latents.
+//! Semantics follow diffusers' `StableDiffusionPipeline`, `LatentConsistencyModelPipeline` and
+//! `LatentConsistencyModelImg2ImgPipeline`, including the order of random draws, so a seed gives
+//! diffusers' picture.
+
+pub mod guidance;
+pub mod img2img;
+pub mod txt2img;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{
+    load_json, AutoencoderKLConfig, ClipTextConfig, SchedulerConfig, UNet2DConditionConfig,
+};
+use crate::image::RgbImage;
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKL;
+use crate::rng::TorchGenerator;
+use crate::schedulers::{self, ScheduleRequest, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::diffusers::DiffusersFolder;
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+pub use guidance::Guidance;
+
+/// A Stable Diffusion 1.x model loaded from a diffusers folder.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    dtype: DType,
+    device: Device,
+}
+
+/// What to generate. Defaults are those of the CLI contract (see [`Request::new`]).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub scheduler: SchedulerKind,
+    pub num_images: usize,
+    pub clip_skip: Option<usize>,
+    pub original_inference_steps: Option<usize>,
+    /// img2img: the initial image (RGB, `width`×`height`) and the strength in (0, 1].
+    pub init_image: Option<RgbImage>,
+    pub strength: f64,
+}
+
+/// The result of a generation.
+pub struct Output {
+    /// `[B, 3, H, W]` f32 in [0, 1], as diffusers' `output_type="np"` (before quantisation).
+    pub images: Tensor,
+    /// The final latents before decoding, `[B, C, H/8, W/8]` f32.
+    pub latents: Tensor,
+}
+
+impl StableDiffusion {
+    /// Loads the tokenizer, text encoder, UNet, VAE and scheduler config of a diffusers folder. With
+    /// `dtype` f16 the `fp16` variant files are preferred where the folder has them.
+    pub fn load(folder: &DiffusersFolder, dtype: DType, device: &Device) -> Result<Self> {
+        let variant = (dtype == DType::F16).then_some("fp16");
+        let weights = |name: &str| -> Result<(std::path::PathBuf, Weights)> {
+            let files = folder.component(name, variant)?;
+            let w = Weights::from_files(&files.weights, dtype, device)?;
+            Ok((files.config, w))
+        };
+        let (cfg, w) = weights("text_encoder")?;
+        let text_encoder = ClipTextModel::new(&load_json::<ClipTextConfig>(&cfg)?, &w)?;
+        let (cfg, w) = weights("unet")?;
+        let unet = UNet2DConditionModel::new(&load_json::<UNet2DConditionConfig>(&cfg)?, &w)?;
+        let (cfg, w) = weights("vae")?;
+        let vae = AutoencoderKL::new(&load_json::<AutoencoderKLConfig>(&cfg)?, &w)?;
+        let tokenizer = ClipTokenizer::from_dir(&folder.component_dir("tokenizer")?)?;
+        let scheduler_config = load_json(&folder.scheduler_config()?)?;
+        tracing::info!(model = %folder.root().display(), ?dtype, "model loaded");
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Opens `path` as a diffusers folder and loads it.
+    pub fn load_dir(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load(&DiffusersFolder::open(path)?, dtype, device)
+    }
+
+    /// A full LCM model carries the guidance embedding (`time_cond_proj_dim`).
+    pub fn is_full_lcm(&self) -> bool {
+        self.unet.config().time_cond_proj_dim.is_some()
+    }
+
+    /// Pixels per latent along a side (8 for SD).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// The native image size: `unet.sample_size × vae_scale_factor` (512 for SD1.5).
+    pub fn native_size(&self) -> usize {
+        self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
+    }
+
+    /// The default guidance scale: 8.5 for a full LCM model (through the w-embedding), 1.0 (no CFG) for
+    /// the LCM-LoRA recipe, 7.5 for the non-distilled schedulers.
+    pub fn default_guidance(&self, scheduler: SchedulerKind) -> f64 {
+        if self.is_full_lcm() {
+            8.5
+        } else if scheduler == SchedulerKind::Lcm {
+            1.0
+        } else {
+            7.5
+        }
+    }
+
+    /// A request with the defaults of the CLI: LCM, 4 steps, the model's guidance and native size.
+    pub fn request(&self, prompt: &str, seed: u64) -> Request {
+        let size = self.native_size();
+        Request {
+            prompt: prompt.to_string(),
+            negative_prompt: String::new(),
+            steps: 4,
+            guidance: self.default_guidance(SchedulerKind::Lcm),
+            seed,
+            width: size,
+            height: size,
+            scheduler: SchedulerKind::Lcm,
+            num_images: 1,
+            clip_skip: None,
+            original_inference_steps: None,
+            init_image: None,
+            strength: 1.0,
+        }
+    }
+
+    /// Token ids `[1, 77]` → text embeddings `[1, 77, D]` (diffusers' `encode_prompt`, with `clip_skip`).
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: Option<usize>) -> Result<Tensor> {
+        let n = self.tokenizer.token_count(prompt)?;
+        let max = self.tokenizer.max_length().saturating_sub(2);
+        if n > max {
+            tracing::warn!("the prompt has {n} tokens; only the first {max} are used");
+        }
+        let ids = self.tokenizer.encode(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        self.text_encoder.encode(&ids, clip_skip)
+    }
+
+    /// Checks a request before any work: sizes divisible by the VAE factor, finite guidance, a batch of at
+    /// least one, strength in (0, 1], an init image of the requested size.
+    pub fn validate(&self, req: &Request) -> Result<()> {
+        let f = self.vae_scale_factor();
+        for (field, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::invalid(
+                    field,
+                    format!("{v} is not a positive multiple of {f}"),
+                ));
+            }
+        }
+        if !req.guidance.is_finite() {
+            return Err(Error::invalid(
+                "guidance",
+                format!("expected a finite number, got {}", req.guidance),
+            ));
+        }
+        if req.steps == 0 {
+            return Err(Error::invalid("steps", "must be at least 1"));
+        }
+        if req.num_images == 0 {
+            return Err(Error::invalid("num-images", "must be at least 1"));
+        }
+        if !(req.strength > 0.0 && req.strength <= 1.0) {
+            return Err(Error::invalid(
+                "strength",
+                format!("expected a number in (0, 1], got {}", req.strength),
+            ));
+        }
+        if let Some(img) = &req.init_image {
+            if (img.width, img.height) != (req.width, req.height) {
+                return Err(Error::invalid(
+                    "init-image",
+                    format!(
+                        "the image is {}x{}, the request {}x{}",
+                        img.width, img.height, req.width, req.height
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one generation. `on_step(i, n)` is called after each of the `n` UNet steps.
+    pub fn generate(&self, req: &Request, on_step: &mut dyn FnMut(usize, usize)) -> Result<Output> {
+        self.validate(req)?;
+        let strength = if req.init_image.is_some() {
+            req.strength
+        } else {
+            1.0
+        };
+        let mut scheduler = schedulers::build(
+            req.scheduler,
+            &self.scheduler_config,
+            &ScheduleRequest {
+                steps: req.steps,
+                strength,
+                original_inference_steps: req.original_inference_steps,
+                custom_timesteps: None,
+            },
+        )?;
+        let guidance = Guidance::for_model(req.guidance, self.unet.config().time_cond_proj_dim);
+        let batch = req.num_images;
+        let cond = self
+            .encode_prompt(&req.prompt, req.clip_skip)?
+            .repeat((batch, 1, 1))?;
+        let context = if guidance.is_cfg() {
+            let uncond = self
+                .encode_prompt(&req.negative_prompt, req.clip_skip)?
+                .repeat((batch, 1, 1))?;
+            Tensor::cat(&[uncond, cond], 0)?
+        } else {
+            cond
+        };
+        let mut rng = TorchGenerator::new(req.seed);
+        let mut latents = match &req.init_image {
+            None => txt2img::initial_latents(self, req, scheduler.as_ref(), &mut rng)?,
+            Some(image) => {
+                img2img::initial_latents(self, image, batch, scheduler.as_ref(), &mut rng)?
+            }
+        };
+        let timestep_cond = guidance.timestep_cond(batch, self.dtype, &self.device)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if guidance.is_cfg() {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler
+                .scale_model_input(&input, t)?
+                .to_dtype(self.dtype)?;
+            let pred = self
+                .unet
+                .forward(&input, t, &context, timestep_cond.as_ref())?;
+            let pred = guidance.combine(pred.to_dtype(DType::F32)?)?;
+            latents = scheduler.step(&pred, t, &latents, &mut rng)?;
+            on_step(i + 1, timesteps.len());
+        }
+        let images = self.decode(&latents)?;
+        Ok(Output { images, latents })
+    }
+
+    /// Latents → image in [0, 1]: `vae.decode(z / scaling_factor + shift_factor)`, then `(x/2 + 0.5)`
+    /// clamped to [0, 1] (diffusers' `VaeImageProcessor.denormalize`).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let cfg = self.vae.config();
+        let z = ((latents / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
+        let x = self.vae.decode(&z.to_dtype(self.dtype)?)?;
+        Ok(((x.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    /// The A1111-style `parameters` text that reproduces a generation.
+    pub fn parameters_text(&self, req: &Request, model: &str) -> String {
+        let mut s = req.prompt.clone();
+        if !req.negative_prompt.is_empty() {
+            s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
+        }
+        s.push_str(&format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, RNG: torch",
+            req.steps, req.scheduler, req.guidance, req.seed, req.width, req.height, model
+        ));
+        if req.init_image.is_some() {
+            s.push_str(&format!(", Denoising strength: {}", req.strength));
+        }
+        if let Some(k) = req.clip_skip {
+            s.push_str(&format!(", Clip skip: {}", k + 1));
+        }
+        s
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
