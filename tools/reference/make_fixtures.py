@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Generate the committed test fixtures under tests/fixtures/ (see tests/fixtures/README.md).
+
+Deterministic: fixed seeds, CPU, float32, one torch thread.
+
+    python tools/reference/make_fixtures.py                       # everything
+    python tools/reference/make_fixtures.py --only tokens,randn   # some sections
+
+Sections (in dependency order): tokens, randn, schedulers, models, components, pipelines.
+`components` and `pipelines` need the tiny models written by `models`.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[2]
+FIX = REPO / "tests" / "fixtures"
+REF = FIX / "reference"
+TOKENIZER_DIR = Path(os.environ.get("CLIP_TOKENIZER_DIR", "/work/shared/tokenizers/clip"))
+COFFEE = Path(os.environ.get("COFFEE_PNG", "/work/shared/data/coffee.png"))
+
+# SD1.5's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), verbatim.
+SD15_PNDM_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+# SimianLuo/LCM_Dreamshaper_v7 scheduler/scheduler_config.json.
+LCM_DREAMSHAPER_CONFIG = {
+    "_class_name": "LCMScheduler",
+    "_diffusers_version": "0.22.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.995,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "thresholding": False,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False, sort_keys=False)
+        f.write("\n")
+
+
+def save_st(path, tensors):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(out, str(path))
+
+
+def jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return jsonable(x.tolist())
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, float) and (math.isinf(x) or math.isnan(x)):
+        return str(x)
+    return x
+
+
+def sched_config(s):
+    return jsonable(dict(s.config))
+
+
+# --------------------------------------------------------------------------------------------- tokens
+def make_tokens():
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    prompts = [
+        "a photo of an astronaut riding a horse on mars",
+        "a red circle on a blue background",
+        "A Photo Of An ASTRONAUT, Riding A HORSE",
+        "  leading and trailing spaces   ",
+        "multiple    spaces\tand\ttabs\nand\nnewlines\r\n here",
+        "punctuation!!! what?? yes... (maybe) [brackets] {braces} <angle> a/b a-b a_b a+b=c; x: y, z",
+        "resolution 1024x768, pi is 3.14, year 2024, 12345678",
+        "don't stop, it's fine, we're here, they've gone, I'm ok, you'll see, he'd go",
+        "DON'T IT'S WE'RE",
+        "café naïve Zürich façade résumé",
+        "cafe\u0301 nai\u0308ve (decomposed accents)",
+        "日本の猫と東京タワー",
+        "一只猫坐在月亮上",
+        "cat 🐱 rocket 🚀 thumbs 👍🏽",
+        "",
+        "Tom &amp; Jerry &lt;3 &quot;quoted&quot;",
+        "“curly quotes” and ‘single’ — em dash – en dash … ellipsis",
+        "The Mona Lisa painted by Leonardo da Vinci, highly detailed, 8k, trending on artstation",
+        "<|startoftext|> literal special tokens <|endoftext|>",
+        "masterpiece, best quality, (ultra-detailed:1.2), [[blurry]], portrait of a woman",
+        "über straße ÆØÅ æøå ñ ß",
+        "Ελληνικά и русский текст",
+        "x",
+        "\u00a0non\u00a0breaking\u2003spaces",
+    ]
+    # far over 77 tokens
+    prompts.append(", ".join(["a very long prompt with many many words"] * 12))
+    # exactly 74/75/76 content tokens ("a" is one token each) -> 76/77/78 ids before truncation
+    for n in (74, 75, 76):
+        prompts.append(" ".join(["a"] * n))
+    cases = []
+    for p in prompts:
+        ids = tok(p, padding="max_length", truncation=True, max_length=77).input_ids
+        raw = tok(p, truncation=False).input_ids
+        assert len(ids) == 77
+        cases.append({"prompt": p, "ids": ids, "untruncated_len": len(raw)})
+    write_json(
+        REF / "tokens.json",
+        {
+            "max_length": 77,
+            "tokenizer_class": f"{type(tok).__module__}.{type(tok).__name__}",
+            "tokenizer_backend": "HuggingFace `tokenizers` (TokenizersBackend): NFC + \\s+ -> ' ' + lowercase, "
+            "CLIP split regex, byte-level BPE with '</w>' suffix; no ftfy, no html.unescape",
+            "bos_id": tok.bos_token_id,
+            "eos_id": tok.eos_token_id,
+            "pad_id": tok.pad_token_id,
+            "cases": cases,
+        },
+    )
+    print(f"tokens: {len(cases)} cases, class {type(tok)}")
+
+
+# ---------------------------------------------------------------------------------------------- randn
+def make_randn():
+    small = [[1], [3], [15], [16], [17], [31], [100], [1, 4, 8, 8], [2, 4, 8, 8], [1, 4, 64, 64]]
+    cases = []
+    for seed in (0, 1, 42, 2**32 + 7, 123456789):
+        for shp in small:
+            cases.append({"seed": seed, "shapes": [shp]})
+    cases.append({"seed": 0, "shapes": [[1, 4, 8, 8], [5], [1, 4, 8, 8], [1, 4, 8, 8]]})
+    cases.append({"seed": 3, "shapes": [[3], [16], [1], [17], [2, 4, 8, 8]]})
+    cases.append({"seed": 42, "shapes": [[1, 4, 8, 8]] * 4})
+    tensors = {}
+    for i, c in enumerate(cases):
+        g = torch.Generator("cpu").manual_seed(c["seed"])
+        for j, shp in enumerate(c["shapes"]):
+            tensors[f"case{i}_{j}"] = torch.randn(shp, generator=g, dtype=torch.float32)
+    write_json(REF / "randn.json", cases)
+    save_st(REF / "randn.safetensors", tensors)
+    print(f"randn: {len(cases)} cases, {len(tensors)} tensors")
+
+
+# ----------------------------------------------------------------------------------------- schedulers
+SCHED_DOC = """\
+Scheduler fixtures (diffusers 0.42.1, float32, CPU).
+"configs": the input config dicts ("sd15_pndm" = SD1.5 PNDMScheduler config verbatim, "lcm_dreamshaper" =
+  SimianLuo/LCM_Dreamshaper_v7 LCMScheduler config).
+"timesteps": list of cases {name, class, from (which input config), resolved_config (= dict(sched.config) after
+  `Class.from_config(configs[from])`), set_timesteps (kwargs passed), error (null, or the ValueError message if
+  diffusers raised), timesteps (list), plus for Euler/DPM: sigmas (list, includes the final 0), init_noise_sigma}.
+  Note LCM with strength<1: the schedule is taken from the first int(original_steps*strength) LCM training
+  timesteps, it still has num_inference_steps entries; for custom timesteps strength slices the list instead.
+"trajectories": list of cases {name, class, from, config_overrides, resolved_config, set_timesteps, timesteps,
+  generator_seed (seed of ONE torch.Generator("cpu") passed to every step() call, or null), steps}.
+  Tensors in scheduler_steps.safetensors, all f32 [1,4,8,8]:
+    "{name}.x"            start sample (already in the scheduler's input space; NOT multiplied by init_noise_sigma)
+    "{name}.m{k}"         model output fed at step k (k = 0..steps-1)
+    "{name}.scaled{k}"    Euler only: scale_model_input(sample_k, t_k) (the UNet input at step k)
+    "{name}.prev{k}"      step(...).prev_sample after step k (sample_{k+1}); prev{steps-1} is the final sample
+    "{name}.denoised{k}"  LCM only: step(...).denoised after step k
+  For LCM, prev{k} = sqrt(a_prev)*denoised + sqrt(1-a_prev)*noise_k where noise_k = randn([1,4,8,8]) drawn from the
+  shared generator at every step except the last; the pipeline returns `denoised` of the last step.
+  Euler (EulerDiscreteScheduler.step) also draws randn(model_output.shape) from the generator at EVERY step even
+  though s_churn=0 makes it unused.
+"add_noise": list of {name, class, from, timesteps}; tensors "{name}.x", "{name}.noise" [1,4,8,8] and
+  "{name}.t{t}" = add_noise(x, noise, tensor([t])) for each t.
+"""
+
+
+def _traj(name, cls, cfg_from, cfg, steps_kw, seed, tensors, overrides=None, n_x_seed=100):
+    sched = cls.from_config({**cfg, **(overrides or {})})
+    sched.set_timesteps(**steps_kw)
+    g_in = torch.Generator("cpu").manual_seed(n_x_seed)
+    x = torch.randn([1, 4, 8, 8], generator=g_in)
+    tensors[f"{name}.x"] = x.clone()
+    gen = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+    sample = x
+    ts = sched.timesteps
+    for k, t in enumerate(ts):
+        m = torch.randn([1, 4, 8, 8], generator=g_in)
+        tensors[f"{name}.m{k}"] = m.clone()
+        inp = sched.scale_model_input(sample, t)
+        if cls.__name__ == "EulerDiscreteScheduler":
+            tensors[f"{name}.scaled{k}"] = inp.clone()
+        kw = {"generator": gen} if cls.__name__ in ("LCMScheduler", "EulerDiscreteScheduler", "DDIMScheduler") else {}
+        if cls.__name__ == "DPMSolverMultistepScheduler":
+            kw = {"generator": gen}
+        out = sched.step(m, t, sample, **kw)
+        sample = out.prev_sample
+        tensors[f"{name}.prev{k}"] = sample.clone()
+        if cls.__name__ == "LCMScheduler":
+            tensors[f"{name}.denoised{k}"] = out.denoised.clone()
+    return {
+        "name": name,
+        "class": cls.__name__,
+        "from": cfg_from,
+        "config_overrides": overrides or {},
+        "resolved_config": sched_config(sched),
+        "set_timesteps": steps_kw,
+        "timesteps": jsonable(ts),
+        "generator_seed": seed,
+        "steps": len(ts),
+    }
+
+
+def make_schedulers():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    configs = {"sd15_pndm": SD15_PNDM_CONFIG, "lcm_dreamshaper": LCM_DREAMSHAPER_CONFIG}
+    cases = []
+
+    def ts_case(name, cls, cfg_from, kw, extra=False):
+        sched = cls.from_config(configs[cfg_from])
+        rec = {"name": name, "class": cls.__name__, "from": cfg_from, "set_timesteps": kw,
+               "resolved_config": sched_config(sched), "error": None, "timesteps": None}
+        try:
+            sched.set_timesteps(**kw)
+            rec["timesteps"] = jsonable(sched.timesteps)
+            if extra:
+                rec["sigmas"] = jsonable(sched.sigmas.float())
+                rec["init_noise_sigma"] = float(sched.init_noise_sigma)
+        except ValueError as e:
+            rec["error"] = str(e)
+        cases.append(rec)
+
+    for cfg_from in ("sd15_pndm", "lcm_dreamshaper"):
+        for orig in (None, 30):
+            for steps in (1, 2, 3, 4, 6, 8, 10, 25, 50):
+                for strength in (1.0, 0.75, 0.5, 0.3):
+                    kw = {"num_inference_steps": steps, "strength": strength}
+                    if orig is not None:
+                        kw["original_inference_steps"] = orig
+                    ts_case(f"lcm.{cfg_from}.orig{orig or 'default'}.n{steps}.s{strength}", LCMScheduler, cfg_from, kw)
+        for custom in ([999, 759, 499, 259], [999, 499], [799, 599, 399, 199, 19]):
+            for strength in (1.0, 0.5):
+                ts_case(f"lcm.{cfg_from}.custom{'_'.join(map(str, custom))}.s{strength}", LCMScheduler, cfg_from,
+                        {"timesteps": custom, "strength": strength})
+    for steps in (1, 4, 20, 50):
+        ts_case(f"ddim.sd15_pndm.n{steps}", DDIMScheduler, "sd15_pndm", {"num_inference_steps": steps})
+    for steps in (4, 8, 20):
+        ts_case(f"euler.sd15_pndm.n{steps}", EulerDiscreteScheduler, "sd15_pndm", {"num_inference_steps": steps}, True)
+    for steps in (4, 8, 10, 20):
+        ts_case(f"dpmpp.sd15_pndm.n{steps}", DPMSolverMultistepScheduler, "sd15_pndm", {"num_inference_steps": steps},
+                True)
+
+    tensors = {}
+    trajs = []
+    P = SD15_PNDM_CONFIG
+    for pt in ("epsilon", "v_prediction", "sample"):
+        trajs.append(_traj(f"lcm4_{pt}", LCMScheduler, "sd15_pndm", P, {"num_inference_steps": 4}, 11, tensors,
+                           {"prediction_type": pt}))
+    trajs.append(_traj("lcm1_epsilon", LCMScheduler, "sd15_pndm", P, {"num_inference_steps": 1}, 12, tensors))
+    trajs.append(_traj("lcm4_dreamshaper", LCMScheduler, "lcm_dreamshaper", LCM_DREAMSHAPER_CONFIG,
+                       {"num_inference_steps": 4}, 13, tensors))
+    trajs.append(_traj("lcm4_strength05", LCMScheduler, "sd15_pndm", P, {"num_inference_steps": 4, "strength": 0.5},
+                       14, tensors))
+    trajs.append(_traj("ddim10", DDIMScheduler, "sd15_pndm", P, {"num_inference_steps": 10}, None, tensors))
+    trajs.append(_traj("euler10", EulerDiscreteScheduler, "sd15_pndm", P, {"num_inference_steps": 10}, 15, tensors))
+    trajs.append(_traj("dpmpp10", DPMSolverMultistepScheduler, "sd15_pndm", P, {"num_inference_steps": 10}, None,
+                       tensors))
+
+    adds = []
+    for name, cls in (("lcm", LCMScheduler), ("ddim", DDIMScheduler)):
+        sched = cls.from_config(P)
+        g = torch.Generator("cpu").manual_seed(200)
+        x = torch.randn([1, 4, 8, 8], generator=g)
+        noise = torch.randn([1, 4, 8, 8], generator=g)
+        tss = [999, 759, 499, 259, 19, 1, 0]
+        tensors[f"add_noise.{name}.x"] = x
+        tensors[f"add_noise.{name}.noise"] = noise
+        for t in tss:
+            tensors[f"add_noise.{name}.t{t}"] = sched.add_noise(x, noise, torch.tensor([t], dtype=torch.long))
+        adds.append({"name": f"add_noise.{name}", "class": cls.__name__, "from": "sd15_pndm", "timesteps": tss})
+
+    # alphas_cumprod for reference (same for all classes built from the SD1.5 config)
+    tensors["alphas_cumprod.sd15"] = LCMScheduler.from_config(P).alphas_cumprod.float()
+
+    write_json(REF / "schedulers.json", {"doc": SCHED_DOC, "configs": configs, "timesteps": cases,
+                                         "trajectories": trajs, "add_noise": adds,
+                                         "extra_tensors": {"alphas_cumprod.sd15": "f32 [1000]"}})
+    save_st(REF / "scheduler_steps.safetensors", tensors)
+    print(f"schedulers: {len(cases)} timestep cases, {len(trajs)} trajectories, {len(tensors)} tensors")
+
+
+SECTIONS = ["tokens", "randn", "schedulers", "models", "components", "pipelines"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    args = ap.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    for s in only:
+        if s not in SECTIONS:
+            sys.exit(f"unknown section {s}; choose from {SECTIONS}")
+    for s in SECTIONS:
+        if s in only:
+            globals()[f"make_{s}"]()
+
+
+if __name__ == "__main__":
+    main()
