@@ -203,8 +203,8 @@ Scheduler fixtures (diffusers 0.42.1, float32, CPU).
     "{name}.denoised{k}"  LCM only: step(...).denoised after step k
   For LCM, prev{k} = sqrt(a_prev)*denoised + sqrt(1-a_prev)*noise_k where noise_k = randn([1,4,8,8]) drawn from the
   shared generator at every step except the last; the pipeline returns `denoised` of the last step.
-  Euler (EulerDiscreteScheduler.step) also draws randn(model_output.shape) from the generator at EVERY step even
-  though s_churn=0 makes it unused.
+  Euler (EulerDiscreteScheduler.step) draws noise only when s_churn>0 (gamma>0): with the defaults used here it
+  draws nothing. DDIM with eta=0 and DPM++ 2M (algorithm_type dpmsolver++) draw nothing either.
 "add_noise": list of {name, class, from, timesteps}; tensors "{name}.x", "{name}.noise" [1,4,8,8] and
   "{name}.t{t}" = add_noise(x, noise, tensor([t])) for each t.
 """
@@ -323,6 +323,117 @@ def make_schedulers():
                                          "extra_tensors": {"alphas_cumprod.sd15": "f32 [1000]"}})
     save_st(REF / "scheduler_steps.safetensors", tensors)
     print(f"schedulers: {len(cases)} timestep cases, {len(trajs)} trajectories, {len(tensors)} tensors")
+
+
+# --------------------------------------------------------------------------------------------- models
+TEXT_CFG = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=32, pad_token_id=1, bos_token_id=49406,
+                eos_token_id=49407, layer_norm_eps=1e-5)
+UNET_COMMON = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64],
+                   down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                   layers_per_block=1, cross_attention_dim=32, norm_num_groups=32)
+UNET_SD = dict(UNET_COMMON, attention_head_dim=8, use_linear_projection=False)
+UNET_LCM = dict(UNET_COMMON, attention_head_dim=[2, 4, 4], use_linear_projection=True, upcast_attention=True,
+                time_cond_proj_dim=32)
+VAE_CFG = dict(in_channels=3, out_channels=3, block_out_channels=[16, 32, 32, 32],
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+               layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
+
+
+def reinit(module, seed):
+    """Re-draw every parameter: norm weights 1 + 0.1 N, biases 0.05 N, matrices/kernels N * clamp(1/sqrt(fan_in))."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if p.ndim == 1:
+                if name.endswith("bias"):
+                    v = 0.05 * torch.randn(p.shape, generator=g)
+                else:
+                    v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+            else:
+                fan_in = p[0].numel()
+                std = min(0.2, max(0.02, 1.0 / math.sqrt(fan_in)))
+                v = std * torch.randn(p.shape, generator=g)
+            p.copy_(v.to(p.dtype))
+
+
+def build_components(seed, hidden_act, unet_cfg):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    te = CLIPTextModel(CLIPTextConfig(**TEXT_CFG, hidden_act=hidden_act))
+    reinit(te, seed + 1)
+    unet = UNet2DConditionModel(**unet_cfg)
+    reinit(unet, seed + 2)
+    vae = AutoencoderKL(**VAE_CFG)
+    reinit(vae, 1000)  # identical VAE weights in both models
+    return te.eval(), unet.eval(), vae.eval()
+
+
+def copy_tokenizer(dst):
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in sorted(TOKENIZER_DIR.iterdir()):
+        shutil.copy(f, dst / f.name)
+
+
+def add_text_model_prefix(path):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path))
+    if all(k.startswith("text_model.") for k in sd):
+        return False
+    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+    save_file(sd, str(path), metadata={"format": "pt"})
+    return True
+
+
+def make_models():
+    from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, PNDMScheduler,
+                           StableDiffusionPipeline)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+    # ---- tiny-sd (fp32, SD1.5-like)
+    out = FIX / "tiny-sd"
+    if out.exists():
+        shutil.rmtree(out)
+    te, unet, vae = build_components(10, "quick_gelu", UNET_SD)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=PNDMScheduler.from_config(SD15_PNDM_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    write_json(out / "scheduler" / "scheduler_config.json", SD15_PNDM_CONFIG)
+    copy_tokenizer(out / "tokenizer")
+    te_file = out / "text_encoder" / "model.safetensors"
+    rewrote = add_text_model_prefix(te_file)
+    print(f"tiny-sd: text_model. prefix added by rewrite: {rewrote}")
+    te2, info = CLIPTextModel.from_pretrained(str(out / "text_encoder"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.tensor([tok("a test prompt", padding="max_length", max_length=77).input_ids])
+    with torch.no_grad():
+        a, b = te(ids).last_hidden_state, te2(ids).last_hidden_state
+    assert torch.equal(a, b), "prefixed text encoder does not reload identically"
+
+    # ---- tiny-lcm (fp16 variant only, LCM_Dreamshaper-like)
+    out = FIX / "tiny-lcm"
+    if out.exists():
+        shutil.rmtree(out)
+    te, unet, vae = build_components(20, "gelu", UNET_LCM)
+    pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                          scheduler=LCMScheduler.from_config(LCM_DREAMSHAPER_CONFIG),
+                                          safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(str(out), safe_serialization=True, variant="fp16")
+    write_json(out / "scheduler" / "scheduler_config.json", LCM_DREAMSHAPER_CONFIG)
+    copy_tokenizer(out / "tokenizer")
+    for f in sorted(FIX.glob("tiny-*/**/*")):
+        if f.is_file():
+            print(f"  {f.relative_to(FIX)}  {f.stat().st_size}")
 
 
 SECTIONS = ["tokens", "randn", "schedulers", "models", "components", "pipelines"]
