@@ -436,6 +436,265 @@ def make_models():
             print(f"  {f.relative_to(FIX)}  {f.stat().st_size}")
 
 
+# ----------------------------------------------------------------------------------------- components
+COMPONENT_PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding a horse on mars"]
+
+
+def load_pipe(model, cls=None):
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    if model == "tiny-sd":
+        return (cls or StableDiffusionPipeline).from_pretrained(str(FIX / "tiny-sd"), dtype=torch.float32)
+    return (cls or LatentConsistencyModelPipeline).from_pretrained(str(FIX / "tiny-lcm"), variant="fp16",
+                                                                   dtype=torch.float32)
+
+
+def guidance_embedding(pipe, w, dim):
+    return pipe.get_guidance_scale_embedding(w, embedding_dim=dim)
+
+
+def make_components():
+    from diffusers import LatentConsistencyModelPipeline
+
+    tensors, meta = {}, {}
+    for model in ("tiny-sd", "tiny-lcm"):
+        pipe = load_pipe(model)
+        te, unet, vae, tok = pipe.text_encoder, pipe.unet, pipe.vae, pipe.tokenizer
+        P = model + "."
+        rec = {"load": "StableDiffusionPipeline.from_pretrained(dir, dtype=float32)" if model == "tiny-sd" else
+               "LatentConsistencyModelPipeline.from_pretrained(dir, variant='fp16', dtype=float32) "
+               "(fp16-rounded weights, computed in f32)"}
+        # --- text encoder
+        ids = torch.tensor(tok(COMPONENT_PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids,
+                           dtype=torch.int64)
+        with torch.no_grad():
+            o = te(ids, output_hidden_states=True)
+            skip1 = te.final_layer_norm(o.hidden_states[-2])
+        tensors[P + "text.input_ids"] = ids
+        tensors[P + "text.last_hidden_state"] = o.last_hidden_state
+        tensors[P + "text.pooler_output"] = o.pooler_output
+        tensors[P + "text.clip_skip1"] = skip1
+        for i, h in enumerate(o.hidden_states):
+            tensors[P + f"text.hidden_states{i}"] = h
+        # check against the pipeline's own encode_prompt for clip_skip=None
+        with torch.no_grad():
+            pe, _ = pipe.encode_prompt(COMPONENT_PROMPTS, "cpu", 1, False)
+        assert torch.equal(pe, o.last_hidden_state)
+        clip_skip_note = "encode_prompt(clip_skip=1) ok"
+        try:
+            with torch.no_grad():
+                pe1, _ = pipe.encode_prompt(COMPONENT_PROMPTS, "cpu", 1, False, clip_skip=1)
+            assert torch.allclose(pe1, skip1)
+        except AttributeError as e:
+            clip_skip_note = f"diffusers encode_prompt(clip_skip=1) raises AttributeError with transformers 5.23: {e}"
+        rec["text"] = {"prompts": COMPONENT_PROMPTS, "input_ids": "i64 [2,77]", "last_hidden_state": "f32 [2,77,32]",
+                       "pooler_output": "f32 [2,32] (hidden at first eos_token_id=49407 position)",
+                       "clip_skip1": "f32 [2,77,32] = final_layer_norm(hidden_states[-2])",
+                       "hidden_states{i}": "f32 [2,77,32], i=0 embeddings output, i=1..2 after each layer "
+                                           "(no final norm)",
+                       "clip_skip_note": clip_skip_note}
+        # --- unet
+        g = torch.Generator("cpu").manual_seed(300)
+        sample = torch.randn([2, 4, 8, 8], generator=g)
+        ehs = torch.randn([2, 77, 32], generator=g)
+        tensors[P + "unet.sample"] = sample
+        tensors[P + "unet.encoder_hidden_states"] = ehs
+        cond = None
+        if unet.config.time_cond_proj_dim is not None:
+            w = torch.tensor(8.5 - 1).repeat(2)
+            cond = guidance_embedding(pipe, w, unet.config.time_cond_proj_dim)
+            tensors[P + "unet.timestep_cond"] = cond
+        cases = []
+        for name, t in (("t999", torch.tensor(999, dtype=torch.int64)), ("t1", torch.tensor(1, dtype=torch.int64)),
+                        ("t856f", torch.tensor(856.2857055664062, dtype=torch.float32))):
+            with torch.no_grad():
+                out = unet(sample, t, encoder_hidden_states=ehs, timestep_cond=cond).sample
+            tensors[P + f"unet.out_{name}"] = out
+            cases.append({"key": P + f"unet.out_{name}", "timestep": t.item(), "timestep_dtype": str(t.dtype)})
+        rec["unet"] = {"sample": "f32 [2,4,8,8]", "encoder_hidden_states": "f32 [2,77,32]",
+                       "timestep_cond": ("f32 [2,32] = get_guidance_scale_embedding(w=[7.5,7.5], dim=32)"
+                                         if cond is not None else None),
+                       "cases": cases, "note": "timestep passed as a 0-d tensor (broadcast over the batch)"}
+        # --- vae
+        g = torch.Generator("cpu").manual_seed(400)
+        image = torch.rand([1, 3, 64, 64], generator=g) * 2 - 1
+        lat = torch.randn([1, 4, 8, 8], generator=g)
+        with torch.no_grad():
+            dist = vae.encode(image).latent_dist
+            dec = vae.decode(lat).sample
+        tensors[P + "vae.image"] = image
+        tensors[P + "vae.mean"] = dist.mean
+        tensors[P + "vae.std"] = dist.std
+        tensors[P + "vae.logvar"] = dist.logvar
+        tensors[P + "vae.latents"] = lat
+        tensors[P + "vae.decoded"] = dec
+        rec["vae"] = {"image": "f32 [1,3,64,64] in [-1,1]", "mean/std/logvar": "f32 [1,4,8,8] latent_dist (raw, "
+                      "NOT multiplied by scaling_factor; logvar clamped to [-30,20] as diffusers does)",
+                      "latents": "f32 [1,4,8,8] raw decoder input (not divided by scaling_factor)",
+                      "decoded": "f32 [1,3,64,64] vae.decode(latents).sample (not clamped)"}
+        meta[model] = rec
+    # standalone guidance embeddings
+    pipe = load_pipe("tiny-lcm")
+    w = torch.tensor([0.0, 1.0, 7.5, 3.25])
+    tensors["guidance_embedding.w"] = w
+    tensors["guidance_embedding.dim32"] = guidance_embedding(pipe, w, 32)
+    tensors["guidance_embedding.dim256"] = guidance_embedding(pipe, w, 256)
+    meta["guidance_embedding"] = {"w": "f32 [4] (the guidance_scale - 1 values)", "dim32": "f32 [4,32]",
+                                  "dim256": "f32 [4,256]"}
+    write_json(REF / "components.json", meta)
+    save_st(REF / "components.safetensors", tensors)
+    print(f"components: {len(tensors)} tensors; {meta['tiny-sd']['text']['clip_skip_note']}")
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+PROMPT = "a red circle on a blue background"
+RNG_ORDER = {
+    "StableDiffusionPipeline+LCMScheduler":
+        "1) randn([B*n,4,H/8,W/8]) initial latents (x init_noise_sigma = 1.0); 2) at each step except the last, "
+        "LCMScheduler.step draws randn(latents shape) for the injected noise. Text encoding draws nothing.",
+    "StableDiffusionPipeline+DDIMScheduler":
+        "1) randn initial latents (x init_noise_sigma = 1.0); DDIM step with eta=0 draws nothing.",
+    "StableDiffusionPipeline+EulerDiscreteScheduler":
+        "1) randn initial latents, multiplied by init_noise_sigma (= sqrt(sigma_max^2+1) for timestep_spacing "
+        "linspace); Euler step draws nothing (s_churn=0).",
+    "StableDiffusionPipeline+DPMSolverMultistepScheduler":
+        "1) randn initial latents (x init_noise_sigma = 1.0); dpmsolver++ step draws nothing.",
+    "LatentConsistencyModelPipeline":
+        "1) randn([B*n,4,H/8,W/8]) initial latents (x init_noise_sigma = 1.0); 2) one randn(latents shape) per "
+        "step except the last (LCMScheduler.step). The image is decoded from the last step's `denoised`.",
+    "LatentConsistencyModelImg2ImgPipeline":
+        "1) VAE posterior sample: randn([1,4,H/8,W/8]) -> latents = scaling_factor * (mean + std * eps); "
+        "2) randn(same shape) noise for scheduler.add_noise(init_latents, noise, timesteps[0]); "
+        "3) one randn per step except the last (LCMScheduler.step).",
+    "StableDiffusionImg2ImgPipeline+LCMScheduler":
+        "1) VAE posterior sample randn -> scaling_factor * (mean + std * eps); 2) randn noise for add_noise at "
+        "timesteps[0] of the strength-sliced schedule; 3) one randn per step except the last.",
+}
+
+
+def run_case(name, model, pipe_cls, sched_cls, kwargs, tensors, cases, extra_meta=None):
+    pipe = load_pipe(model, pipe_cls)
+    if sched_cls is not None:
+        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    unet_calls = []
+
+    def hook(mod, args, kw):
+        t = args[1] if len(args) > 1 else kw["timestep"]
+        unet_calls.append({"timestep": jsonable(t), "timestep_dtype": str(t.dtype) if torch.is_tensor(t) else
+                           type(t).__name__, "sample_shape": list(args[0].shape),
+                           "timestep_cond": kw.get("timestep_cond") is not None})
+
+    h = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    is_lcm_pipe = "LatentConsistency" in pipe_cls.__name__
+    step_inputs = ["latents", "denoised"] if is_lcm_pipe else ["latents"]
+    step_inputs.append("prompt_embeds")
+    captured = {}
+
+    def cb(p, i, t, kw):
+        captured[f"{name}.step{i}.latents"] = kw["latents"].clone()
+        if "denoised" in kw:
+            captured[f"{name}.step{i}.denoised"] = kw["denoised"].clone()
+        if i == 0:
+            captured[f"{name}.prompt_embeds"] = kw["prompt_embeds"].clone()
+        return {}
+
+    seed = kwargs.pop("seed")
+    with torch.no_grad():
+        img = pipe(**kwargs, output_type="np", generator=torch.Generator("cpu").manual_seed(seed),
+                   callback_on_step_end=cb, callback_on_step_end_tensor_inputs=step_inputs).images
+        calls_np = list(unet_calls)
+        unet_calls.clear()
+        lat = pipe(**kwargs, output_type="latent", generator=torch.Generator("cpu").manual_seed(seed)).images
+    h.remove()
+    img = torch.from_numpy(np.asarray(img)).float()
+    tensors[name] = img
+    tensors[f"{name}.latents"] = lat.float()
+    tensors.update(captured)
+    # latents -> image consistency check (decode of the stored latents reproduces the image)
+    with torch.no_grad():
+        dec = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample
+        dec = (dec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert torch.allclose(dec, img, atol=1e-5), f"{name}: decode(latents) != image"
+    kw_json = {k: v for k, v in kwargs.items() if k != "image"}
+    rec = {"name": name, "model": model, "pipeline": pipe_cls.__name__,
+           "scheduler": type(pipe.scheduler).__name__, "scheduler_config": sched_config(pipe.scheduler),
+           "seed": seed, "generator": 'torch.Generator("cpu").manual_seed(seed)',
+           "prompt": kwargs.get("prompt"), "negative_prompt": kwargs.get("negative_prompt"),
+           "num_inference_steps": kwargs.get("num_inference_steps"), "guidance_scale": kwargs.get("guidance_scale"),
+           "width": kwargs.get("width", 64), "height": kwargs.get("height", 64), "strength": kwargs.get("strength"),
+           "num_images_per_prompt": kwargs.get("num_images_per_prompt", 1), "call_kwargs": jsonable(kw_json),
+           "unet_calls": calls_np, "n_unet_calls": len(calls_np),
+           "keys": {name: f"f32 {list(img.shape)} output_type='np' image in [0,1], NHWC",
+                    f"{name}.latents": f"f32 {list(lat.shape)} output_type='latent' (what is decoded, before "
+                                       f"/ scaling_factor)",
+                    f"{name}.step{{i}}.latents": "latents after step i (callback_on_step_end)",
+                    f"{name}.prompt_embeds": "prompt_embeds as the UNet sees them (CFG: [uncond; cond])"}}
+    if is_lcm_pipe:
+        rec["keys"][f"{name}.step{{i}}.denoised"] = "LCM denoised after step i"
+    rec.update(extra_meta or {})
+    cases.append(rec)
+    print(f"  {name}: image {list(img.shape)} mean {img.mean():.4f} std {img.std():.4f}, unet calls {len(calls_np)}")
+
+
+def make_pipelines():
+    from PIL import Image
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline, LCMScheduler,
+                           StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+    from diffusers.image_processor import VaeImageProcessor
+
+    tensors, cases = {}, []
+    SD = StableDiffusionPipeline
+    base = dict(prompt=PROMPT, height=64, width=64)
+    run_case("lcm4", "tiny-sd", SD, LCMScheduler, dict(base, num_inference_steps=4, guidance_scale=1.0, seed=0),
+             tensors, cases, {"rng_order": RNG_ORDER["StableDiffusionPipeline+LCMScheduler"]})
+    run_case("lcm4_batch2", "tiny-sd", SD, LCMScheduler,
+             dict(base, num_inference_steps=4, guidance_scale=1.0, num_images_per_prompt=2, seed=7), tensors, cases,
+             {"rng_order": RNG_ORDER["StableDiffusionPipeline+LCMScheduler"] + " With 2 images every draw is one "
+              "randn([2,4,8,8])."})
+    run_case("lcm_full", "tiny-lcm", LatentConsistencyModelPipeline, None,
+             dict(base, num_inference_steps=4, guidance_scale=8.5, seed=1), tensors, cases,
+             {"rng_order": RNG_ORDER["LatentConsistencyModelPipeline"]})
+    run_case("ddim_cfg", "tiny-sd", SD, DDIMScheduler,
+             dict(base, negative_prompt="blurry, low quality", num_inference_steps=20, guidance_scale=7.5, seed=2),
+             tensors, cases, {"rng_order": RNG_ORDER["StableDiffusionPipeline+DDIMScheduler"]})
+    run_case("euler_cfg", "tiny-sd", SD, EulerDiscreteScheduler,
+             dict(base, num_inference_steps=8, guidance_scale=7.5, seed=3), tensors, cases,
+             {"rng_order": RNG_ORDER["StableDiffusionPipeline+EulerDiscreteScheduler"]})
+    run_case("dpmpp_cfg", "tiny-sd", SD, DPMSolverMultistepScheduler,
+             dict(base, num_inference_steps=8, guidance_scale=7.5, seed=3), tensors, cases,
+             {"rng_order": RNG_ORDER["StableDiffusionPipeline+DPMSolverMultistepScheduler"]})
+
+    init = Image.open(COFFEE).convert("RGB").resize((64, 64), Image.BICUBIC)
+    init.save(REF / "init64.png")
+    init = Image.open(REF / "init64.png").convert("RGB")
+    tensors["init64"] = VaeImageProcessor(vae_scale_factor=8).preprocess(init).float()
+    run_case("img2img", "tiny-lcm", LatentConsistencyModelImg2ImgPipeline, None,
+             dict(prompt=PROMPT, image=init, num_inference_steps=4, strength=0.5, guidance_scale=8.5, seed=4),
+             tensors, cases, {"rng_order": RNG_ORDER["LatentConsistencyModelImg2ImgPipeline"],
+                              "init_image": "reference/init64.png (tensor 'init64' = preprocessed [1,3,64,64])"})
+    note = None
+    try:
+        run_case("img2img_sd", "tiny-sd", LatentConsistencyModelImg2ImgPipeline, LCMScheduler,
+                 dict(prompt=PROMPT, image=init, num_inference_steps=4, strength=0.5, guidance_scale=1.0, seed=5),
+                 tensors, cases, {"rng_order": RNG_ORDER["LatentConsistencyModelImg2ImgPipeline"],
+                                  "init_image": "reference/init64.png"})
+    except Exception as e:  # the LCM img2img pipeline needs unet.config.time_cond_proj_dim
+        note = (f"LatentConsistencyModelImg2ImgPipeline fails on tiny-sd ({type(e).__name__}: {e}); "
+                f"StableDiffusionImg2ImgPipeline + LCMScheduler.from_config is used instead")
+        print("  " + note)
+        run_case("img2img_sd", "tiny-sd", StableDiffusionImg2ImgPipeline, LCMScheduler,
+                 dict(prompt=PROMPT, image=init, num_inference_steps=4, strength=0.5, guidance_scale=1.0, seed=5),
+                 tensors, cases, {"rng_order": RNG_ORDER["StableDiffusionImg2ImgPipeline+LCMScheduler"],
+                                  "init_image": "reference/init64.png", "note": note})
+    write_json(REF / "pipelines.json", {"doc": "see tests/fixtures/README.md", "cases": cases,
+                                        "extra_tensors": {"init64": "f32 [1,3,64,64] VaeImageProcessor.preprocess("
+                                                                    "init64.png) in [-1,1]"}})
+    save_st(REF / "pipelines.safetensors", tensors)
+    print(f"pipelines: {len(cases)} cases, {len(tensors)} tensors")
+
+
 SECTIONS = ["tokens", "randn", "schedulers", "models", "components", "pipelines"]
 
 
