@@ -102,7 +102,11 @@ def jsonable(x):
 
 
 def sched_config(s):
-    return jsonable(dict(s.config))
+    """dict(sched.config); `_use_default_values` (the keys filled from class defaults) sorted for determinism."""
+    d = dict(s.config)
+    if "_use_default_values" in d:
+        d["_use_default_values"] = sorted(d["_use_default_values"])
+    return jsonable(d)
 
 
 # --------------------------------------------------------------------------------------------- tokens
