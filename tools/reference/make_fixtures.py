@@ -139,6 +139,7 @@ def make_tokens():
         "Ελληνικά и русский текст",
         "x",
         "\u00a0non\u00a0breaking\u2003spaces",
+        "ftfy-style mojibake: sch\u00c3\u00b6n caf\u00c3\u00a9 \u00e2\u20ac\u201c done \u00e2\u20ac\u0153quoted\u00e2\u20ac\u009d",
     ]
     # far over 77 tokens
     prompts.append(", ".join(["a very long prompt with many many words"] * 12))
