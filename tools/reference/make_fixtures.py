@@ -331,13 +331,13 @@ def make_schedulers():
 
 
 # --------------------------------------------------------------------------------------------- models
-TEXT_CFG = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, projection_dim=32, pad_token_id=1, bos_token_id=49406,
+TEXT_CFG = dict(vocab_size=49408, hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=16, pad_token_id=1, bos_token_id=49406,
                 eos_token_id=49407, layer_norm_eps=1e-5)
-UNET_COMMON = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64],
+UNET_COMMON = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 32, 64],
                    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-                   layers_per_block=1, cross_attention_dim=32, norm_num_groups=32)
+                   layers_per_block=1, cross_attention_dim=16, norm_num_groups=32)
 UNET_SD = dict(UNET_COMMON, attention_head_dim=8, use_linear_projection=False)
 UNET_LCM = dict(UNET_COMMON, attention_head_dim=[2, 4, 4], use_linear_projection=True, upcast_attention=True,
                 time_cond_proj_dim=32)
@@ -492,16 +492,16 @@ def make_components():
             assert torch.allclose(pe1, skip1)
         except AttributeError as e:
             clip_skip_note = f"diffusers encode_prompt(clip_skip=1) raises AttributeError with transformers 5.23: {e}"
-        rec["text"] = {"prompts": COMPONENT_PROMPTS, "input_ids": "i64 [2,77]", "last_hidden_state": "f32 [2,77,32]",
-                       "pooler_output": "f32 [2,32] (hidden at first eos_token_id=49407 position)",
-                       "clip_skip1": "f32 [2,77,32] = final_layer_norm(hidden_states[-2])",
-                       "hidden_states{i}": "f32 [2,77,32], i=0 embeddings output, i=1..2 after each layer "
+        rec["text"] = {"prompts": COMPONENT_PROMPTS, "input_ids": "i64 [2,77]", "last_hidden_state": "f32 [2,77,16]",
+                       "pooler_output": "f32 [2,16] (hidden at first eos_token_id=49407 position)",
+                       "clip_skip1": "f32 [2,77,16] = final_layer_norm(hidden_states[-2])",
+                       "hidden_states{i}": "f32 [2,77,16], i=0 embeddings output, i=1..2 after each layer "
                                            "(no final norm)",
                        "clip_skip_note": clip_skip_note}
         # --- unet
         g = torch.Generator("cpu").manual_seed(300)
         sample = torch.randn([2, 4, 8, 8], generator=g)
-        ehs = torch.randn([2, 77, 32], generator=g)
+        ehs = torch.randn([2, 77, TEXT_CFG['hidden_size']], generator=g)
         tensors[P + "unet.sample"] = sample
         tensors[P + "unet.encoder_hidden_states"] = ehs
         cond = None
@@ -516,7 +516,7 @@ def make_components():
                 out = unet(sample, t, encoder_hidden_states=ehs, timestep_cond=cond).sample
             tensors[P + f"unet.out_{name}"] = out
             cases.append({"key": P + f"unet.out_{name}", "timestep": t.item(), "timestep_dtype": str(t.dtype)})
-        rec["unet"] = {"sample": "f32 [2,4,8,8]", "encoder_hidden_states": "f32 [2,77,32]",
+        rec["unet"] = {"sample": "f32 [2,4,8,8]", "encoder_hidden_states": "f32 [2,77,16]",
                        "timestep_cond": ("f32 [2,32] = get_guidance_scale_embedding(w=[7.5,7.5], dim=32)"
                                          if cond is not None else None),
                        "cases": cases, "note": "timestep passed as a 0-d tensor (broadcast over the batch)"}
