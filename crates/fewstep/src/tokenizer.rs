@@ -356,6 +356,24 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// `[B, max_length]` u32 ids of `texts` on `device`, each row as [`encode`](Self::encode) gives it —
+    /// the text encoder's input.
+    pub fn encode_batch(
+        &self,
+        texts: &[&str],
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        let mut ids = Vec::with_capacity(texts.len() * self.max_length);
+        for t in texts {
+            ids.extend(self.encode(t)?);
+        }
+        Ok(candle_core::Tensor::from_vec(
+            ids,
+            (texts.len(), self.max_length),
+            device,
+        )?)
+    }
+
     /// Text of the given ids with special tokens skipped and the `</w>` word ends turned into spaces.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let text = self

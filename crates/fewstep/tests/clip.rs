@@ -82,6 +82,8 @@ fn check(model: &str, file: &str) {
     );
     assert_eq!(e0, 0.0);
     assert!(m.encode(&ids, Some(3)).is_err());
+    let bad = Tensor::new(&[[49406u32, 49408, 49407]], &Device::Cpu).unwrap();
+    assert!(m.forward(&bad).is_err());
 }
 
 #[test]

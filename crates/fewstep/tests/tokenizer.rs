@@ -170,6 +170,18 @@ fn missing_files_are_named() {
 }
 
 #[test]
+fn batch_tensor() {
+    let tok = sd_tokenizer();
+    let t = tok
+        .encode_batch(&["a cat", "a dog"], &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(t.dims(), &[2, 77]);
+    assert_eq!(t.dtype(), candle_core::DType::U32);
+    let rows = t.to_vec2::<u32>().unwrap();
+    assert_eq!(rows[1], tok.encode("a dog").unwrap());
+}
+
+#[test]
 fn decode_round_trip() {
     let tok = sd_tokenizer();
     let ids = tok.encode("A Photo of an Astronaut").unwrap();

@@ -232,6 +232,16 @@ impl ClipTextModel {
             ));
         }
         let ids = ids.to_dtype(DType::U32)?;
+        let vocab = self.token_embedding.embeddings().dim(0)?;
+        if l > 0 {
+            let max_id = ids.max_all()?.to_scalar::<u32>()? as usize;
+            if max_id >= vocab {
+                return Err(Error::invalid(
+                    "token ids",
+                    format!("id {max_id} is outside the text encoder's vocabulary of {vocab}"),
+                ));
+            }
+        }
         let tok = self.token_embedding.forward(&ids)?;
         let pos = self.position_embedding.narrow(0, 0, l)?;
         let x = tok.broadcast_add(&pos)?;
