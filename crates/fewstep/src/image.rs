@@ -81,7 +81,7 @@ pub fn tensor_to_float_images(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// `[B, 3, H, W]` in `[-1, 1]` → 8-bit images: `(x / 2 + 0.5).clamp(0, 1)`, then
 /// `round(x * 255)` with ties to even, all in f32 — diffusers' `denormalize` + `numpy_to_pil`.
 pub fn tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
-    let (_, (_, _, h, w)) = to_cpu_f32(t)?;
+    let (_, _, h, w) = t.dims4()?;
     Ok(tensor_to_float_images(t)?
         .into_iter()
         .map(|v| RgbImage {
