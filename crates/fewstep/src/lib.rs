@@ -3,7 +3,9 @@
 
 pub mod config;
 pub mod error;
+pub mod image;
 pub mod models;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
