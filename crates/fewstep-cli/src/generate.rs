@@ -159,7 +159,7 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     bar.finish_and_clear();
 
-    let images = tensor_to_images(&(out.images * 2.0 - 1.0)?)?;
+    let images = tensor_to_images(&out.decoded)?;
     let params = model.parameters_text(&req, &model_spec);
     for (img, path) in images.iter().zip(output_paths(&args.output, images.len())) {
         write_png(&path, img, Some(&params))?;

@@ -36,7 +36,7 @@ impl<T: Clone> OneOrMany<T> {
     }
 
     /// Number of per-block values, if given per block.
-    pub fn len(&self) -> Option<usize> {
+    pub fn per_block_len(&self) -> Option<usize> {
         match self {
             OneOrMany::One(_) => None,
             OneOrMany::Many(v) => Some(v.len()),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use fewstep::image::read_png;
+use fewstep::image::{read_png, tensor_to_float_images};
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
 use serde_json::Value;
@@ -68,9 +68,11 @@ fn check_case(name: &str) {
     let rel = max_abs(&(&out.latents - want_latents).unwrap()) / max_abs(want_latents);
     assert!(rel < 1e-3, "{name}: latents relative error {rel}");
 
-    // diffusers' np image is NHWC; ours NCHW.
-    let want = refs[name].permute((0, 3, 1, 2)).unwrap();
-    let diff = ((&out.images - &want).unwrap().abs().unwrap() * 255.0).unwrap();
+    // diffusers' np image is NHWC in [0, 1], as ours after postprocessing.
+    let ours: Vec<f32> = tensor_to_float_images(&out.decoded).unwrap().concat();
+    let want = &refs[name];
+    let ours = Tensor::from_vec(ours, want.dims(), &Device::Cpu).unwrap();
+    let diff = ((&ours - want).unwrap().abs().unwrap() * 255.0).unwrap();
     let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
     let max = max_abs(&diff);
     println!("{name}: mean |diff| {mean:.4}/255, max {max:.4}/255, latents rel {rel:.2e}");

@@ -60,8 +60,9 @@ pub struct Request {
 
 /// The result of a generation.
 pub struct Output {
-    /// `[B, 3, H, W]` f32 in [0, 1], as diffusers' `output_type="np"` (before quantisation).
-    pub images: Tensor,
+    /// The VAE's output `[B, 3, H, W]` f32, nominally in [-1, 1]; [`crate::image::tensor_to_images`]
+    /// turns it into pictures as diffusers' postprocessing does.
+    pub decoded: Tensor,
     /// The final latents before decoding, `[B, C, H/8, W/8]` f32.
     pub latents: Tensor,
 }
@@ -148,13 +149,9 @@ impl StableDiffusion {
         }
     }
 
-    /// Token ids `[1, 77]` → text embeddings `[1, 77, D]` (diffusers' `encode_prompt`, with `clip_skip`).
+    /// Token ids `[1, 77]` → text embeddings `[1, 77, D]` (diffusers' `encode_prompt`, with `clip_skip`);
+    /// a prompt over 75 tokens is truncated with a warning.
     pub fn encode_prompt(&self, prompt: &str, clip_skip: Option<usize>) -> Result<Tensor> {
-        let n = self.tokenizer.token_count(prompt)?;
-        let max = self.tokenizer.max_length().saturating_sub(2);
-        if n > max {
-            tracing::warn!("the prompt has {n} tokens; only the first {max} are used");
-        }
         let ids = self.tokenizer.encode(prompt)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         self.text_encoder.encode(&ids, clip_skip)
@@ -260,17 +257,15 @@ impl StableDiffusion {
             latents = scheduler.step(&pred, t, &latents, &mut rng)?;
             on_step(i + 1, timesteps.len());
         }
-        let images = self.decode(&latents)?;
-        Ok(Output { images, latents })
+        let decoded = self.decode(&latents)?;
+        Ok(Output { decoded, latents })
     }
 
-    /// Latents → image in [0, 1]: `vae.decode(z / scaling_factor + shift_factor)`, then `(x/2 + 0.5)`
-    /// clamped to [0, 1] (diffusers' `VaeImageProcessor.denormalize`).
+    /// Latents → image in [-1, 1]: `vae.decode(z / scaling_factor + shift_factor)`, in f32.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let cfg = self.vae.config();
         let z = ((latents / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
-        let x = self.vae.decode(&z.to_dtype(self.dtype)?)?;
-        Ok(((x.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        Ok(self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
     }
 
     /// The A1111-style `parameters` text that reproduces a generation.
