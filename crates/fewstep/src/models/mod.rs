@@ -2,3 +2,8 @@
 //! [`Weights`](crate::weights::Weights) view and knows nothing of schedulers or pipelines.
 
 pub mod nn;
+pub mod unet;
+pub mod vae;
+
+pub use unet::UNet2DConditionModel;
+pub use vae::{AutoencoderKL, DiagonalGaussian};
