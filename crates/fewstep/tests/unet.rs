@@ -215,3 +215,33 @@ fn unsupported_config_is_refused_by_field() {
         .to_string();
     assert!(err.contains("resnet_time_scale_shift"), "{err}");
 }
+
+/// Per-block list configs, a depth-2 transformer, an odd `time_cond_proj_dim`, and a 6×5 latent (not a
+/// multiple of 4: the up blocks upsample to the skip connections' sizes).
+#[test]
+fn list_configs_and_odd_sizes_match_diffusers() {
+    let dir = fixture("unet-extra");
+    let cfg: UNet2DConditionConfig = load_json(&dir.join("config.json")).unwrap();
+    let w = Weights::from_files(
+        &[dir.join("diffusion_pytorch_model.safetensors")],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let unet = UNet2DConditionModel::new(&cfg, &w).unwrap();
+    let refs =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    for (t, key) in [(999.0, "out_t999"), (12.5, "out_t12.5")] {
+        let out = unet
+            .forward(
+                &refs["sample"],
+                t,
+                &refs["encoder_hidden_states"],
+                Some(&refs["timestep_cond"]),
+            )
+            .unwrap();
+        let err = rel_err(&out, &refs[key]);
+        println!("unet-extra {key}: rel err {err:.3e}");
+        assert!(err < TOL, "{key}: {err}");
+    }
+}
