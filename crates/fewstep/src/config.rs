@@ -36,6 +36,7 @@ impl<T: Clone> OneOrMany<T> {
     }
 
     /// Number of per-block values, if given per block.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> Option<usize> {
         match self {
             OneOrMany::One(_) => None,

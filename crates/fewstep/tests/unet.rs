@@ -93,7 +93,8 @@ fn f16_runs() {
     let refs = components();
     let cfg: UNet2DConditionConfig = load_json(&fixture("tiny-lcm/unet/config.json")).unwrap();
     // candle's CPU backend has no bf16 matmul; bf16 is for CUDA.
-    for dtype in [DType::F16] {
+    {
+        let dtype = DType::F16;
         let w =
             Weights::from_files(&[weights_file("tiny-lcm", "unet")], dtype, &Device::Cpu).unwrap();
         let unet = UNet2DConditionModel::new(&cfg, &w).unwrap();

@@ -117,9 +117,9 @@ impl Encoder {
         let g = c.norm_num_groups;
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_ch = ch[0];
-        for i in 0..n {
+        for (i, &block_ch) in ch.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = ch[i];
+            out_ch = block_ch;
             let bw = w.pp("down_blocks").pp(i);
             let downsampler = if i + 1 < n {
                 Some(Downsample2D::new(
@@ -289,7 +289,7 @@ fn validate(c: &AutoencoderKLConfig) -> Result<()> {
         }
     }
     for (i, &ch) in c.block_out_channels.iter().enumerate() {
-        if c.norm_num_groups == 0 || ch % c.norm_num_groups != 0 {
+        if c.norm_num_groups == 0 || !ch.is_multiple_of(c.norm_num_groups) {
             return Err(unsupported(
                 "norm_num_groups",
                 format!(

@@ -89,7 +89,7 @@ fn validate(c: &UNet2DConditionConfig) -> Result<()> {
             return Err(unsupported("only_cross_attention", "true is not supported"));
         }
         let heads = c.heads(i);
-        if heads == 0 || c.block_out_channels[i] % heads != 0 {
+        if heads == 0 || !c.block_out_channels[i].is_multiple_of(heads) {
             return Err(unsupported(
                 "attention_head_dim",
                 format!(
@@ -176,7 +176,7 @@ fn validate(c: &UNet2DConditionConfig) -> Result<()> {
         ("conv_in_kernel", c.conv_in_kernel),
         ("conv_out_kernel", c.conv_out_kernel),
     ] {
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             return Err(unsupported(field, format!("even kernel size {k}")));
         }
     }
@@ -361,7 +361,7 @@ impl UNet2DConditionModel {
         }
 
         let factor = 1usize << (self.up_blocks.len() - 1);
-        let forward_size = h % factor != 0 || w % factor != 0;
+        let forward_size = !h.is_multiple_of(factor) || !w.is_multiple_of(factor);
         let last = self.up_blocks.len() - 1;
         for (i, block) in self.up_blocks.iter().enumerate() {
             let size = if forward_size && i < last {
