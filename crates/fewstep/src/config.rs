@@ -85,6 +85,15 @@ pub struct UNet2DConditionConfig {
     pub projection_class_embeddings_input_dim: Option<usize>,
     pub encoder_hid_dim: Option<usize>,
     pub mid_block_only_cross_attention: Option<bool>,
+    pub encoder_hid_dim_type: Option<String>,
+    pub num_class_embeds: Option<usize>,
+    pub class_embeddings_concat: bool,
+    pub time_embedding_act_fn: Option<String>,
+    pub dual_cross_attention: bool,
+    pub attention_type: String,
+    pub cross_attention_norm: Option<String>,
+    /// Nested per-layer lists (SDXL-style refiners); not supported, kept to refuse it by name.
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
 }
 
 impl Default for UNet2DConditionConfig {
@@ -140,6 +149,14 @@ impl Default for UNet2DConditionConfig {
             projection_class_embeddings_input_dim: None,
             encoder_hid_dim: None,
             mid_block_only_cross_attention: None,
+            encoder_hid_dim_type: None,
+            num_class_embeds: None,
+            class_embeddings_concat: false,
+            time_embedding_act_fn: None,
+            dual_cross_attention: false,
+            attention_type: "default".into(),
+            cross_attention_norm: None,
+            reverse_transformer_layers_per_block: None,
         }
     }
 }

@@ -3,3 +3,8 @@
 
 pub mod clip;
 pub mod nn;
+pub mod unet;
+pub mod vae;
+
+pub use unet::UNet2DConditionModel;
+pub use vae::{AutoencoderKL, DiagonalGaussian};

@@ -1,0 +1,318 @@
+//! Attention layers: diffusers' `Attention` (self and cross, multi-head), the VAE's single-head spatial
+//! self-attention block, `BasicTransformerBlock` with its GEGLU feed-forward, and `Transformer2DModel`
+//! (the spatial transformer of the UNet's cross-attention blocks).
+
+use candle_core::{DType, Tensor};
+use candle_nn::{GroupNorm, LayerNorm, Linear};
+
+use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear};
+use crate::weights::Weights;
+use crate::Result;
+
+/// Multi-head scaled dot-product attention with projections `to_q`, `to_k`, `to_v`, `to_out.0`:
+///
+/// `q = x W_q`, `k = c W_k`, `v = c W_v` (`c = x` for self-attention), split into `heads` heads of
+/// `head_dim`; per head `o = softmax(q kᵀ / √head_dim) v`; heads concatenated; `y = o W_out + b_out`.
+/// With `upcast`, `q kᵀ` and the softmax are computed in f32 whatever the model dtype; the softmax is
+/// always computed in f32.
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    upcast: bool,
+}
+
+impl Attention {
+    /// `context_dim = None` for self-attention; `qkv_bias` is diffusers' `bias` (false in the UNet's
+    /// transformer blocks, true in the VAE); `to_out.0` always has a bias.
+    pub fn new(
+        w: &Weights,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        upcast: bool,
+    ) -> Result<Self> {
+        Self::with_names(
+            w,
+            ["to_q", "to_k", "to_v", "to_out.0"],
+            query_dim,
+            context_dim,
+            heads,
+            head_dim,
+            qkv_bias,
+            upcast,
+        )
+    }
+
+    /// As [`Attention::new`], with the four projections stored under other names (the VAE's
+    /// pre-0.14 `query`/`key`/`value`/`proj_attn`).
+    #[allow(clippy::too_many_arguments)]
+    fn with_names(
+        w: &Weights,
+        names: [&str; 4],
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let ctx = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: linear(&w.pp(names[0]), query_dim, inner, qkv_bias)?,
+            to_k: linear(&w.pp(names[1]), ctx, inner, qkv_bias)?,
+            to_v: linear(&w.pp(names[2]), ctx, inner, qkv_bias)?,
+            to_out: linear(&w.pp(names[3]), inner, query_dim, true)?,
+            heads,
+            head_dim,
+            upcast,
+        })
+    }
+
+    /// `[B, L, heads·head_dim]` → contiguous `[B·heads, L, head_dim]`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        Ok(x.reshape((b, l, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * self.heads, l, self.head_dim))?)
+    }
+
+    /// `x: [B, N, query_dim]`, `context: [B, M, context_dim]` (or `None` for self-attention) →
+    /// `[B, N, query_dim]`.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let ctx = context.unwrap_or(x);
+        let dtype = x.dtype();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = self.split_heads(&apply(&self.to_q, x)?)?;
+        let k = self.split_heads(&apply(&self.to_k, ctx)?)?;
+        let v = self.split_heads(&apply(&self.to_v, ctx)?)?;
+        let (q, k) = if self.upcast && dtype != DType::F32 {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let scores = (q * scale)?.matmul(&k.t()?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+        let o = probs.to_dtype(dtype)?.matmul(&v)?;
+        let o = o
+            .reshape((b, self.heads, n, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.head_dim))?;
+        apply(&self.to_out, &o)
+    }
+}
+
+/// The VAE's spatial self-attention (diffusers' `Attention` with `group_norm`, one head,
+/// `residual_connection`): `y = x + attn(group_norm(x))`, attention over the `H·W` positions with
+/// `C`-wide features.
+pub struct SpatialSelfAttention {
+    group_norm: GroupNorm,
+    attn: Attention,
+}
+
+impl SpatialSelfAttention {
+    /// `channels` wide, one head, GroupNorm with `groups` and `eps`.
+    pub fn new(w: &Weights, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        let names = if !w.contains("to_q.weight") && w.contains("query.weight") {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
+        Ok(Self {
+            group_norm: group_norm(&w.pp("group_norm"), groups, channels, eps)?,
+            attn: Attention::with_names(w, names, channels, None, 1, channels, true, false)?,
+        })
+    }
+
+    /// `x: [B, C, H, W]` → `[B, C, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = apply(&self.group_norm, x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let t = self.attn.forward(&t, None)?;
+        let t = t.transpose(1, 2)?.reshape((b, c, h, w))?;
+        Ok((t + x)?)
+    }
+}
+
+/// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`): `[h, g] = x W_1 + b_1` split in halves of width
+/// `inner = 4·dim`; `y = (h ⊙ gelu(g)) W_2 + b_2`, with the exact (erf) GELU.
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+    inner: usize,
+}
+
+impl FeedForward {
+    fn new(w: &Weights, dim: usize) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            proj: linear(&w.pp("net.0.proj"), dim, 2 * inner, true)?,
+            out: linear(&w.pp("net.2"), inner, dim, true)?,
+            inner,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let hg = apply(&self.proj, x)?;
+        let last = hg.rank() - 1;
+        let h = hg.narrow(last, 0, self.inner)?;
+        let g = hg.narrow(last, self.inner, self.inner)?.gelu_erf()?;
+        apply(&self.out, &(h * g)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` with `norm_type = "layer_norm"`:
+/// `x += attn1(norm1(x))` (self), `x += attn2(norm2(x), context)` (cross), `x += ff(norm3(x))`.
+/// LayerNorms have eps 1e-5 and affine parameters.
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        w: &Weights,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_attention_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: layer_norm(&w.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(&w.pp("attn1"), dim, None, heads, head_dim, false, upcast)?,
+            norm2: layer_norm(&w.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(
+                &w.pp("attn2"),
+                dim,
+                Some(cross_attention_dim),
+                heads,
+                head_dim,
+                false,
+                upcast,
+            )?,
+            norm3: layer_norm(&w.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::new(&w.pp("ff"), dim)?,
+        })
+    }
+
+    /// `x: [B, N, dim]`, `context: [B, M, cross_attention_dim]` → `[B, N, dim]`.
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&apply(&self.norm1, x)?, None)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&apply(&self.norm2, &x)?, Some(context))?
+            + &x)?;
+        Ok((self.ff.forward(&apply(&self.norm3, &x)?)? + &x)?)
+    }
+}
+
+/// `proj_in`/`proj_out` of a [`Transformer2DModel`]: a 1×1 convolution over `[B, C, H, W]` or, with
+/// `use_linear_projection`, a Linear over `[B, H·W, C]`.
+enum Projection {
+    Conv(candle_nn::Conv2d),
+    Linear(Linear),
+}
+
+/// Parameters of a [`Transformer2DModel`].
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub num_layers: usize,
+    pub cross_attention_dim: usize,
+    pub norm_groups: usize,
+    pub use_linear_projection: bool,
+    pub upcast_attention: bool,
+}
+
+/// diffusers' `Transformer2DModel` on continuous input: with `r = x`,
+/// `h = group_norm(x)` (eps 1e-6), `h = proj_in(h)` flattened to `[B, H·W, inner]`
+/// (`inner = heads·(channels/heads)`), `h = block_n(…block_1(h, context))`, reshaped back to
+/// `[B, C, H, W]` through `proj_out`; `y = h + r`.
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+    inner: usize,
+}
+
+impl Transformer2DModel {
+    pub fn new(w: &Weights, c: &TransformerConfig) -> Result<Self> {
+        let head_dim = c.channels / c.heads;
+        let inner = c.heads * head_dim;
+        let proj = |name: &str, i: usize, o: usize| -> Result<Projection> {
+            if c.use_linear_projection {
+                Ok(Projection::Linear(linear(&w.pp(name), i, o, true)?))
+            } else {
+                Ok(Projection::Conv(conv2d(&w.pp(name), i, o, 1, 1, 0)?))
+            }
+        };
+        let blocks = (0..c.num_layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    &w.pp("transformer_blocks").pp(i),
+                    inner,
+                    c.heads,
+                    head_dim,
+                    c.cross_attention_dim,
+                    c.upcast_attention,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(&w.pp("norm"), c.norm_groups, c.channels, 1e-6)?,
+            proj_in: proj("proj_in", c.channels, inner)?,
+            blocks,
+            proj_out: proj("proj_out", inner, c.channels)?,
+            inner,
+        })
+    }
+
+    /// `x: [B, C, H, W]`, `context: [B, M, cross_attention_dim]` → `[B, C, H, W]`.
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let t = apply(&self.norm, x)?;
+        let to_tokens = |t: Tensor| -> Result<Tensor> {
+            let c = t.dim(1)?;
+            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
+        };
+        let mut t = match &self.proj_in {
+            Projection::Conv(p) => to_tokens(apply(p, &t)?)?,
+            Projection::Linear(p) => apply(p, &to_tokens(t)?)?,
+        };
+        for block in &self.blocks {
+            t = block.forward(&t, context)?;
+        }
+        let to_image = |t: Tensor, c: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(p) => apply(p, &to_image(t, self.inner)?)?,
+            Projection::Linear(p) => {
+                let t = apply(p, &t)?;
+                let c = t.dim(2)?;
+                to_image(t, c)?
+            }
+        };
+        Ok((out + x)?)
+    }
+}
