@@ -4,6 +4,8 @@
 pub mod config;
 pub mod error;
 pub mod models;
+pub mod rng;
+pub mod schedulers;
 pub mod weights;
 
 pub use error::{Error, Result};
