@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Reference image for a full-size parity check (e.g. the folder of make_sd15_random.py, or real SD1.5).
+
+    python tools/reference/parity_sd15.py MODELDIR OUT.safetensors [--steps 4] [--size 256] [--seed 0]
+
+StableDiffusionPipeline (fp32, CPU) with LCMScheduler.from_config(pipe.scheduler.config), guidance 1.0,
+generator torch.Generator("cpu").manual_seed(seed), prompt below, output_type "np".
+Writes OUT.safetensors with
+  "image"   f32 [1, size, size, 3] in [0, 1] (NHWC)
+  "latents" f32 [1, 4, size/8, size/8] the latents after the last step (what is decoded, before / 0.18215)
+and OUT.json with the settings.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("modeldir")
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(a.modeldir, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    last = {}
+
+    def cb(p, i, t, kw):
+        last["latents"] = kw["latents"].clone()
+        return {}
+
+    t0 = time.time()
+    with torch.no_grad():
+        img = pipe(PROMPT, num_inference_steps=a.steps, guidance_scale=a.guidance, height=a.size, width=a.size,
+                   generator=torch.Generator("cpu").manual_seed(a.seed), output_type="np",
+                   callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["latents"]).images
+    dt = time.time() - t0
+    out = Path(a.out)
+    save_file({"image": torch.from_numpy(np.asarray(img)).float().contiguous(),
+               "latents": last["latents"].float().contiguous()}, str(out))
+    meta = {"model": str(a.modeldir), "pipeline": "StableDiffusionPipeline", "scheduler": "LCMScheduler.from_config",
+            "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items()
+                                 if isinstance(v, (int, float, str, bool, list, type(None)))},
+            "prompt": PROMPT, "negative_prompt": None, "num_inference_steps": a.steps,
+            "guidance_scale": a.guidance, "seed": a.seed, "width": a.size, "height": a.size,
+            "timesteps": pipe.scheduler.timesteps.tolist(), "seconds": dt}
+    with open(out.with_suffix(".json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {out} image {list(img.shape)} mean {float(np.mean(img)):.4f} in {dt:.1f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
