@@ -264,38 +264,3 @@ fn cephes_sincosf(x: f32) -> (f32, f32) {
         f32::from_bits(c.to_bits() ^ sign_cos),
     )
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn read(path: &str) -> Option<Vec<f32>> {
-        let b = std::fs::read(path).ok()?;
-        Some(
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )
-    }
-
-    #[test]
-    fn tmp_against_torch() {
-        let Some(big) = read("/tmp/t_big.bin") else { return };
-        let mut g = TorchGenerator::new(12345);
-        let ours = g.randn(&[big.len()]);
-        let bad = ours.iter().zip(&big).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        let first = ours.iter().zip(&big).position(|(a, b)| a.to_bits() != b.to_bits());
-        eprintln!("big mismatches {bad} first {first:?}");
-        if let Some(i) = first { eprintln!("{} vs {}", ours[i], big[i]); }
-        let seq = read("/tmp/t_seq.bin").unwrap();
-        let mut g = TorchGenerator::new(7);
-        let mut ours = vec![];
-        for n in [3, 1, 5, 20, 17, 2, 16, 33, 7] { ours.extend(g.randn(&[n])); }
-        let bad = ours.iter().zip(&seq).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        eprintln!("seq mismatches {bad}: {:?} {:?}", &ours[..6], &seq[..6]);
-        let bs = read("/tmp/t_bigseed.bin").unwrap();
-        let ours = TorchGenerator::new((1u64 << 40) + 17).randn(&[40]);
-        eprintln!("bigseed eq {}", ours == bs);
-        panic!("show");
-    }
-}

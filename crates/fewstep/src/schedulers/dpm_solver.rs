@@ -109,11 +109,6 @@ impl DpmSolverScheduler {
         })
     }
 
-    /// σ of every timestep of the full schedule followed by the final σ.
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-
     /// `convert_model_output` for dpmsolver++: the data prediction x̂₀ (ε: `(x − σₜ ε)/αₜ`;
     /// v: `αₜ x − σₜ v`; sample: the output).
     fn convert(&self, mo: &Tensor, x: &Tensor) -> Result<Tensor> {
@@ -270,6 +265,10 @@ impl Scheduler for DpmSolverScheduler {
 
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::DpmSolverPlusPlus
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
     }
 
     fn denoised(&self) -> Option<&Tensor> {

@@ -92,11 +92,6 @@ impl EulerScheduler {
         })
     }
 
-    /// σ of every timestep of the full schedule followed by the final σ (diffusers' `scheduler.sigmas`).
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-
     /// Index into the full schedule for `add_noise` at `timestep`: the first visited timestep maps to
     /// the begin index (as after `set_begin_index`), any other to its place in the schedule.
     fn index_of(&self, timestep: f64) -> Result<usize> {
@@ -175,6 +170,10 @@ impl Scheduler for EulerScheduler {
 
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Euler
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
     }
 
     fn denoised(&self) -> Option<&Tensor> {

@@ -47,6 +47,11 @@ pub trait Scheduler: Send {
     fn denoised(&self) -> Option<&Tensor> {
         None
     }
+    /// Euler and DPM-Solver++: σ of every timestep of the full schedule, then the final σ (diffusers'
+    /// `scheduler.sigmas`, float32).
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// The samplers fewstep offers.

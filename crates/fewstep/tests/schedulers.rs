@@ -1,0 +1,231 @@
+//! Schedulers against diffusers 0.42.1 (fixtures made by `tools/reference/make_fixtures.py`): timesteps,
+//! σs and init_noise_sigma exactly equal; step trajectories within relative error 1e-5.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use fewstep::config::SchedulerConfig;
+use fewstep::rng::TorchGenerator;
+use fewstep::schedulers::{build, ScheduleRequest, SchedulerKind};
+use serde_json::Value;
+
+fn reference(name: &str) -> String {
+    format!("{}/../../tests/fixtures/reference/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Fixtures {
+    json: Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn fixtures() -> Fixtures {
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(reference("schedulers.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(reference("scheduler_steps.safetensors"), &Device::Cpu).unwrap();
+    Fixtures { json, tensors }
+}
+
+fn kind_of(class: &str) -> SchedulerKind {
+    match class {
+        "LCMScheduler" => SchedulerKind::Lcm,
+        "DDIMScheduler" => SchedulerKind::Ddim,
+        "EulerDiscreteScheduler" => SchedulerKind::Euler,
+        "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverPlusPlus,
+        other => panic!("unknown class {other}"),
+    }
+}
+
+/// The input config `from`, with `overrides` applied.
+fn config(f: &Fixtures, from: &str, overrides: Option<&Value>) -> SchedulerConfig {
+    let mut cfg = f.json["configs"][from].clone();
+    if let Some(Value::Object(o)) = overrides {
+        for (k, v) in o {
+            cfg[k] = v.clone();
+        }
+    }
+    serde_json::from_value(cfg).unwrap()
+}
+
+fn request(set: &Value) -> ScheduleRequest {
+    ScheduleRequest {
+        steps: set["num_inference_steps"].as_u64().map(|v| v as usize).unwrap_or(0),
+        strength: set["strength"].as_f64().unwrap_or(1.0),
+        original_inference_steps: set["original_inference_steps"].as_u64().map(|v| v as usize),
+        custom_timesteps: set["timesteps"]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap() as usize).collect()),
+    }
+}
+
+fn f64s(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// max|a − b| / max|b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a.len(), b.len());
+    let num = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let den = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    num / den.max(1e-30)
+}
+
+#[test]
+fn timesteps_sigmas_and_errors_match_diffusers() {
+    let f = fixtures();
+    let mut n = 0;
+    for case in f.json["timesteps"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let kind = kind_of(case["class"].as_str().unwrap());
+        let cfg = config(&f, case["from"].as_str().unwrap(), None);
+        let req = request(&case["set_timesteps"]);
+        let got = build(kind, &cfg, &req);
+        if !case["error"].is_null() {
+            assert!(got.is_err(), "{name}: diffusers raised `{}`, we did not", case["error"]);
+            n += 1;
+            continue;
+        }
+        let s = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(s.timesteps(), f64s(&case["timesteps"]).as_slice(), "{name}: timesteps");
+        if let Some(sig) = case.get("sigmas").filter(|v| !v.is_null()) {
+            let want: Vec<f32> = f64s(sig).iter().map(|&v| v as f32).collect();
+            assert_eq!(s.sigmas().expect("sigmas"), want.as_slice(), "{name}: sigmas");
+        }
+        if let Some(ins) = case["init_noise_sigma"].as_f64() {
+            assert_eq!(s.init_noise_sigma(), ins, "{name}: init_noise_sigma");
+        }
+        n += 1;
+    }
+    assert!(n > 100, "only {n} cases");
+}
+
+#[test]
+fn trajectories_match_diffusers() {
+    let f = fixtures();
+    for case in f.json["trajectories"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let kind = kind_of(case["class"].as_str().unwrap());
+        let cfg = config(&f, case["from"].as_str().unwrap(), case.get("config_overrides"));
+        let req = request(&case["set_timesteps"]);
+        let mut s = build(kind, &cfg, &req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(s.timesteps(), f64s(&case["timesteps"]).as_slice(), "{name}: timesteps");
+        let mut rng = TorchGenerator::new(case["generator_seed"].as_u64().unwrap_or(0));
+        let t = |k: &str| f.tensors.get(&format!("{name}.{k}")).unwrap_or_else(|| panic!("{name}.{k}"));
+        let mut x = t("x").clone();
+        let timesteps = s.timesteps().to_vec();
+        for (k, &ts) in timesteps.iter().enumerate() {
+            let scaled = s.scale_model_input(&x, ts).unwrap();
+            if let Some(want) = f.tensors.get(&format!("{name}.scaled{k}")) {
+                let e = rel_err(&scaled, want);
+                assert!(e <= 1e-5, "{name} step {k}: scaled input rel err {e}");
+            }
+            let prev = s.step(t(&format!("m{k}")), ts, &x, &mut rng).unwrap();
+            if let Some(want) = f.tensors.get(&format!("{name}.denoised{k}")) {
+                let e = rel_err(s.denoised().unwrap(), want);
+                assert!(e <= 1e-5, "{name} step {k}: denoised rel err {e}");
+            }
+            let e = rel_err(&prev, t(&format!("prev{k}")));
+            assert!(e <= 1e-5, "{name} step {k} (t = {ts}): prev_sample rel err {e}");
+            x = prev;
+        }
+    }
+}
+
+#[test]
+fn add_noise_matches_diffusers() {
+    let f = fixtures();
+    for case in f.json["add_noise"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let kind = kind_of(case["class"].as_str().unwrap());
+        let cfg = config(&f, case["from"].as_str().unwrap(), None);
+        let s = build(kind, &cfg, &ScheduleRequest::new(4)).unwrap();
+        let x = &f.tensors[&format!("{name}.x")];
+        let noise = &f.tensors[&format!("{name}.noise")];
+        for t in case["timesteps"].as_array().unwrap() {
+            let t = t.as_u64().unwrap();
+            let got = s.add_noise(x, noise, t as f64).unwrap();
+            let e = rel_err(&got, &f.tensors[&format!("{name}.t{t}")]);
+            assert!(e <= 1e-6, "{name} t={t}: rel err {e}");
+        }
+    }
+}
+
+#[test]
+fn alphas_cumprod_matches_torch() {
+    let f = fixtures();
+    let want = f.tensors["alphas_cumprod.sd15"].to_vec1::<f32>().unwrap();
+    let cfg = config(&f, "sd15_pndm", None);
+    let r = fewstep::schedulers::ResolvedConfig::resolve(SchedulerKind::Ddim, &cfg).unwrap();
+    let got = fewstep::schedulers::betas::alphas_cumprod(&r.noise).unwrap();
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| ((a - b) / b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "alphas_cumprod rel err {worst}");
+}
+
+fn err_of(kind: SchedulerKind, req: ScheduleRequest) -> String {
+    match build(kind, &SchedulerConfig::default(), &req) {
+        Ok(_) => panic!("{kind} {req:?}: expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_requests_name_the_field() {
+    use SchedulerKind::*;
+    for kind in [Lcm, Ddim, Euler, DpmSolverPlusPlus] {
+        let msg = err_of(kind, ScheduleRequest::new(0));
+        assert!(msg.contains("steps"), "{msg}");
+        for strength in [0.0, f64::NAN, -0.5, 1.5] {
+            let msg = err_of(kind, ScheduleRequest { strength, ..ScheduleRequest::new(4) });
+            assert!(msg.contains("strength"), "{msg}");
+        }
+        // Too small to leave one step.
+        let msg = err_of(kind, ScheduleRequest { strength: 0.01, ..ScheduleRequest::new(4) });
+        assert!(msg.contains("strength") || msg.contains("steps"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+    let msg = err_of(Lcm, ScheduleRequest::new(51));
+    assert!(msg.contains("steps") && msg.contains("50"), "{msg}");
+    let msg = err_of(
+        Lcm,
+        ScheduleRequest { original_inference_steps: Some(30), ..ScheduleRequest::new(31) },
+    );
+    assert!(msg.contains("steps"), "{msg}");
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let req = ScheduleRequest::new(4);
+    for (field, value) in [
+        ("prediction_type", "x"),
+        ("beta_schedule", "cubic"),
+        ("timestep_spacing", "random"),
+    ] {
+        let cfg: SchedulerConfig = serde_json::from_value(serde_json::json!({ field: value })).unwrap();
+        for kind in [SchedulerKind::Lcm, SchedulerKind::Ddim, SchedulerKind::Euler, SchedulerKind::DpmSolverPlusPlus] {
+            let msg = build(kind, &cfg, &req).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains(field), "{kind} {field}: `{msg}`");
+        }
+    }
+    let cfg: SchedulerConfig = serde_json::from_value(serde_json::json!({ "beta_start": f64::NAN })).unwrap_or_default();
+    let _ = build(SchedulerKind::Ddim, &cfg, &req);
+}
+
+#[test]
+fn scheduler_kind_parses() {
+    for (s, k) in [
+        ("lcm", SchedulerKind::Lcm),
+        ("ddim", SchedulerKind::Ddim),
+        ("euler", SchedulerKind::Euler),
+        ("dpm++", SchedulerKind::DpmSolverPlusPlus),
+    ] {
+        assert_eq!(s.parse::<SchedulerKind>().unwrap(), k);
+        assert_eq!(k.to_string(), s);
+    }
+    assert!("pndm".parse::<SchedulerKind>().unwrap_err().to_string().contains("scheduler"));
+}
