@@ -46,10 +46,7 @@ impl Mt19937 {
                 .wrapping_mul(prev ^ (prev >> 30))
                 .wrapping_add(i as u32);
         }
-        Self {
-            state,
-            index: MT_N,
-        }
+        Self { state, index: MT_N }
     }
 
     /// Regenerates the 624 words of state (the "twist").
@@ -145,7 +142,7 @@ impl TorchGenerator {
             box_muller_16(&mut data[i..i + 16]);
             i += 16;
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -157,7 +154,12 @@ impl TorchGenerator {
 
     /// diffusers' `randn_tensor(shape, generator, device, dtype)` on a CPU generator: draws float32 on the
     /// CPU with [`TorchGenerator::randn`], then converts to `dtype` and moves to `device`.
-    pub fn randn_tensor(&mut self, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn randn_tensor(
+        &mut self,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let data = self.randn(shape);
         let t = Tensor::from_vec(data, shape, &Device::Cpu)?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
@@ -186,7 +188,8 @@ fn box_muller_16(d: &mut [f32]) {
 /// Valid for the normal positive inputs Box–Muller gives it (`1 − u ∈ (0, 1]`).
 #[allow(clippy::excessive_precision)]
 fn cephes_logf(x: f32) -> f32 {
-    const SQRTHF: f32 = 0.707106781186547524;
+    // Cephes SQRTHF = √½ (0.707106781186547524).
+    const SQRTHF: f32 = std::f32::consts::FRAC_1_SQRT_2;
     const P: [f32; 9] = [
         7.0376836292E-2,
         -1.1514610310E-1,
@@ -235,7 +238,11 @@ fn cephes_sincosf(x: f32) -> (f32, f32) {
     const DP2: f32 = -2.4187564849853515625e-4;
     const DP3: f32 = -3.77489497744594108e-8;
     const SIN_P: [f32; 3] = [-1.9515295891E-4, 8.3321608736E-3, -1.6666654611E-1];
-    const COS_P: [f32; 3] = [2.443315711809948E-5, -1.388731625493765E-3, 4.166664568298827E-2];
+    const COS_P: [f32; 3] = [
+        2.443315711809948E-5,
+        -1.388731625493765E-3,
+        4.166664568298827E-2,
+    ];
     let sign_in = x.to_bits() & 0x8000_0000;
     let ax = x.abs();
     let mut j = (ax * FOPI) as i32;

@@ -5,7 +5,10 @@ use candle_core::Device;
 use fewstep::rng::TorchGenerator;
 
 fn reference(name: &str) -> String {
-    format!("{}/../../tests/fixtures/reference/{name}", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/../../tests/fixtures/reference/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -18,14 +21,19 @@ struct Case {
 fn randn_matches_torch_bit_for_bit() {
     let cases: Vec<Case> =
         serde_json::from_str(&std::fs::read_to_string(reference("randn.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(reference("randn.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(reference("randn.safetensors"), &Device::Cpu).unwrap();
     let mut checked = 0;
     for (i, case) in cases.iter().enumerate() {
         let mut g = TorchGenerator::new(case.seed);
         for (j, shape) in case.shapes.iter().enumerate() {
             let ours = g.randn(shape);
             let key = format!("case{i}_{j}");
-            let want = tensors[&key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = tensors[&key]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(ours.len(), want.len(), "{key}: length");
             for (k, (a, b)) in ours.iter().zip(&want).enumerate() {
                 assert_eq!(
@@ -51,7 +59,13 @@ fn randn_tensor_has_shape_and_dtype() {
     assert_eq!(t.dtype(), candle_core::DType::F16);
     let mut g2 = TorchGenerator::new(0);
     let direct = g2.randn(&[1, 4, 8, 8]);
-    let back = t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let back = t
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(back[0], half::f16::from_f32(direct[0]).to_f32());
 }
 

@@ -25,7 +25,9 @@ impl BetaSchedule {
             "squaredcos_cap_v2" => Ok(Self::SquaredCosCapV2),
             other => Err(Error::invalid(
                 "beta_schedule",
-                format!("unknown value `{other}` (expected linear, scaled_linear or squaredcos_cap_v2)"),
+                format!(
+                    "unknown value `{other}` (expected linear, scaled_linear or squaredcos_cap_v2)"
+                ),
             )),
         }
     }
@@ -83,13 +85,19 @@ pub fn betas(s: &NoiseSchedule) -> Result<Vec<f32>> {
             ));
         }
         if tb.iter().any(|b| !b.is_finite()) {
-            return Err(Error::invalid("trained_betas", "contains a non-finite value"));
+            return Err(Error::invalid(
+                "trained_betas",
+                "contains a non-finite value",
+            ));
         }
         tb.iter().map(|&b| b as f32).collect()
     } else {
         for (name, v) in [("beta_start", s.beta_start), ("beta_end", s.beta_end)] {
             if !v.is_finite() || v < 0.0 {
-                return Err(Error::invalid(name, format!("must be a finite value ≥ 0, got {v}")));
+                return Err(Error::invalid(
+                    name,
+                    format!("must be a finite value ≥ 0, got {v}"),
+                ));
             }
         }
         match s.beta_schedule {
@@ -101,7 +109,11 @@ pub fn betas(s: &NoiseSchedule) -> Result<Vec<f32>> {
                     .collect()
             }
             BetaSchedule::SquaredCosCapV2 => {
-                let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                let alpha_bar = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let t1 = i as f64 / n as f64;
@@ -175,7 +187,9 @@ pub fn np_linspace(start: f64, stop: f64, num: usize, endpoint: bool) -> Vec<f64
     } else {
         let step = delta / div as f64;
         if step == 0.0 {
-            (0..num).map(|i| (i as f64 / div as f64) * delta + start).collect()
+            (0..num)
+                .map(|i| (i as f64 / div as f64) * delta + start)
+                .collect()
         } else {
             (0..num).map(|i| i as f64 * step + start).collect()
         }
@@ -246,7 +260,10 @@ pub fn img2img_t_start(steps: usize, strength: f64) -> Result<usize> {
 /// `strength` must be a number in (0, 1].
 pub fn check_strength(strength: f64) -> Result<()> {
     if strength.is_nan() || strength <= 0.0 || strength > 1.0 {
-        return Err(Error::invalid("strength", format!("must be in (0, 1], got {strength}")));
+        return Err(Error::invalid(
+            "strength",
+            format!("must be in (0, 1], got {strength}"),
+        ));
     }
     Ok(())
 }

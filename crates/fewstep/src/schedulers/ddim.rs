@@ -5,7 +5,9 @@ use candle_core::Tensor;
 
 use super::betas::{alphas_cumprod, img2img_t_start, np_linspace, np_round};
 use super::lcm::add_noise_vp;
-use super::{check_timestep, div_s, mul_s, to_f32, PredictionType, ResolvedConfig, ScheduleRequest};
+use super::{
+    check_timestep, div_s, mul_s, to_f32, PredictionType, ResolvedConfig, ScheduleRequest,
+};
 use super::{Scheduler, SchedulerKind, TimestepSpacing};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -77,10 +79,9 @@ impl DdimScheduler {
         if t < 0 {
             return Ok(self.final_alpha_cumprod);
         }
-        self.alphas_cumprod
-            .get(t as usize)
-            .copied()
-            .ok_or_else(|| Error::invalid("timestep", format!("{t} is outside the training schedule")))
+        self.alphas_cumprod.get(t as usize).copied().ok_or_else(|| {
+            Error::invalid("timestep", format!("{t} is outside the training schedule"))
+        })
     }
 }
 

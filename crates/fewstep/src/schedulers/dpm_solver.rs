@@ -60,7 +60,11 @@ impl DpmSolverScheduler {
         let ts: Vec<i64> = match cfg.timestep_spacing {
             TimestepSpacing::Linspace => {
                 let v = np_linspace(0.0, (last_timestep - 1) as f64, n + 1, true);
-                v.iter().rev().take(n).map(|&x| np_round(x) as i64).collect()
+                v.iter()
+                    .rev()
+                    .take(n)
+                    .map(|&x| np_round(x) as i64)
+                    .collect()
             }
             TimestepSpacing::Leading => {
                 let ratio = (last_timestep / (n + 1)) as i64;
@@ -82,7 +86,12 @@ impl DpmSolverScheduler {
             let s = usize::try_from(ti)
                 .ok()
                 .and_then(|i| base.get(i))
-                .ok_or_else(|| Error::invalid("steps", format!("timestep {ti} is outside the training schedule")))?;
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "steps",
+                        format!("timestep {ti} is outside the training schedule"),
+                    )
+                })?;
             sigmas.push(*s);
         }
         sigmas.push(if cfg.final_sigma_min {
@@ -226,15 +235,16 @@ impl Scheduler for DpmSolverScheduler {
         check_timestep(timestep)?;
         let n = self.all_timesteps.len();
         if self.step_index >= n {
-            return Err(Error::invalid("timestep", "the schedule is already finished"));
+            return Err(Error::invalid(
+                "timestep",
+                "the schedule is already finished",
+            ));
         }
         let out_dtype = model_output.dtype();
         let mo = to_f32(model_output)?;
         let x = to_f32(sample)?;
         let lower_order_final = self.step_index == n - 1
-            && (self.euler_at_final
-                || (self.lower_order_final && n < 15)
-                || self.final_sigma_zero);
+            && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
         let lower_order_second = self.step_index + 2 == n && self.lower_order_final && n < 15;
         let converted = self.convert(&mo, &x)?;
         self.model_outputs.rotate_left(1);

@@ -136,7 +136,10 @@ impl Scheduler for EulerScheduler {
     ) -> Result<Tensor> {
         check_timestep(timestep)?;
         if self.step_index + 1 >= self.sigmas.len() {
-            return Err(Error::invalid("timestep", "the schedule is already finished"));
+            return Err(Error::invalid(
+                "timestep",
+                "the schedule is already finished",
+            ));
         }
         let out_dtype = model_output.dtype();
         let mo = to_f32(model_output)?;

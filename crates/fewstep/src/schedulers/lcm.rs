@@ -4,7 +4,9 @@
 use candle_core::Tensor;
 
 use super::betas::{alphas_cumprod, np_linspace};
-use super::{check_timestep, div_s, mul_s, to_f32, PredictionType, ResolvedConfig, ScheduleRequest};
+use super::{
+    check_timestep, div_s, mul_s, to_f32, PredictionType, ResolvedConfig, ScheduleRequest,
+};
 use super::{Scheduler, SchedulerKind};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -41,9 +43,14 @@ impl LcmScheduler {
     pub fn new(cfg: &ResolvedConfig, req: &ScheduleRequest) -> Result<Self> {
         let ac = alphas_cumprod(&cfg.noise)?;
         let t_train = cfg.noise.num_train_timesteps;
-        let original_steps = req.original_inference_steps.unwrap_or(cfg.original_inference_steps);
+        let original_steps = req
+            .original_inference_steps
+            .unwrap_or(cfg.original_inference_steps);
         if original_steps == 0 {
-            return Err(Error::invalid("original_inference_steps", "must be at least 1"));
+            return Err(Error::invalid(
+                "original_inference_steps",
+                "must be at least 1",
+            ));
         }
         if original_steps > t_train {
             return Err(Error::invalid(
@@ -64,13 +71,19 @@ impl LcmScheduler {
             }
             for w in custom.windows(2) {
                 if w[1] >= w[0] {
-                    return Err(Error::invalid("custom_timesteps", "must be in descending order"));
+                    return Err(Error::invalid(
+                        "custom_timesteps",
+                        "must be in descending order",
+                    ));
                 }
             }
             if custom[0] >= t_train {
                 return Err(Error::invalid(
                     "custom_timesteps",
-                    format!("must start below num_train_timesteps ({t_train}), got {}", custom[0]),
+                    format!(
+                        "must start below num_train_timesteps ({t_train}), got {}",
+                        custom[0]
+                    ),
                 ));
             }
             let n = custom.len();
@@ -124,7 +137,10 @@ impl LcmScheduler {
             }
             let desc: Vec<i64> = origin.iter().rev().copied().collect();
             let idx = np_linspace(0.0, desc.len() as f64, steps, false);
-            let ts: Vec<f64> = idx.iter().map(|&i| desc[i.floor() as usize] as f64).collect();
+            let ts: Vec<f64> = idx
+                .iter()
+                .map(|&i| desc[i.floor() as usize] as f64)
+                .collect();
             (ts, steps)
         };
         let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { ac[0] };
@@ -161,10 +177,9 @@ impl LcmScheduler {
         if t < 0 {
             return Ok(self.final_alpha_cumprod);
         }
-        self.alphas_cumprod
-            .get(t as usize)
-            .copied()
-            .ok_or_else(|| Error::invalid("timestep", format!("{t} is outside the training schedule")))
+        self.alphas_cumprod.get(t as usize).copied().ok_or_else(|| {
+            Error::invalid("timestep", format!("{t} is outside the training schedule"))
+        })
     }
 }
 
@@ -245,7 +260,11 @@ impl Scheduler for LcmScheduler {
 }
 
 /// Variance-preserving forward diffusion `√ᾱ · x₀ + √(1 − ᾱ) · ε`, in float32 then cast back.
-pub(crate) fn add_noise_vp(original: &Tensor, noise: &Tensor, alpha_cumprod: f32) -> Result<Tensor> {
+pub(crate) fn add_noise_vp(
+    original: &Tensor,
+    noise: &Tensor,
+    alpha_cumprod: f32,
+) -> Result<Tensor> {
     let dtype = original.dtype();
     let x = to_f32(original)?;
     let n = to_f32(noise)?;

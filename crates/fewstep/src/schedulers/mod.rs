@@ -25,7 +25,8 @@ use betas::{BetaSchedule, NoiseSchedule};
 pub trait Scheduler: Send {
     /// Timesteps in the order they are visited (f64: Euler's may be fractional).
     fn timesteps(&self) -> &[f64];
-    /// Scale of the initial noise (1 for LCM/DDIM/DPM++, sqrt(σ_max²+1) for Euler).
+    /// Scale of the initial noise (1 for LCM/DDIM/DPM++; for Euler, as diffusers: σ_max with
+    /// `linspace`/`trailing` spacing, sqrt(σ_max²+1) with `leading`).
     fn init_noise_sigma(&self) -> f64;
     /// Input scaling before the UNet (identity except Euler: x / sqrt(σ²+1)).
     fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
@@ -212,15 +213,17 @@ impl ResolvedConfig {
     pub fn resolve(kind: SchedulerKind, config: &SchedulerConfig) -> Result<Self> {
         use SchedulerKind::*;
         let lcm = kind == Lcm;
-        let beta_schedule = BetaSchedule::parse(
-            config
-                .beta_schedule
-                .as_deref()
-                .unwrap_or(if lcm { "scaled_linear" } else { "linear" }),
-        )?;
+        let beta_schedule =
+            BetaSchedule::parse(config.beta_schedule.as_deref().unwrap_or(if lcm {
+                "scaled_linear"
+            } else {
+                "linear"
+            }))?;
         let noise = NoiseSchedule {
             num_train_timesteps: config.num_train_timesteps.unwrap_or(1000),
-            beta_start: config.beta_start.unwrap_or(if lcm { 0.00085 } else { 0.0001 }),
+            beta_start: config
+                .beta_start
+                .unwrap_or(if lcm { 0.00085 } else { 0.0001 }),
             beta_end: config.beta_end.unwrap_or(if lcm { 0.012 } else { 0.02 }),
             beta_schedule,
             trained_betas: config.trained_betas.clone(),
@@ -231,12 +234,11 @@ impl ResolvedConfig {
         }
         let prediction_type =
             PredictionType::parse(config.prediction_type.as_deref().unwrap_or("epsilon"))?;
-        let timestep_spacing = TimestepSpacing::parse(config.timestep_spacing.as_deref().unwrap_or(
-            match kind {
+        let timestep_spacing =
+            TimestepSpacing::parse(config.timestep_spacing.as_deref().unwrap_or(match kind {
                 Lcm | Ddim => "leading",
                 Euler | DpmSolverPlusPlus => "linspace",
-            },
-        ))?;
+            }))?;
         let timestep_scaling = config.timestep_scaling.unwrap_or(10.0);
         if !timestep_scaling.is_finite() {
             return Err(Error::invalid("timestep_scaling", "must be finite"));
@@ -252,7 +254,10 @@ impl ResolvedConfig {
             ));
         }
         if config.use_karras_sigmas == Some(true) && matches!(kind, Euler | DpmSolverPlusPlus) {
-            return Err(Error::invalid("use_karras_sigmas", "Karras sigmas are not supported yet"));
+            return Err(Error::invalid(
+                "use_karras_sigmas",
+                "Karras sigmas are not supported yet",
+            ));
         }
         if kind == Euler {
             if let Some(it) = config.interpolation_type.as_deref() {
@@ -268,7 +273,10 @@ impl ResolvedConfig {
         let mut solver_type_heun = false;
         if kind == DpmSolverPlusPlus {
             if !(1..=3).contains(&solver_order) {
-                return Err(Error::invalid("solver_order", format!("must be 1, 2 or 3, got {solver_order}")));
+                return Err(Error::invalid(
+                    "solver_order",
+                    format!("must be 1, 2 or 3, got {solver_order}"),
+                ));
             }
             let alg = config.algorithm_type.as_deref().unwrap_or("dpmsolver++");
             if alg != "dpmsolver++" && alg != "deis" {
@@ -357,7 +365,9 @@ pub fn build(
         SchedulerKind::Lcm => Box::new(lcm::LcmScheduler::new(&cfg, req)?),
         SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(&cfg, req)?),
         SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(&cfg, req)?),
-        SchedulerKind::DpmSolverPlusPlus => Box::new(dpm_solver::DpmSolverScheduler::new(&cfg, req)?),
+        SchedulerKind::DpmSolverPlusPlus => {
+            Box::new(dpm_solver::DpmSolverScheduler::new(&cfg, req)?)
+        }
     })
 }
 
@@ -386,7 +396,10 @@ pub(crate) fn to_f32(t: &Tensor) -> Result<Tensor> {
 /// Rejects a timestep that is not a finite number.
 pub(crate) fn check_timestep(t: f64) -> Result<()> {
     if !t.is_finite() {
-        return Err(Error::invalid("timestep", format!("must be finite, got {t}")));
+        return Err(Error::invalid(
+            "timestep",
+            format!("must be finite, got {t}"),
+        ));
     }
     Ok(())
 }
