@@ -308,9 +308,32 @@ fn bad_configs_name_the_field() {
             assert!(msg.contains(field), "{kind} {field}: `{msg}`");
         }
     }
-    let cfg: SchedulerConfig =
-        serde_json::from_value(serde_json::json!({ "beta_start": f64::NAN })).unwrap_or_default();
-    let _ = build(SchedulerKind::Ddim, &cfg, &req);
+    let nan_start = SchedulerConfig {
+        beta_start: Some(f64::NAN),
+        ..Default::default()
+    };
+    let msg = build(SchedulerKind::Ddim, &nan_start, &req)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("beta_start"), "{msg}");
+    let nan_scaling = SchedulerConfig {
+        timestep_scaling: Some(f64::NAN),
+        ..Default::default()
+    };
+    let msg = build(SchedulerKind::Lcm, &nan_scaling, &req)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("timestep_scaling"), "{msg}");
+    let mut s = build(SchedulerKind::Lcm, &SchedulerConfig::default(), &req).unwrap();
+    let x = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let msg = s
+        .step(&x, f64::NAN, &x, &mut TorchGenerator::new(0))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("timestep"), "{msg}");
 }
 
 #[test]
