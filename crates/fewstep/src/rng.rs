@@ -152,8 +152,78 @@ impl TorchGenerator {
         data
     }
 
-    /// diffusers' `randn_tensor(shape, generator, device, dtype)` on a CPU generator: draws float32 on the
-    /// CPU with [`TorchGenerator::randn`], then converts to `dtype` and moves to `device`.
+    /// `torch.randn(shape, generator=g, dtype=float16)` bit for bit, as `f16` bits widened to `f32`.
+    /// See [`TorchGenerator::randn_half`].
+    pub fn randn_f16(&mut self, shape: &[usize]) -> Vec<half::f16> {
+        self.randn_half(shape, HalfKind::F16)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect()
+    }
+
+    /// `torch.randn(shape, generator=g, dtype=bfloat16)` bit for bit.
+    /// See [`TorchGenerator::randn_half`].
+    pub fn randn_bf16(&mut self, shape: &[usize]) -> Vec<half::bf16> {
+        self.randn_half(shape, HalfKind::Bf16)
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect()
+    }
+
+    /// What `torch.randn(..., dtype=float16 | bfloat16)` does on the CPU (e.g. diffusers' `randn_tensor`
+    /// with a CPU generator in a half-precision pipeline), found by comparison with torch 2.15: with
+    /// `n ≥ 16`, only the `16·⌊n/16⌋` elements of the full blocks get float uniforms first (not all `n`
+    /// as in float32); the blocks go through the same float32 Box–Muller as
+    /// [`TorchGenerator::randn`]; a partial tail then refills the last 16 elements with 16 fresh
+    /// uniforms and transforms them; every value is finally rounded (to nearest, ties to even) to the
+    /// 16-bit type. With `n < 16` it is the double Box–Muller path, rounded to float32 then to the type.
+    /// Values are returned as float32, exactly representable in the 16-bit type.
+    fn randn_half(&mut self, shape: &[usize], kind: HalfKind) -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        let round = |x: f32| kind.round(x);
+        if n < 16 {
+            return (0..n).map(|_| round(self.normal_f64() as f32)).collect();
+        }
+        let full = n / 16 * 16;
+        let mut data = vec![0f32; n];
+        for v in data[..full].iter_mut() {
+            *v = self.uniform_f32();
+        }
+        for block in data[..full].chunks_exact_mut(16) {
+            box_muller_16(block);
+        }
+        if full != n {
+            let tail = &mut data[n - 16..];
+            for v in tail.iter_mut() {
+                *v = self.uniform_f32();
+            }
+            box_muller_16(tail);
+        }
+        data.into_iter().map(round).collect()
+    }
+
+    /// `torch.randn(shape, generator=g, dtype=dtype)` on the CPU, bit for bit, for float32, float16 and
+    /// bfloat16 (each has its own path in torch; other dtypes draw float32 and convert), then moved to
+    /// `device`. This is exactly what diffusers' `randn_tensor` does with a CPU generator, including for
+    /// half-precision pipelines.
+    pub fn randn_like_torch(
+        &mut self,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = match dtype {
+            DType::F16 => Tensor::from_vec(self.randn_f16(shape), shape, &Device::Cpu)?,
+            DType::BF16 => Tensor::from_vec(self.randn_bf16(shape), shape, &Device::Cpu)?,
+            _ => Tensor::from_vec(self.randn(shape), shape, &Device::Cpu)?.to_dtype(dtype)?,
+        };
+        Ok(t.to_device(device)?)
+    }
+
+    /// Standard-normal noise as a tensor: draws float32 on the CPU with [`TorchGenerator::randn`], then
+    /// converts to `dtype` and moves to `device`. This equals diffusers' `randn_tensor` whenever diffusers
+    /// draws in float32 (float32 pipelines); for torch's own float16/bfloat16 draws use
+    /// [`TorchGenerator::randn_like_torch`].
     pub fn randn_tensor(
         &mut self,
         shape: &[usize],
@@ -163,6 +233,23 @@ impl TorchGenerator {
         let data = self.randn(shape);
         let t = Tensor::from_vec(data, shape, &Device::Cpu)?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+/// The 16-bit float types torch's generic normal fill runs in.
+#[derive(Clone, Copy)]
+enum HalfKind {
+    F16,
+    Bf16,
+}
+
+impl HalfKind {
+    /// Rounds a float32 to the nearest value of the type (ties to even), returned as float32.
+    fn round(self, x: f32) -> f32 {
+        match self {
+            HalfKind::F16 => half::f16::from_f32(x).to_f32(),
+            HalfKind::Bf16 => half::bf16::from_f32(x).to_f32(),
+        }
     }
 }
 

@@ -82,3 +82,47 @@ fn state_carries_across_calls() {
     }
     assert_eq!(first, second);
 }
+
+/// `torch.randn(n, generator=g, dtype=float16 | bfloat16)` for n = 3, 17, 20 drawn in turn from
+/// `torch.Generator("cpu").manual_seed(123)` (torch 2.15, `.view(torch.int16)` bits): the scalar path, a
+/// full block plus a tail, and the tail-only refill.
+#[test]
+fn randn_half_precision_matches_torch() {
+    const F16: [u16; 40] = [
+        44834, 12212, 46570, 14208, 45347, 46700, 14737, 48953, 16277, 45466, 15738, 48746, 47687,
+        48547, 46726, 14941, 15357, 13076, 16212, 46440, 15283, 13306, 47041, 49200, 45707, 49289,
+        47950, 46778, 15679, 45834, 13058, 12939, 14577, 46234, 14995, 12502, 11938, 49254, 44458,
+        47229,
+    ];
+    const BF16: [u16; 40] = [
+        48612, 15863, 48829, 16112, 48676, 48846, 16178, 49127, 16371, 48691, 16303, 49101, 48969,
+        49076, 48849, 16204, 16256, 15971, 16362, 48813, 16246, 15999, 48888, 49158, 48721, 49169,
+        49002, 48855, 16296, 48737, 15968, 15953, 16158, 48787, 16210, 15899, 15828, 49165, 48565,
+        48912,
+    ];
+    let mut g = TorchGenerator::new(123);
+    let f16: Vec<u16> = [3, 17, 20]
+        .iter()
+        .flat_map(|&n| g.randn_f16(&[n]))
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(f16, F16);
+    let mut g = TorchGenerator::new(123);
+    let bf16: Vec<u16> = [3, 17, 20]
+        .iter()
+        .flat_map(|&n| g.randn_bf16(&[n]))
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(bf16, BF16);
+    let mut g = TorchGenerator::new(123);
+    let t = g
+        .randn_like_torch(&[3], candle_core::DType::F16, &Device::Cpu)
+        .unwrap();
+    let bits: Vec<u16> = t
+        .to_vec1::<half::f16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(bits, F16[..3]);
+}
