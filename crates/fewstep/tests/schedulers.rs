@@ -353,3 +353,62 @@ fn scheduler_kind_parses() {
         .to_string()
         .contains("scheduler"));
 }
+
+/// `use_karras_sigmas` (diffusers 0.42.1 values, from `/work/pyref` at the time of writing): DPM++'s
+/// rounded timesteps exactly; σs within 1 ulp (torch's `sqrt`); Euler's fractional timesteps within
+/// 2 ulp (numpy's float32 `log` is not correctly rounded either).
+#[test]
+#[allow(clippy::excessive_precision)]
+fn karras_sigmas_match_diffusers() {
+    let sd15: SchedulerConfig = serde_json::from_value(serde_json::json!({
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "steps_offset": 1, "use_karras_sigmas": true
+    }))
+    .unwrap();
+    let s = build(
+        SchedulerKind::DpmSolverPlusPlus,
+        &sd15,
+        &ScheduleRequest::new(10),
+    )
+    .unwrap();
+    assert_eq!(
+        s.timesteps(),
+        &[999.0, 916.0, 815.0, 687.0, 523.0, 327.0, 146.0, 41.0, 7.0, 0.0]
+    );
+    let want = [
+        14.614646911621094f32,
+        9.102937698364258,
+        5.478401184082031,
+        3.1686110496520996,
+        1.7494231462478638,
+        0.9140765070915222,
+        0.44692090153694153,
+        0.20139986276626587,
+        0.08191105723381042,
+        0.02916753478348255,
+        0.0,
+    ];
+    for (a, b) in s.sigmas().unwrap().iter().zip(&want) {
+        assert!(ulps(*a, *b) <= 1, "{a} vs {b}");
+    }
+    let lin: SchedulerConfig =
+        serde_json::from_value(serde_json::json!({ "use_karras_sigmas": true })).unwrap();
+    let s = build(SchedulerKind::Euler, &lin, &ScheduleRequest::new(4)).unwrap();
+    for (a, b) in s
+        .timesteps()
+        .iter()
+        .zip(&[999.0f32, 775.1343383789062, 300.9902648925781, 0.0])
+    {
+        assert!(ulps(*a as f32, *b) <= 2, "{a} vs {b}");
+    }
+    let want = [
+        157.4072723388672f32,
+        21.10560417175293,
+        1.2463603019714355,
+        0.010001329705119133,
+        0.0,
+    ];
+    for (a, b) in s.sigmas().unwrap().iter().zip(&want) {
+        assert!(ulps(*a, *b) <= 1, "{a} vs {b}");
+    }
+}

@@ -267,3 +267,39 @@ pub fn check_strength(strength: f64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Karras et al. 2022 (Eq. 5) noise levels, as diffusers' `_convert_to_karras` (ρ = 7, float64):
+/// `σᵢ = (σ_max^{1/ρ} + rampᵢ·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ` with `ramp = linspace(0, 1, n)`.
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let min_inv = sigma_min.powf(1.0 / rho);
+    let max_inv = sigma_max.powf(1.0 / rho);
+    np_linspace(0.0, 1.0, n, true)
+        .iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
+}
+
+/// diffusers' `_sigma_to_t`: the fractional training timestep whose σ is `sigma`, by linear
+/// interpolation in log σ between the neighbouring training σs (`log_sigmas` = ln σₜ, float32, rising).
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    // Last index with log_sigmas[i] <= log_sigma (0 if none), at most n − 2.
+    let mut low = 0;
+    for (i, &l) in log_sigmas.iter().enumerate() {
+        if log_sigma - l as f64 >= 0.0 {
+            low = i;
+        }
+    }
+    let low = low.min(n.saturating_sub(2));
+    let high = low + 1;
+    let (lo, hi) = (log_sigmas[low] as f64, log_sigmas[high] as f64);
+    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * high as f64
+}
+
+/// `np.log` of a float32 array: ln in float32 (computed in double and rounded).
+pub fn log_f32(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| (x as f64).ln() as f32).collect()
+}

@@ -81,19 +81,41 @@ impl DpmSolverScheduler {
             }
         };
         let base = super::betas::sigmas_from_alphas_cumprod(&ac);
-        let mut sigmas = Vec::with_capacity(ts.len() + 1);
-        for &ti in &ts {
-            let s = usize::try_from(ti)
-                .ok()
-                .and_then(|i| base.get(i))
-                .ok_or_else(|| {
-                    Error::invalid(
-                        "steps",
-                        format!("timestep {ti} is outside the training schedule"),
-                    )
-                })?;
-            sigmas.push(*s);
-        }
+        let (ts, mut sigmas): (Vec<i64>, Vec<f32>) = if cfg.use_karras_sigmas {
+            // Karras et al.'s ρ-schedule between the training σ extremes; timesteps back from σ,
+            // rounded (except for squaredcos_cap_v2, where diffusers keeps them fractional and then
+            // truncates them to integers).
+            let log_sigmas = super::betas::log_f32(&base);
+            let k = super::betas::karras_sigmas(base[0] as f64, base[base.len() - 1] as f64, n);
+            let round = cfg.noise.beta_schedule != super::betas::BetaSchedule::SquaredCosCapV2;
+            let ts = k
+                .iter()
+                .map(|&s| {
+                    let t = super::betas::sigma_to_t(s, &log_sigmas);
+                    if round {
+                        np_round(t) as i64
+                    } else {
+                        t as i64
+                    }
+                })
+                .collect();
+            (ts, k.iter().map(|&s| s as f32).collect())
+        } else {
+            let mut sigmas = Vec::with_capacity(ts.len() + 1);
+            for &ti in &ts {
+                let s = usize::try_from(ti)
+                    .ok()
+                    .and_then(|i| base.get(i))
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "steps",
+                            format!("timestep {ti} is outside the training schedule"),
+                        )
+                    })?;
+                sigmas.push(*s);
+            }
+            (ts, sigmas)
+        };
         sigmas.push(if cfg.final_sigma_min {
             ((1.0 - ac[0]) / ac[0]).sqrt()
         } else {

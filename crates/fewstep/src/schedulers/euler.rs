@@ -5,8 +5,8 @@
 use candle_core::Tensor;
 
 use super::betas::{
-    alphas_cumprod, img2img_t_start, np_arange_f64, np_interp_index, np_linspace, np_round,
-    sigmas_from_alphas_cumprod,
+    alphas_cumprod, img2img_t_start, karras_sigmas, log_f32, np_arange_f64, np_interp_index,
+    np_linspace, np_round, sigma_to_t, sigmas_from_alphas_cumprod,
 };
 use super::{
     check_timestep, div_s, index_for_timestep, mul_s, to_f32, PredictionType, ResolvedConfig,
@@ -63,10 +63,22 @@ impl EulerScheduler {
                 .collect(),
         };
         let base = sigmas_from_alphas_cumprod(&ac);
-        let mut sigmas: Vec<f32> = ts32
+        let interp: Vec<f64> = ts32
             .iter()
-            .map(|&x| np_interp_index(x as f64, &base) as f32)
+            .map(|&x| np_interp_index(x as f64, &base))
             .collect();
+        let (ts32, mut sigmas): (Vec<f32>, Vec<f32>) = if cfg.use_karras_sigmas {
+            // σ from Karras et al.'s ρ-schedule between the interpolated end σs; timesteps back from σ.
+            let log_sigmas = log_f32(&base);
+            let k = karras_sigmas(interp[interp.len() - 1], interp[0], n);
+            let ts = k
+                .iter()
+                .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
+                .collect();
+            (ts, k.iter().map(|&s| s as f32).collect())
+        } else {
+            (ts32, interp.iter().map(|&s| s as f32).collect())
+        };
         let last = if cfg.final_sigma_min {
             ((1.0 - ac[0]) / ac[0]).sqrt()
         } else {

@@ -206,6 +206,8 @@ pub struct ResolvedConfig {
     pub euler_at_final: bool,
     /// `final_sigmas_type == "sigma_min"` (otherwise `"zero"`).
     pub final_sigma_min: bool,
+    /// Euler / DPM-Solver++: σs spaced as Karras et al. 2022 (`use_karras_sigmas`).
+    pub use_karras_sigmas: bool,
 }
 
 impl ResolvedConfig {
@@ -251,12 +253,6 @@ impl ResolvedConfig {
             return Err(Error::invalid(
                 "thresholding",
                 "dynamic thresholding is not supported (it is meant for pixel-space models)",
-            ));
-        }
-        if config.use_karras_sigmas == Some(true) && matches!(kind, Euler | DpmSolverPlusPlus) {
-            return Err(Error::invalid(
-                "use_karras_sigmas",
-                "Karras sigmas are not supported yet",
             ));
         }
         if kind == Euler {
@@ -322,6 +318,7 @@ impl ResolvedConfig {
             lower_order_final: config.lower_order_final.unwrap_or(true),
             euler_at_final: config.euler_at_final.unwrap_or(false),
             final_sigma_min,
+            use_karras_sigmas: config.use_karras_sigmas.unwrap_or(false),
         })
     }
 }
