@@ -5,6 +5,9 @@ pub mod config;
 pub mod error;
 pub mod image;
 pub mod models;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
 pub mod tokenizer;
 pub mod weights;
 
