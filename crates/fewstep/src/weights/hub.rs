@@ -44,7 +44,7 @@ pub fn is_repo_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
-            !p.is_empty()
+            p.starts_with(|c: char| c.is_ascii_alphanumeric())
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
