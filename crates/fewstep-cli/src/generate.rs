@@ -12,7 +12,8 @@ use fewstep::weights::hub::resolve_model;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The model used when `--model` is not given.
-pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd");
+pub const DEFAULT_MODEL: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd");
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum SchedulerArg {
@@ -98,7 +99,10 @@ fn output_paths(output: &Path, k: usize) -> Vec<PathBuf> {
     if k == 1 {
         return vec![output.to_path_buf()];
     }
-    let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    let stem = output
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("image");
     (0..k)
         .map(|i| output.with_file_name(format!("{stem}-{i}.png")))
         .collect()
@@ -111,7 +115,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
-            bail!("invalid output: the folder {} does not exist", dir.display());
+            bail!(
+                "invalid output: the folder {} does not exist",
+                dir.display()
+            );
         }
     }
     let dtype = match args.dtype {
@@ -128,9 +135,11 @@ pub fn run(args: Args) -> Result<()> {
     let mut req = model.request(&prompt, seed);
     req.negative_prompt = args.negative_prompt;
     req.scheduler = scheduler;
-    req.steps = args
-        .steps
-        .unwrap_or(if scheduler == SchedulerKind::Lcm { 4 } else { 25 });
+    req.steps = args.steps.unwrap_or(if scheduler == SchedulerKind::Lcm {
+        4
+    } else {
+        25
+    });
     req.guidance = args
         .guidance
         .unwrap_or_else(|| model.default_guidance(scheduler));

@@ -5,7 +5,11 @@ mod generate;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fewstep", version, about = "Few-step image generation with Latent Consistency Models")]
+#[command(
+    name = "fewstep",
+    version,
+    about = "Few-step image generation with Latent Consistency Models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +34,9 @@ fn main() {
         Command::Generate(args) => generate::run(args),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // One line: the error chain, without any backtrace a dependency attached.
+        let msg = format!("{e:#}");
+        eprintln!("error: {}", msg.lines().next().unwrap_or_default());
         std::process::exit(1);
     }
 }

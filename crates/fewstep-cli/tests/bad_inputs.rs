@@ -42,7 +42,10 @@ fn fails(model: &Path, args: &[&str]) -> String {
         .unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr).trim().to_string();
     assert!(!res.status.success(), "expected failure, got success");
-    assert!(!out.exists(), "an output file was written despite the error");
+    assert!(
+        !out.exists(),
+        "an output file was written despite the error"
+    );
     assert_eq!(
         std::fs::read_dir(out_dir.path()).unwrap().count(),
         0,
@@ -60,7 +63,10 @@ fn truncated_safetensors_names_the_file() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = fails(&m, &[]);
-    assert!(e.contains("unet/diffusion_pytorch_model.safetensors"), "{e}");
+    assert!(
+        e.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{e}"
+    );
     assert!(e.contains("run past"), "{e}");
 }
 
@@ -170,4 +176,10 @@ fn pickle_files_are_refused() {
 fn unknown_model_path() {
     let e = fails(Path::new("/no/such/model/folder"), &[]);
     assert!(e.contains("/no/such/model/folder"), "{e}");
+}
+
+#[test]
+fn bf16_on_cpu_is_refused_up_front() {
+    let e = fails(Path::new(TINY), &["--dtype", "bf16"]);
+    assert!(e.contains("dtype") && e.contains("bf16"), "{e}");
 }

@@ -71,6 +71,12 @@ impl StableDiffusion {
     /// Loads the tokenizer, text encoder, UNet, VAE and scheduler config of a diffusers folder. With
     /// `dtype` f16 the `fp16` variant files are preferred where the folder has them.
     pub fn load(folder: &DiffusersFolder, dtype: DType, device: &Device) -> Result<Self> {
+        if dtype == DType::BF16 && device.is_cpu() {
+            return Err(Error::invalid(
+                "dtype",
+                "bf16 has no matrix product on candle's CPU backend; use f32 or f16 on CPU",
+            ));
+        }
         let variant = (dtype == DType::F16).then_some("fp16");
         let weights = |name: &str| -> Result<(std::path::PathBuf, Weights)> {
             let files = folder.component(name, variant)?;
@@ -265,7 +271,10 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let cfg = self.vae.config();
         let z = ((latents / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
-        Ok(self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
+        Ok(self
+            .vae
+            .decode(&z.to_dtype(self.dtype)?)?
+            .to_dtype(DType::F32)?)
     }
 
     /// The A1111-style `parameters` text that reproduces a generation.

@@ -85,7 +85,9 @@ impl DiffusersFolder {
 
     /// `scheduler/scheduler_config.json`.
     pub fn scheduler_config(&self) -> Result<PathBuf> {
-        let path = self.component_dir("scheduler")?.join("scheduler_config.json");
+        let path = self
+            .component_dir("scheduler")?
+            .join("scheduler_config.json");
         if !path.is_file() {
             return Err(Error::Missing {
                 path: self.root.join("scheduler"),

@@ -61,7 +61,8 @@ pub fn resolve_model(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
     if !is_repo_id(spec) {
         return Err(Error::Missing {
             path,
-            what: "model: no such file or folder, and not a Hugging Face repo id (owner/name)".into(),
+            what: "model: no such file or folder, and not a Hugging Face repo id (owner/name)"
+                .into(),
         });
     }
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");

@@ -130,10 +130,14 @@ impl Weights {
     /// Loads `name` whatever its shape, in this view's dtype.
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
         let key = self.key(name);
-        let i = *self.store.index.get(&key).ok_or_else(|| Error::MissingKey {
-            file: self.store.label.clone(),
-            key: key.clone(),
-        })?;
+        let i = *self
+            .store
+            .index
+            .get(&key)
+            .ok_or_else(|| Error::MissingKey {
+                file: self.store.label.clone(),
+                key: key.clone(),
+            })?;
         let t = self.store.files[i].load(&key, &self.device)?;
         Ok(t.to_dtype(self.dtype)?)
     }

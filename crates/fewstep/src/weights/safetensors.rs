@@ -61,7 +61,10 @@ impl SafetensorsFile {
     /// Opens and validates `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        refuse_pickle(path, "convert it to .safetensors, or use the .safetensors file beside it")?;
+        refuse_pickle(
+            path,
+            "convert it to .safetensors, or use the .safetensors file beside it",
+        )?;
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; the file is not expected to change while loaded.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

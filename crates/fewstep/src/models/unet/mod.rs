@@ -70,9 +70,14 @@ fn validate(c: &UNet2DConditionConfig) -> Result<()> {
         ("attention_head_dim", c.attention_head_dim.per_block_len()),
         (
             "num_attention_heads",
-            c.num_attention_heads.as_ref().and_then(|h| h.per_block_len()),
+            c.num_attention_heads
+                .as_ref()
+                .and_then(|h| h.per_block_len()),
         ),
-        ("only_cross_attention", c.only_cross_attention.per_block_len()),
+        (
+            "only_cross_attention",
+            c.only_cross_attention.per_block_len(),
+        ),
     ];
     for (field, len) in lists {
         if let Some(len) = len {
