@@ -303,3 +303,15 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 pub fn log_f32(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| (x as f64).ln() as f32).collect()
 }
+
+/// ᾱ at training timestep `t`; below 0 (the step after the last) the schedule's `final_alpha_cumprod`
+/// (1 with `set_alpha_to_one`, else ᾱ₀), as DDIM and LCM define `alpha_prod_t_prev`.
+pub fn alpha_at(alphas_cumprod: &[f32], final_alpha_cumprod: f32, t: i64) -> Result<f32> {
+    if t < 0 {
+        return Ok(final_alpha_cumprod);
+    }
+    alphas_cumprod
+        .get(t as usize)
+        .copied()
+        .ok_or_else(|| Error::invalid("timestep", format!("{t} is outside the training schedule")))
+}

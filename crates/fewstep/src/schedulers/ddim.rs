@@ -3,14 +3,14 @@
 
 use candle_core::Tensor;
 
-use super::betas::{alphas_cumprod, img2img_t_start, np_linspace, np_round};
+use super::betas::{alpha_at, alphas_cumprod, img2img_t_start, np_linspace, np_round};
 use super::lcm::add_noise_vp;
 use super::{
     check_timestep, div_s, mul_s, to_f32, PredictionType, ResolvedConfig, ScheduleRequest,
 };
 use super::{Scheduler, SchedulerKind, TimestepSpacing};
 use crate::rng::TorchGenerator;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Deterministic DDIM.
 #[derive(Debug)]
@@ -74,28 +74,11 @@ impl DdimScheduler {
             pred_original: None,
         })
     }
-
-    fn alpha_at(&self, t: i64) -> Result<f32> {
-        if t < 0 {
-            return Ok(self.final_alpha_cumprod);
-        }
-        self.alphas_cumprod.get(t as usize).copied().ok_or_else(|| {
-            Error::invalid("timestep", format!("{t} is outside the training schedule"))
-        })
-    }
 }
 
 impl Scheduler for DdimScheduler {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     /// DDIM (η = 0): with `t_prev = t − T/n`, x̂₀ and ε̂ from the prediction (ε: x̂₀ =
@@ -115,8 +98,8 @@ impl Scheduler for DdimScheduler {
         let x = to_f32(sample)?;
         let t = timestep as i64;
         let prev_t = t - (self.num_train_timesteps / self.num_inference_steps) as i64;
-        let a_t = self.alpha_at(t)?;
-        let a_prev = self.alpha_at(prev_t)?;
+        let a_t = alpha_at(&self.alphas_cumprod, self.final_alpha_cumprod, t)?;
+        let a_prev = alpha_at(&self.alphas_cumprod, self.final_alpha_cumprod, prev_t)?;
         let b_t = 1.0 - a_t;
         let (mut x0, eps) = match self.prediction_type {
             PredictionType::Epsilon => (
@@ -145,7 +128,11 @@ impl Scheduler for DdimScheduler {
     /// q(xₜ | x₀): `√ᾱₜ · x₀ + √(1 − ᾱₜ) · ε`.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
         check_timestep(timestep)?;
-        let a = self.alpha_at(timestep as i64)?;
+        let a = alpha_at(
+            &self.alphas_cumprod,
+            self.final_alpha_cumprod,
+            timestep as i64,
+        )?;
         add_noise_vp(original, noise, a)
     }
 

@@ -235,14 +235,6 @@ impl Scheduler for DpmSolverScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     /// One multistep update: convert the output to x̂₀, push it into the history, then use the first
     /// order update on the first step and on the final step (`lower_order_final` with < 15 steps, or
     /// `final_sigmas_type = "zero"`, or `euler_at_final`), the second order on the second-to-last step

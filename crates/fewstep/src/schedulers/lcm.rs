@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::betas::{alphas_cumprod, np_linspace};
+use super::betas::{alpha_at, alphas_cumprod, np_linspace};
 use super::{
     check_timestep, div_s, mul_s, to_f32, PredictionType, ResolvedConfig, ScheduleRequest,
 };
@@ -172,28 +172,11 @@ impl LcmScheduler {
     pub fn denoised(&self) -> Option<&Tensor> {
         self.denoised.as_ref()
     }
-
-    fn alpha_at(&self, t: i64) -> Result<f32> {
-        if t < 0 {
-            return Ok(self.final_alpha_cumprod);
-        }
-        self.alphas_cumprod.get(t as usize).copied().ok_or_else(|| {
-            Error::invalid("timestep", format!("{t} is outside the training schedule"))
-        })
-    }
 }
 
 impl Scheduler for LcmScheduler {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     /// One LCM step: x̂₀ from the prediction (ε: `(x − √(1−ᾱₜ) ε)/√ᾱₜ`; v: `√ᾱₜ x − √(1−ᾱₜ) v`;
@@ -218,8 +201,8 @@ impl Scheduler for LcmScheduler {
         } else {
             t
         };
-        let a_t = self.alpha_at(t)?;
-        let a_prev = self.alpha_at(prev_t)?;
+        let a_t = alpha_at(&self.alphas_cumprod, self.final_alpha_cumprod, t)?;
+        let a_prev = alpha_at(&self.alphas_cumprod, self.final_alpha_cumprod, prev_t)?;
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         let (c_skip, c_out) = self.boundary_scalings(timestep);
@@ -246,7 +229,11 @@ impl Scheduler for LcmScheduler {
     /// q(xₜ | x₀): `√ᾱₜ · x₀ + √(1 − ᾱₜ) · ε` (DDPM forward process).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
         check_timestep(timestep)?;
-        let a = self.alpha_at(timestep as i64)?;
+        let a = alpha_at(
+            &self.alphas_cumprod,
+            self.final_alpha_cumprod,
+            timestep as i64,
+        )?;
         add_noise_vp(original, noise, a)
     }
 

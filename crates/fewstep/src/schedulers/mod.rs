@@ -27,9 +27,13 @@ pub trait Scheduler: Send {
     fn timesteps(&self) -> &[f64];
     /// Scale of the initial noise (1 for LCM/DDIM/DPM++; for Euler, as diffusers: σ_max with
     /// `linspace`/`trailing` spacing, sqrt(σ_max²+1) with `leading`).
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// Input scaling before the UNet (identity except Euler: x / sqrt(σ²+1)).
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One denoising step: returns the previous (less noisy) sample. LCM draws its injected noise from `rng`.
     fn step(
         &mut self,
