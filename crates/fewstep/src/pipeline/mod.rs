@@ -12,9 +12,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{
-    load_json, AutoencoderKLConfig, ClipTextConfig, SchedulerConfig, UNet2DConditionConfig,
-};
+use crate::config::SchedulerConfig;
 use crate::image::RgbImage;
 use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet2DConditionModel;
@@ -23,7 +21,7 @@ use crate::rng::TorchGenerator;
 use crate::schedulers::{self, ScheduleRequest, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::diffusers::DiffusersFolder;
-use crate::weights::Weights;
+use crate::weights::parts::ModelParts;
 use crate::{Error, Result};
 
 pub use guidance::Guidance;
@@ -68,39 +66,32 @@ pub struct Output {
 }
 
 impl StableDiffusion {
-    /// Loads the tokenizer, text encoder, UNet, VAE and scheduler config of a diffusers folder. With
-    /// `dtype` f16 the `fp16` variant files are preferred where the folder has them.
-    pub fn load(folder: &DiffusersFolder, dtype: DType, device: &Device) -> Result<Self> {
+    /// Builds the models from their parts. bf16 is refused on the CPU, where candle has no bf16 matrix
+    /// product.
+    pub fn from_parts(parts: &ModelParts, device: &Device) -> Result<Self> {
+        let dtype = parts.unet.dtype();
         if dtype == DType::BF16 && device.is_cpu() {
             return Err(Error::invalid(
                 "dtype",
                 "bf16 has no matrix product on candle's CPU backend; use f32 or f16 on CPU",
             ));
         }
-        let variant = (dtype == DType::F16).then_some("fp16");
-        let weights = |name: &str| -> Result<(std::path::PathBuf, Weights)> {
-            let files = folder.component(name, variant)?;
-            let w = Weights::from_files(&files.weights, dtype, device)?;
-            Ok((files.config, w))
-        };
-        let (cfg, w) = weights("text_encoder")?;
-        let text_encoder = ClipTextModel::new(&load_json::<ClipTextConfig>(&cfg)?, &w)?;
-        let (cfg, w) = weights("unet")?;
-        let unet = UNet2DConditionModel::new(&load_json::<UNet2DConditionConfig>(&cfg)?, &w)?;
-        let (cfg, w) = weights("vae")?;
-        let vae = AutoencoderKL::new(&load_json::<AutoencoderKLConfig>(&cfg)?, &w)?;
-        let tokenizer = ClipTokenizer::from_dir(&folder.component_dir("tokenizer")?)?;
-        let scheduler_config = load_json(&folder.scheduler_config()?)?;
-        tracing::info!(model = %folder.root().display(), ?dtype, "model loaded");
-        Ok(Self {
-            tokenizer,
-            text_encoder,
-            unet,
-            vae,
-            scheduler_config,
+        let model = Self {
+            tokenizer: parts.tokenizer.clone(),
+            text_encoder: ClipTextModel::new(&parts.text_encoder_config, &parts.text_encoder)?,
+            unet: UNet2DConditionModel::new(&parts.unet_config, &parts.unet)?,
+            vae: AutoencoderKL::new(&parts.vae_config, &parts.vae)?,
+            scheduler_config: parts.scheduler_config.clone(),
             dtype,
             device: device.clone(),
-        })
+        };
+        tracing::info!(unet = %parts.unet.label(), ?dtype, "model built");
+        Ok(model)
+    }
+
+    /// Loads the tokenizer, text encoder, UNet, VAE and scheduler config of a diffusers folder.
+    pub fn load(folder: &DiffusersFolder, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_parts(&ModelParts::from_folder(folder, dtype, device)?, device)
     }
 
     /// Opens `path` as a diffusers folder and loads it.

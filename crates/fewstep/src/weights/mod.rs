@@ -3,6 +3,7 @@
 
 pub mod diffusers;
 pub mod hub;
+pub mod parts;
 pub mod safetensors;
 
 use std::collections::HashMap;
@@ -14,16 +15,42 @@ use candle_core::{DType, Device, Shape, Tensor};
 pub use self::safetensors::{refuse_pickle, SafetensorsFile};
 use crate::{Error, Result};
 
+/// Where one tensor of a [`Weights`] view comes from.
+#[derive(Clone, Debug)]
+pub enum TensorSource {
+    /// A stored tensor: file index and its key in that file.
+    Stored { file: usize, key: String },
+    /// `len` entries from `start` along `dim` of a stored tensor (e.g. q, k or v of OpenCLIP's stacked
+    /// `in_proj_weight`).
+    Slice {
+        file: usize,
+        key: String,
+        dim: usize,
+        start: usize,
+        len: usize,
+    },
+    /// A stored tensor with another shape of the same size (e.g. LDM's 1×1-conv attention weights read as
+    /// a Linear's matrix).
+    Reshaped {
+        file: usize,
+        key: String,
+        shape: Vec<usize>,
+    },
+    /// A tensor computed at load time (e.g. a weight with a LoRA fused into it).
+    Owned(Tensor),
+}
+
 struct Store {
-    files: Vec<SafetensorsFile>,
-    /// Tensor name → index in `files`.
-    index: HashMap<String, usize>,
+    files: Arc<Vec<SafetensorsFile>>,
+    /// Tensor name (diffusers naming) → where it comes from.
+    index: HashMap<String, TensorSource>,
     /// The files' names, for error messages.
     label: String,
 }
 
 /// A view of a set of weight files under a key prefix (`down_blocks.0.resnets.1.` …), loading tensors
-/// in `dtype` on `device`.
+/// in `dtype` on `device`. Keys are diffusers' names; a view may rename, slice or replace stored tensors
+/// (single-file checkpoints, fused LoRAs) without the model code knowing.
 #[derive(Clone)]
 pub struct Weights {
     store: Arc<Store>,
@@ -32,34 +59,71 @@ pub struct Weights {
     device: Device,
 }
 
+/// Opens `.safetensors` files (validating each).
+pub fn open_files<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<SafetensorsFile>> {
+    paths.iter().map(SafetensorsFile::open).collect()
+}
+
 impl Weights {
-    /// Opens the given `.safetensors` files (sharded models give several) as one set of tensors.
+    /// Opens the given `.safetensors` files (sharded models give several) as one set of tensors, each
+    /// under its stored name.
     pub fn from_files<P: AsRef<Path>>(paths: &[P], dtype: DType, device: &Device) -> Result<Self> {
-        let files = paths
-            .iter()
-            .map(SafetensorsFile::open)
-            .collect::<Result<Vec<_>>>()?;
+        let files = open_files(paths)?;
         let mut index = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for k in f.tensors().keys() {
-                index.insert(k.clone(), i);
+                index.insert(
+                    k.clone(),
+                    TensorSource::Stored {
+                        file: i,
+                        key: k.clone(),
+                    },
+                );
             }
         }
+        Ok(Self::from_sources(files, index, dtype, device))
+    }
+
+    /// A view whose names map to `index`'s sources in `files` (e.g. a single-file checkpoint read under
+    /// diffusers' names).
+    pub fn from_sources(
+        files: Vec<SafetensorsFile>,
+        index: HashMap<String, TensorSource>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
         let label = files
             .iter()
             .map(|f| f.path().display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        Ok(Self {
+        Self {
             store: Arc::new(Store {
-                files,
+                files: Arc::new(files),
                 index,
                 label,
             }),
             prefix: String::new(),
             dtype,
             device: device.clone(),
-        })
+        }
+    }
+
+    /// The same files with some tensors replaced (full keys, this view's prefix ignored); the original
+    /// view is unchanged, so dropping the new one gives back the original weights exactly.
+    pub fn with_overrides(&self, overrides: HashMap<String, Tensor>) -> Self {
+        let mut index = self.store.index.clone();
+        for (k, t) in overrides {
+            index.insert(k, TensorSource::Owned(t));
+        }
+        Self {
+            store: Arc::new(Store {
+                files: self.store.files.clone(),
+                index,
+                label: self.store.label.clone(),
+            }),
+            ..self.clone()
+        }
     }
 
     /// The view one level down: keys are looked up under `prefix.name.`.
@@ -86,6 +150,11 @@ impl Weights {
         &self.device
     }
 
+    /// The files' names, for messages.
+    pub fn label(&self) -> &str {
+        &self.store.label
+    }
+
     /// The full key of `name` under this view's prefix.
     pub fn key(&self, name: &str) -> String {
         format!("{}{}", self.prefix, name)
@@ -96,30 +165,40 @@ impl Weights {
         self.store.index.contains_key(&self.key(name))
     }
 
-    /// All full keys of the underlying files.
+    /// All full keys of the view (whatever its prefix).
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.store.index.keys()
     }
 
-    /// The stored shape of `name`, if present.
+    /// The shape of `name`, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        let key = self.key(name);
-        let i = *self.store.index.get(&key)?;
-        Some(self.store.files[i].tensors()[&key].shape.clone())
+        let files = &self.store.files;
+        Some(match self.store.index.get(&self.key(name))? {
+            TensorSource::Stored { file, key } => files[*file].tensors()[key].shape.clone(),
+            TensorSource::Slice {
+                file,
+                key,
+                dim,
+                len,
+                ..
+            } => {
+                let mut shape = files[*file].tensors()[key].shape.clone();
+                shape[*dim] = *len;
+                shape
+            }
+            TensorSource::Reshaped { shape, .. } => shape.clone(),
+            TensorSource::Owned(t) => t.dims().to_vec(),
+        })
     }
 
     /// Loads `name`, checks it has `shape`, converts it to this view's dtype.
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let shape: Shape = shape.into();
-        let key = self.key(name);
-        let got = self.shape_of(name).ok_or_else(|| Error::MissingKey {
-            file: self.store.label.clone(),
-            key: key.clone(),
-        })?;
+        let got = self.shape_of(name).ok_or_else(|| self.missing(name))?;
         if got != shape.dims() {
             return Err(Error::Shape {
                 file: self.store.label.clone(),
-                key,
+                key: self.key(name),
                 expected: shape.dims().to_vec(),
                 got,
             });
@@ -127,18 +206,38 @@ impl Weights {
         self.get_any_shape(name)
     }
 
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingKey {
+            file: self.store.label.clone(),
+            key: self.key(name),
+        }
+    }
+
     /// Loads `name` whatever its shape, in this view's dtype.
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
-        let key = self.key(name);
-        let i = *self
+        let files = &self.store.files;
+        let source = self
             .store
             .index
-            .get(&key)
-            .ok_or_else(|| Error::MissingKey {
-                file: self.store.label.clone(),
-                key: key.clone(),
-            })?;
-        let t = self.store.files[i].load(&key, &self.device)?;
+            .get(&self.key(name))
+            .ok_or_else(|| self.missing(name))?;
+        let t = match source {
+            TensorSource::Stored { file, key } => files[*file].load(key, &self.device)?,
+            TensorSource::Slice {
+                file,
+                key,
+                dim,
+                start,
+                len,
+            } => files[*file]
+                .load(key, &self.device)?
+                .narrow(*dim, *start, *len)?
+                .contiguous()?,
+            TensorSource::Reshaped { file, key, shape } => files[*file]
+                .load(key, &self.device)?
+                .reshape(shape.as_slice())?,
+            TensorSource::Owned(t) => t.clone(),
+        };
         Ok(t.to_dtype(self.dtype)?)
     }
 }
