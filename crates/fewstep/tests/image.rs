@@ -8,8 +8,12 @@ use fewstep::image::{
     write_png, RgbImage,
 };
 
+/// A path in a folder of this test's own (tests run in parallel; a shared folder would see the others'
+/// temporary files).
 fn tmp(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("image-tests");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("image-tests")
+        .join(name);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
