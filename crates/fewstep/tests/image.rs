@@ -12,7 +12,7 @@ use fewstep::image::{
 /// temporary files).
 fn tmp(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("image-tests")
+        .join("image-test-dirs")
         .join(name);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
