@@ -10,5 +10,6 @@ pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod weights;
+pub mod world;
 
 pub use error::{Error, Result};
