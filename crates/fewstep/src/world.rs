@@ -25,7 +25,7 @@ impl SceneRng {
 
     /// Uniform in `0..n` (by the high bits; the bias is below 2⁻³² for the small `n` used here).
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 }
 
@@ -71,7 +71,7 @@ impl Shape {
 /// the first pointing up.
 fn point_in_star(x: f32, y: f32, outer: f32, inner: f32) -> bool {
     let vertex = |i: usize| {
-        let r = if i % 2 == 0 { outer } else { inner };
+        let r = if i.is_multiple_of(2) { outer } else { inner };
         let a = std::f32::consts::PI * (i as f32 / 5.0) - std::f32::consts::FRAC_PI_2;
         (r * a.cos(), r * a.sin())
     };
@@ -305,14 +305,14 @@ impl Scene {
                         let x = (px as f32 + (sx as f32 + 0.5) / SUB as f32) / side as f32;
                         let y = (py as f32 + (sy as f32 + 0.5) / SUB as f32) / side as f32;
                         let c = self.colour_at(x, y, side);
-                        for k in 0..3 {
-                            acc[k] += c[k] as u32;
+                        for (a, &v) in acc.iter_mut().zip(&c) {
+                            *a += v as u32;
                         }
                     }
                 }
                 let i = (py * side + px) * 3;
-                for k in 0..3 {
-                    img.data[i + k] = ((acc[k] + 8) / (SUB * SUB) as u32) as u8;
+                for (d, a) in img.data[i..i + 3].iter_mut().zip(acc) {
+                    *d = ((a + 8) / (SUB * SUB) as u32) as u8;
                 }
             }
         }
