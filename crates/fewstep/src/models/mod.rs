@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod nn;
+pub mod taesd;
 pub mod unet;
 pub mod vae;
 

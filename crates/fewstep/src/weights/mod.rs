@@ -126,6 +126,23 @@ impl Weights {
         }
     }
 
+    /// A view of the same tensors under new names: `names` maps each new full key to an existing one;
+    /// keys not mentioned are dropped.
+    pub fn renamed(&self, names: HashMap<String, String>) -> Self {
+        let index = names
+            .into_iter()
+            .filter_map(|(new, old)| Some((new, self.store.index.get(&old)?.clone())))
+            .collect();
+        Self {
+            store: Arc::new(Store {
+                files: self.store.files.clone(),
+                index,
+                label: self.store.label.clone(),
+            }),
+            ..self.clone()
+        }
+    }
+
     /// The view one level down: keys are looked up under `prefix.name.`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         Self {
