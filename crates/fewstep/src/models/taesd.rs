@@ -83,7 +83,7 @@ impl Block {
 
 enum Layer {
     Conv(Conv2d),
-    Block(Block),
+    Block(Box<Block>),
     Relu,
     Upsample,
 }
@@ -142,7 +142,7 @@ impl TinyEncoder {
             }));
             i += 1;
             for _ in 0..n {
-                layers.push(Layer::Block(Block::new(&w.pp(i), c)?));
+                layers.push(Layer::Block(Box::new(Block::new(&w.pp(i), c)?)));
                 i += 1;
             }
         }
@@ -182,7 +182,7 @@ impl TinyDecoder {
         let mut i = 2;
         for (level, &n) in NUM_BLOCKS.iter().rev().enumerate() {
             for _ in 0..n {
-                layers.push(Layer::Block(Block::new(&w.pp(i), c)?));
+                layers.push(Layer::Block(Box::new(Block::new(&w.pp(i), c)?)));
                 i += 1;
             }
             if level + 1 < NUM_BLOCKS.len() {
