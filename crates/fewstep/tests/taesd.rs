@@ -88,3 +88,46 @@ fn a_taesd_file_of_the_wrong_side_is_an_error() {
         .to_string();
     assert!(e.contains("0.weight"), "{e}");
 }
+
+#[test]
+fn diffusers_layout_matches_autoencoder_tiny() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let reference =
+        candle_core::safetensors::load(fixtures.join("reference/taesd.safetensors"), &Device::Cpu)
+            .unwrap();
+    let w = Weights::from_files(
+        &[fixtures.join("taesd-tiny/diffusion_pytorch_model.safetensors")],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let taesd = AutoencoderTiny::from_diffusers(&w).unwrap();
+    // diffusers wraps the original's [0, 1] images as [-1, 1].
+    let image01 = ((&reference["image"] + 1.0).unwrap() / 2.0).unwrap();
+    let latents = taesd.encoder.as_ref().unwrap().forward(&image01).unwrap();
+    let rel = max_abs_diff(&latents, &reference["latents"])
+        / reference["latents"]
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+    assert!(rel < 1e-4, "latents relative error {rel}");
+    let decoded = taesd
+        .decoder
+        .as_ref()
+        .unwrap()
+        .forward(&reference["z"])
+        .unwrap();
+    let decoded = ((decoded * 2.0).unwrap() - 1.0).unwrap();
+    let rel = max_abs_diff(&decoded, &reference["decoded"])
+        / reference["decoded"]
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+    assert!(rel < 1e-4, "decoded relative error {rel}");
+}
