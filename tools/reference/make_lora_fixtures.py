@@ -1,0 +1,586 @@
+#!/usr/bin/env python3
+"""LoRA and single-file fixtures for issue 3 (see tests/fixtures/README.md, section "LoRA and single-file").
+
+Deterministic (fixed seeds, CPU, float32, one torch thread, HF_HUB_OFFLINE=1). Needs the tiny models written by
+make_fixtures.py (tests/fixtures/tiny-sd) and peft (pinned in requirements.txt).
+
+    python tools/reference/make_lora_fixtures.py                    # everything
+    python tools/reference/make_lora_fixtures.py --only lora        # sections: lora, single
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_fixtures as mf  # noqa: E402
+
+FIX = mf.FIX
+LORA = FIX / "lora"
+SINGLE = FIX / "single-file"
+TINY_SD = FIX / "tiny-sd"
+PROMPT = "a red circle on a blue background"
+RANK = 4
+
+# modules the published latent-consistency/lcm-lora-sdv1-5 trains (suffixes of diffusers UNet module names)
+LCM_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def load_sd_pipe(path=TINY_SD):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_lcm4(pipe, seed=0):
+    with torch.no_grad():
+        img = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, height=64, width=64, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(seed)).images
+    return torch.from_numpy(np.asarray(img)).float()
+
+
+def lora_modules(model):
+    """name -> module for every Linear / Conv2d."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def rand_pair(g, module, rank):
+    """Random (down, up) in kohya orientation: Linear down [r,in], up [out,r]; Conv down [r,in,k,k], up [out,r,1,1].
+    Both factors non-zero; delta = up @ down has roughly the magnitude of the weight itself."""
+    w = module.weight
+    if w.ndim == 2:
+        out_f, in_f = w.shape
+        down = torch.randn([rank, in_f], generator=g) / math.sqrt(in_f)
+        up = torch.randn([out_f, rank], generator=g) * (0.7 / math.sqrt(rank))
+    else:
+        out_f, in_f, kh, kw = w.shape
+        down = torch.randn([rank, in_f, kh, kw], generator=g) / math.sqrt(in_f * kh * kw)
+        up = torch.randn([out_f, rank, 1, 1], generator=g) * (0.7 / math.sqrt(rank))
+    return down, up
+
+
+def delta_of(down, up):
+    """kohya/peft LoRA delta (before scale) in the weight's shape, computed in f32."""
+    d, u = down.float(), up.float()
+    if d.ndim == 2:
+        return u @ d
+    r = d.shape[0]
+    return (u.reshape(u.shape[0], r) @ d.reshape(r, -1)).reshape(u.shape[0], *d.shape[1:])
+
+
+def save_st(path, tensors, metadata=None):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_st(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+
+
+class LogCapture:
+    """Collects diffusers / peft / transformers warnings during load_lora_weights (must be none)."""
+
+    def __init__(self):
+        import logging
+        import warnings
+
+        self.records = []
+        self._warnings = warnings
+        self._logging = logging
+
+    def __enter__(self):
+        import diffusers.utils.logging as dlog
+
+        cap = self
+
+        class H(self._logging.Handler):
+            def emit(self, record):
+                if record.levelno >= self._level_floor:
+                    cap.records.append(f"{record.name}: {record.getMessage()}")
+
+        H._level_floor = self._logging.WARNING
+        self.h = H()
+        self.loggers = [dlog.get_logger("diffusers"), self._logging.getLogger("peft"),
+                        self._logging.getLogger("transformers")]
+        for lg in self.loggers:
+            lg.addHandler(self.h)
+        self.wctx = self._warnings.catch_warnings(record=True)
+        self.w = self.wctx.__enter__()
+        self._warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *a):
+        for lg in self.loggers:
+            lg.removeHandler(self.h)
+        self.wctx.__exit__(*a)
+        self.records += [f"warning: {w.message}" for w in self.w]
+        return False
+
+
+def lora_layer_counts(pipe, adapter):
+    """Number of modules carrying the adapter (peft LoraLayer with `adapter` in lora_A) in unet / text encoder."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for comp in ("unet", "text_encoder"):
+        n = 0
+        for _, m in getattr(pipe, comp).named_modules():
+            if isinstance(m, LoraLayer) and adapter in m.lora_A:
+                n += 1
+        out[comp] = n
+    return out
+
+
+def peft_scalings(pipe, adapter):
+    """module name -> peft scaling (lora_alpha / r) actually used, per component."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for comp in ("unet", "text_encoder"):
+        for n, m in getattr(pipe, comp).named_modules():
+            if isinstance(m, LoraLayer) and adapter in m.scaling:
+                out[f"{comp}.{n}"] = float(m.scaling[adapter])
+    return out
+
+
+# ------------------------------------------------------------------------------------ LDM <-> diffusers names
+def unet_name_to_ldm(name, cfg):
+    """diffusers UNet2DConditionModel module/parameter name -> original LDM name (without `model.diffusion_model.`).
+    cfg: the unet config (layers_per_block, down_block_types/up_block_types). Returns None for unknown names."""
+    L = cfg["layers_per_block"]
+    p = name.split(".")
+    res_inner = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+    def resnet_rest(rest):
+        return [res_inner[rest[0]]] + rest[1:] if rest[0] in res_inner else None
+
+    def join(*parts):
+        return ".".join(str(x) for x in parts if x != "")
+
+    if p[0] == "conv_in":
+        return join("input_blocks.0.0", *p[1:])
+    if p[0] == "time_embedding":
+        return join({"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[p[1]], *p[2:])
+    if p[0] == "conv_norm_out":
+        return join("out.0", *p[1:])
+    if p[0] == "conv_out":
+        return join("out.2", *p[1:])
+    if p[0] == "down_blocks":
+        i, kind = int(p[1]), p[2]
+        if kind == "downsamplers":  # down_blocks.i.downsamplers.0.conv.* -> input_blocks.{(i+1)(L+1)}.0.op.*
+            return join(f"input_blocks.{(i + 1) * (L + 1)}.0.op", *p[5:])
+        j = int(p[3])
+        blk = 1 + i * (L + 1) + j
+        if kind == "resnets":
+            r = resnet_rest(p[4:])
+            return join(f"input_blocks.{blk}.0", *r) if r else None
+        if kind == "attentions":
+            return join(f"input_blocks.{blk}.1", *p[4:])
+    if p[0] == "mid_block":
+        kind, j = p[1], int(p[2])
+        if kind == "resnets":
+            r = resnet_rest(p[3:])
+            return join(f"middle_block.{0 if j == 0 else 2}", *r) if r else None
+        if kind == "attentions":
+            return join("middle_block.1", *p[3:])
+    if p[0] == "up_blocks":
+        i, kind = int(p[1]), p[2]
+        if kind == "upsamplers":  # up_blocks.i.upsamplers.0.conv.* -> output_blocks.{i(L+1)+L}.{1|2}.conv.*
+            has_attn = "CrossAttn" in cfg["up_block_types"][i]
+            return join(f"output_blocks.{i * (L + 1) + L}.{2 if has_attn else 1}.conv", *p[5:])
+        j = int(p[3])
+        blk = i * (L + 1) + j
+        if kind == "resnets":
+            r = resnet_rest(p[4:])
+            return join(f"output_blocks.{blk}.0", *r) if r else None
+        if kind == "attentions":
+            return join(f"output_blocks.{blk}.1", *p[4:])
+    return None
+
+
+def vae_name_to_ldm(name, cfg):
+    """diffusers AutoencoderKL parameter name -> LDM name (without `first_stage_model.`)."""
+    n_up = len(cfg["up_block_types"])
+    p = name.split(".")
+    res_inner = {"conv_shortcut": "nin_shortcut"}
+
+    def resnet(prefix, rest):
+        return ".".join([prefix, res_inner.get(rest[0], rest[0])] + rest[1:])
+
+    if p[0] in ("quant_conv", "post_quant_conv"):
+        return name
+    enc = p[0]  # encoder / decoder
+    q = p[1:]
+    if q[0] in ("conv_in", "conv_out"):
+        return name
+    if q[0] == "conv_norm_out":
+        return ".".join([enc, "norm_out"] + q[1:])
+    if q[0] == "mid_block":
+        if q[1] == "resnets":
+            return resnet(f"{enc}.mid.block_{int(q[2]) + 1}", q[3:])
+        if q[1] == "attentions":
+            inner = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+            rest = q[3:]
+            if rest[0] == "to_out":
+                rest = rest[1:]  # to_out.0.weight -> proj_out.weight
+            return ".".join([f"{enc}.mid.attn_1", inner.get(q[3], q[3])] + rest[1:])
+    if q[0] == "down_blocks":
+        i = int(q[1])
+        if q[2] == "downsamplers":
+            return ".".join([f"{enc}.down.{i}.downsample"] + q[4:])
+        return resnet(f"{enc}.down.{i}.block.{q[3]}", q[4:])
+    if q[0] == "up_blocks":
+        i = n_up - 1 - int(q[1])
+        if q[2] == "upsamplers":
+            return ".".join([f"{enc}.up.{i}.upsample"] + q[4:])
+        return resnet(f"{enc}.up.{i}.block.{q[3]}", q[4:])
+    return None
+
+
+def kohya_name(prefix, module_name):
+    return prefix + module_name.replace(".", "_")
+
+
+# ------------------------------------------------------------------------------------------------- LoRAs
+def make_kohya(g, modules, select, rank, prefix, namer, alphas, dtype):
+    """kohya-layout LoRA over `select` (module names of `modules`): {name}.lora_down.weight, .lora_up.weight and
+    (where alphas(i) is not None) a 0-d `.alpha`. Returns (tensors, info {diffusers_name: (kohya, scale)})."""
+    t, info = {}, {}
+    for i, name in enumerate(select):
+        down, up = rand_pair(g, modules[name], rank)
+        k = namer(name)
+        t[f"{k}.lora_down.weight"] = down.to(dtype)
+        t[f"{k}.lora_up.weight"] = up.to(dtype)
+        a = alphas(i, name)
+        if a is not None:
+            t[f"{k}.alpha"] = torch.tensor(a, dtype=dtype)
+        info[name] = {"key": k, "alpha": a, "rank": rank, "scale": (a / rank) if a is not None else 1.0}
+    return t, info
+
+
+def clean_md(cfg):
+    """LoraConfig.to_dict() made deterministic: sorted target_modules (a set in peft), no local path."""
+    md = cfg.to_dict()
+    md["target_modules"] = sorted(md["target_modules"])
+    md["base_model_name_or_path"] = None
+    return md
+
+
+ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def alpha_lcm(i, name):
+    """kohya_diffusers alphas. diffusers 0.42.1 IGNORES the alpha of attention to_q/to_k/to_v/to_out.0 kohya modules
+    (their network_alphas names come out mangled as `...attn1.processor.to_q_lora.down.weight` and peft drops them
+    from alpha_pattern with a warning), using the adapter-wide lora_alpha = the MOST COMMON alpha of the file instead.
+    So attention modules get the most common value (2.0, scale 0.5) and only the other modules vary."""
+    if name.endswith(ATTN):
+        return 2.0
+    return [8.0, 1.0, 2.0, 4.0][i % 4]
+
+
+def alpha_ldm(i, name):
+    """kohya_ldm alphas: most common 4.0 (= rank, scale 1); some modules WITHOUT .alpha (kohya semantics: scale 1;
+    diffusers gives them the most common alpha, which is why that must equal the rank); a few non-attention modules
+    with 2.0 / 16.0."""
+    if name.endswith(ATTN):
+        return 4.0
+    return [None, 4.0, 2.0, 4.0, 16.0][i % 5]
+
+
+def make_loras():
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+
+    if LORA.exists():
+        shutil.rmtree(LORA)
+    LORA.mkdir(parents=True)
+    pipe = load_sd_pipe()
+    unet_cfg = dict(pipe.unet.config)
+    um, tm = lora_modules(pipe.unet), lora_modules(pipe.text_encoder)
+    files = {}
+
+    # 1. kohya over diffusers names (LCM-LoRA layout), fp16 like the published file
+    sel = [n for n in sorted(um) if any(n == s or n.endswith("." + s) for s in LCM_SUFFIXES)]
+    t, info = make_kohya(torch.Generator().manual_seed(101), um, sel, RANK, "lora_unet_",
+                         lambda n: kohya_name("lora_unet_", n), alpha_lcm, torch.float16)
+    save_st(LORA / "kohya_diffusers.safetensors", t)
+    files["kohya_diffusers"] = {"layout": "kohya over diffusers module names (lcm-lora-sdv1-5 layout)",
+                                "dtype": "float16", "modules": info}
+
+    # 2. kohya over LDM names (A1111/civitai) + LoCon convs + text encoder
+    ldm_sel = []
+    for n in sorted(um):
+        ln = unet_name_to_ldm(n, unet_cfg)
+        if ln is None or n.startswith(("conv_in", "conv_out", "time_embedding")):
+            continue
+        # diffusers maps LDM output_blocks.{k}.1.conv to attentions.* whatever the block, so the upsampler of a
+        # block WITHOUT attention (SD1.5's up_blocks.0 = output_blocks.2.1.conv) cannot be loaded by diffusers:
+        # left out (documented).
+        if n.startswith("up_blocks.0.upsamplers"):
+            continue
+        if any(n.endswith(s) for s in ("attn1.to_q", "attn2.to_k", "attn2.to_v", "attn1.to_out.0", "ff.net.2",
+                                        "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj", "conv_shortcut",
+                                        "downsamplers.0.conv", "upsamplers.0.conv")):
+            ldm_sel.append(n)
+    te_sel = [n for n in sorted(tm) if n.endswith(("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj",
+                                                   "mlp.fc1"))]
+    g = torch.Generator().manual_seed(102)
+    t, info = make_kohya(g, um, ldm_sel, RANK, "lora_unet_",
+                         lambda n: kohya_name("lora_unet_", unet_name_to_ldm(n, unet_cfg)),
+                         alpha_ldm, torch.float32)
+    t2, info2 = make_kohya(g, tm, te_sel, RANK, "lora_te_", lambda n: kohya_name("lora_te_text_model_", n),
+                           lambda i, n: 2.0, torch.float32)
+    t.update(t2)
+    save_st(LORA / "kohya_ldm.safetensors", t)
+    files["kohya_ldm"] = {"layout": "kohya over original LDM names (+ lora_te_ text encoder)", "dtype": "float32",
+                          "modules": info, "text_encoder_modules": info2}
+
+    # 6. style: second kohya_diffusers LoRA (other modules, rank 8, with text encoder) for stacking
+    st_sel = [n for n in sorted(um) if n.endswith(("attn2.to_q", "attn2.to_v", "attn1.to_k", "ff.net.0.proj"))
+              or (n.startswith("up_blocks") and n.endswith("conv2"))]
+    # NOTE the out_proj: diffusers converts kohya text-encoder attention keys (`to_k_lora`) only when SOME key of the
+    # text-encoder state dict contains `to_out_lora` (convert_state_dict_to_diffusers' format sniffing); without an
+    # out_proj LoRA, k_proj LoRAs stay unconverted and transformers drops them as UNEXPECTED.
+    st_te = [n for n in sorted(tm) if n.endswith(("self_attn.k_proj", "self_attn.out_proj", "mlp.fc2"))]
+    g = torch.Generator().manual_seed(106)
+    t, info = make_kohya(g, um, st_sel, 8, "lora_unet_", lambda n: kohya_name("lora_unet_", n), lambda i, n: 4.0,
+                         torch.float16)
+    t2, info2 = make_kohya(g, tm, st_te, 8, "lora_te_", lambda n: kohya_name("lora_te_text_model_", n),
+                           lambda i, n: 8.0, torch.float16)
+    t.update(t2)
+    save_st(LORA / "style.safetensors", t)
+    files["style"] = {"layout": "kohya over diffusers module names, rank 8, + lora_te_", "dtype": "float16",
+                      "modules": info, "text_encoder_modules": info2}
+
+    # 3. PEFT as save_lora_weights writes it (with adapter metadata), 4. no prefix, 5. old diffusers naming
+    p2 = load_sd_pipe()
+    unet_targets = [n for n in sorted(um) if n.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                                                         "attn2.to_q", "proj_in"))
+                    or n in ("down_blocks.0.resnets.0.conv1", "mid_block.resnets.1.conv2")]
+    te_targets = [n for n in sorted(tm) if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "mlp.fc1"))]
+    ucfg = LoraConfig(r=RANK, lora_alpha=8, init_lora_weights=False, target_modules=unet_targets)
+    tcfg = LoraConfig(r=RANK, lora_alpha=8, init_lora_weights=False, target_modules=te_targets)
+    p2.unet.add_adapter(ucfg)
+    p2.text_encoder.add_adapter(tcfg)
+    g = torch.Generator().manual_seed(103)
+    with torch.no_grad():
+        for comp in (p2.unet, p2.text_encoder):
+            for n, prm in sorted(comp.named_parameters(), key=lambda kv: kv[0]):
+                if "lora_A" in n:
+                    fan = prm[0].numel()
+                    prm.copy_(torch.randn(prm.shape, generator=g) / math.sqrt(fan))
+                elif "lora_B" in n:
+                    prm.copy_(torch.randn(prm.shape, generator=g) * (0.7 / math.sqrt(RANK)))
+    usd = get_peft_model_state_dict(p2.unet)
+    tsd = get_peft_model_state_dict(p2.text_encoder)
+    with tempfile.TemporaryDirectory() as d:
+        StableDiffusionPipeline.save_lora_weights(d, unet_lora_layers=usd, text_encoder_lora_layers=tsd,
+                                                  unet_lora_adapter_metadata=clean_md(ucfg),
+                                                  text_encoder_lora_adapter_metadata=clean_md(tcfg))
+        written = sorted(os.listdir(d))
+        shutil.copy(Path(d) / "pytorch_lora_weights.safetensors", LORA / "peft.safetensors")
+    peft_t, peft_meta = load_st(LORA / "peft.safetensors")
+    files["peft"] = {"layout": "PEFT lora_A/lora_B with unet./text_encoder. prefixes, written by "
+                               "StableDiffusionPipeline.save_lora_weights (+ adapter metadata)",
+                     "save_lora_weights_wrote": written, "safetensors_metadata": peft_meta,
+                     "lora_alpha": 8, "r": RANK, "unet_targets": unet_targets, "text_encoder_targets": te_targets}
+    save_st(LORA / "peft_noprefix.safetensors",
+            {k[len("unet."):]: v for k, v in peft_t.items() if k.startswith("unet.")})
+    files["peft_noprefix"] = {"layout": "peft.safetensors' unet tensors with the `unet.` prefix removed, no metadata"}
+    # old diffusers naming: convert_state_dict_to_diffusers (what the diffusers training scripts saved before
+    # metadata), restricted to the modules that mapping renames (attention to_q/k/v/out.0, text q/k/v/out_proj)
+    old_u = {k: v for k, v in usd.items() if any(f"{s}.lora_" in k for s in ("to_q", "to_k", "to_v", "to_out.0"))}
+    old_t = {k: v for k, v in tsd.items() if "self_attn" in k}
+    old = {}
+    old.update({"unet." + k: v for k, v in convert_state_dict_to_diffusers(old_u).items()})
+    # text encoder with the `text_model.` segment that files written with transformers < 5 carry
+    # (diffusers strips it when the CLIPTextModel has no `.text_model`)
+    old.update({"text_encoder.text_model." + k: v for k, v in convert_state_dict_to_diffusers(old_t).items()})
+    save_st(LORA / "diffusers_old.safetensors", old)
+    files["diffusers_old"] = {"layout": "convert_state_dict_to_diffusers naming (`unet.*.to_q.lora.down.weight`, "
+                                        "`text_encoder.text_model.*.q_proj.lora_linear_layer.down.weight`), no "
+                                        "metadata; the attention tensors of peft.safetensors"}
+    del p2
+
+    return files
+
+
+def expected_fused(base, down, up, scale):
+    return base.float() + scale * delta_of(down, up)
+
+
+def module_weight(model, name):
+    m = dict(model.named_modules())[name]
+    if hasattr(m, "get_base_layer"):
+        m = m.get_base_layer()
+    return m.weight.detach().clone()
+
+
+def make_lora_refs(files):
+    """Images (unfused, fused, stack) + fused weights + module counts; checks scale = alpha/rank ourselves."""
+    tensors, cases = {}, {}
+    base_img = run_lcm4(load_sd_pipe())
+    ref_lcm4 = load_st(FIX / "reference" / "pipelines.safetensors")[0]["lcm4"]
+    assert torch.equal(base_img, ref_lcm4), "tiny-sd lcm4 does not reproduce reference/pipelines.safetensors"
+    for name in ("kohya_diffusers", "kohya_ldm", "peft", "peft_noprefix", "diffusers_old", "style"):
+        path = LORA / f"{name}.safetensors"
+        pipe = load_sd_pipe()
+        orig = {f"unet.{n}": m.weight.detach().clone() for n, m in lora_modules(pipe.unet).items()}
+        orig.update({f"text_encoder.{n}": m.weight.detach().clone() for n, m in lora_modules(pipe.text_encoder).items()})
+        kw = {"unet_config": pipe.unet.config} if name == "kohya_ldm" else {}
+        load_expr = (f"pipe.load_lora_weights(path, adapter_name='{name}'"
+                     f"{', unet_config=pipe.unet.config' if kw else ''})")
+        if name == "peft_noprefix":
+            # pipe.load_lora_weights filters the state dict by the `unet.` prefix: a prefix-less PEFT file loads
+            # NOTHING there (only the warning "No LoRA keys associated to UNet2DConditionModel found with the
+            # prefix='unet'"). Record that, then load it the way diffusers supports: unet.load_lora_adapter(prefix=None).
+            probe = load_sd_pipe()
+            with LogCapture() as cap0:
+                probe.load_lora_weights(str(path), adapter_name=name)
+            noprefix_note = {"pipe.load_lora_weights": {"warnings": cap0.records,
+                                                        "modules_touched": lora_layer_counts(probe, name)}}
+            del probe
+            load_expr = f"pipe.unet.load_lora_adapter(path, prefix=None, adapter_name='{name}')"
+            with LogCapture() as cap:
+                pipe.unet.load_lora_adapter(str(path), prefix=None, adapter_name=name)
+        else:
+            with LogCapture() as cap:
+                pipe.load_lora_weights(str(path), adapter_name=name, **kw)
+        counts = lora_layer_counts(pipe, name)
+        scal = peft_scalings(pipe, name)
+        img_u = run_lcm4(pipe)
+        with LogCapture() as cap2:
+            pipe.fuse_lora()
+        img_f = run_lcm4(pipe)
+        # fused weight - original = scale * up @ down, scale read back per module
+        fused_delta = {}
+        for comp in ("unet", "text_encoder"):
+            model = getattr(pipe, comp)
+            for n in lora_modules(model):
+                pass
+        from peft.tuners.lora import LoraLayer
+        n_changed = {"unet": 0, "text_encoder": 0}
+        for comp in ("unet", "text_encoder"):
+            for n, m in getattr(pipe, comp).named_modules():
+                if isinstance(m, LoraLayer):
+                    w = m.get_base_layer().weight.detach()
+                    if not torch.equal(w, orig[f"{comp}.{n}"]):
+                        n_changed[comp] += 1
+                    fused_delta[f"{comp}.{n}"] = w - orig[f"{comp}.{n}"]
+        diff_u = float((img_u - base_img).abs().max())
+        diff_uf = float((img_u - img_f).abs().max())
+        tensors[f"{name}.unfused"] = img_u
+        tensors[f"{name}.fused"] = img_f
+        cases[name] = {"file": f"lora/{name}.safetensors", "load": load_expr,
+                       "warnings_on_load": cap.records, "warnings_on_fuse": cap2.records,
+                       "modules_touched": counts, "weights_changed_by_fuse_lora": n_changed,
+                       "peft_scaling_distinct_values": sorted(set(scal.values())),
+                       "max_abs_diff_unfused_vs_base_lcm4": diff_u, "max_abs_diff_unfused_vs_fused": diff_uf}
+        if name == "peft_noprefix":
+            cases[name]["via_pipe_load_lora_weights"] = noprefix_note
+        files[name]["checks"] = cases[name]
+        print(f"  {name}: touched {counts}, changed {n_changed}, warnings {cap.records + cap2.records}, "
+              f"|unfused-base| {diff_u:.4f}, |unfused-fused| {diff_uf:.2e}", flush=True)
+        has_te = any(k.startswith(("lora_te", "text_encoder.")) for k in load_st(path)[0])
+        benign = "No LoRA keys associated to CLIPTextModel found"
+        bad = [r for r in cap.records if has_te or benign not in r]
+        assert not bad, bad
+        assert diff_u > 0.05, f"{name} does not visibly change the image"
+        if name in ("kohya_diffusers", "kohya_ldm", "style"):
+            # our own arithmetic: fused = W + alpha/rank * up @ down (f32), for every module of the file
+            lt, _ = load_st(path)
+            worst = 0.0
+            for key_info, comp in (("modules", "unet"), ("text_encoder_modules", "text_encoder")):
+                for mname, inf in files[name].get(key_info, {}).items():
+                    k = inf["key"]
+                    want = inf["scale"] * delta_of(lt[f"{k}.lora_down.weight"], lt[f"{k}.lora_up.weight"])
+                    got = fused_delta[f"{comp}.{mname}"]
+                    err = float((want - got).abs().max() / want.abs().max())
+                    worst = max(worst, err)
+                    if err > 1e-3:
+                        print(f"    MISMATCH {comp}.{mname}: rel err {err:.3g} scale {inf['scale']} "
+                              f"diffusers scaling {scal.get(comp + '.' + mname)}")
+            cases[name]["max_rel_err_fused_delta_vs_alpha_over_rank"] = worst
+        if name == "kohya_diffusers":
+            for mname in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                          "down_blocks.0.attentions.0.proj_in", "down_blocks.0.resnets.0.conv1",
+                          "up_blocks.0.upsamplers.0.conv"):
+                tensors[f"fused.unet.{mname}"] = module_weight(pipe.unet, mname)
+        if name == "kohya_ldm":
+            for mname in ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.mlp.fc1"):
+                tensors[f"fused.text_encoder.{mname}"] = module_weight(pipe.text_encoder, mname)
+            tensors["fused.unet.mid_block.resnets.0.conv1"] = module_weight(pipe.unet, "mid_block.resnets.0.conv1")
+        del pipe
+
+    # stacking: kohya_diffusers as "lcm" (1.0) + style as "style" (0.8), unfused and fused
+    pipe = load_sd_pipe()
+    pipe.load_lora_weights(str(LORA / "kohya_diffusers.safetensors"), adapter_name="lcm")
+    pipe.load_lora_weights(str(LORA / "style.safetensors"), adapter_name="style")
+    pipe.set_adapters(["lcm", "style"], adapter_weights=[1.0, 0.8])
+    te_scal = peft_scalings(pipe, "style")
+    tensors["stack"] = run_lcm4(pipe)
+    pipe.fuse_lora()
+    tensors["stack.fused"] = run_lcm4(pipe)
+    cases["stack"] = {"load": "load_lora_weights(kohya_diffusers, adapter_name='lcm'); load_lora_weights(style, "
+                              "adapter_name='style'); set_adapters(['lcm','style'], adapter_weights=[1.0, 0.8])",
+                      "style_scalings_after_set_adapters": sorted(set(te_scal.values())),
+                      "style_text_encoder_scalings": sorted({v for k, v in te_scal.items()
+                                                             if k.startswith("text_encoder.")}),
+                      "max_abs_diff_stack_vs_stack_fused": float((tensors["stack"] - tensors["stack.fused"]).abs().max())}
+    print(f"  stack: {cases['stack']}")
+    return tensors, cases
+
+
+def make_lora():
+    files = make_loras()
+    tensors, cases = make_lora_refs(files)
+    save_st(LORA / "reference.safetensors", tensors)
+    mf.write_json(LORA / "reference.json", mf.jsonable({"doc": "see tests/fixtures/README.md (LoRA fixtures)",
+                                                        "settings": LCM4_SETTINGS, "files": files, "cases": cases}))
+
+
+LCM4_SETTINGS = {"model": "tiny-sd", "pipeline": "StableDiffusionPipeline",
+                 "scheduler": "LCMScheduler.from_config(pipe.scheduler.config)", "num_inference_steps": 4,
+                 "guidance_scale": 1.0, "seed": 0, "generator": 'torch.Generator("cpu").manual_seed(seed)',
+                 "width": 64, "height": 64, "prompt": PROMPT, "output_type": "np", "dtype": "float32",
+                 "note": "same as the `lcm4` case of reference/pipelines.json"}
+
+SECTIONS = ["lora", "single"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    only = [s for s in ap.parse_args().only.split(",") if s]
+    for s in SECTIONS:
+        if s in only:
+            globals()[f"make_{s}"]()
+
+
+if __name__ == "__main__":
+    main()
