@@ -455,6 +455,19 @@ def make_lora_refs(files):
         kw = {"unet_config": pipe.unet.config} if name == "kohya_ldm" else {}
         load_expr = (f"pipe.load_lora_weights(path, adapter_name='{name}'"
                      f"{', unet_config=pipe.unet.config' if kw else ''})")
+        if name == "kohya_ldm":
+            # without unet_config (what pipe.load_lora_weights passes for SD1.x) the LDM block numbers are not
+            # remapped: record what happens
+            probe = load_sd_pipe()
+            try:
+                with LogCapture() as cap0:
+                    probe.load_lora_weights(str(path), adapter_name=name)
+                ldm_note = {"warnings": cap0.records, "modules_touched": lora_layer_counts(probe, name)}
+            except Exception as e:  # noqa: BLE001
+                # (the message lists a Python set: not deterministic, so only its type is recorded)
+                ldm_note = {"error": type(e).__name__, "note": "the un-remapped names (`down_blocks.1.1.proj_in`, "
+                            "`up_blocks.3.0.conv1`, ...) match no module of the UNet"}
+            del probe
         if name == "peft_noprefix":
             # pipe.load_lora_weights filters the state dict by the `unet.` prefix: a prefix-less PEFT file loads
             # NOTHING there (only the warning "No LoRA keys associated to UNet2DConditionModel found with the
@@ -503,6 +516,8 @@ def make_lora_refs(files):
                        "max_abs_diff_unfused_vs_base_lcm4": diff_u, "max_abs_diff_unfused_vs_fused": diff_uf}
         if name == "peft_noprefix":
             cases[name]["via_pipe_load_lora_weights"] = noprefix_note
+        if name == "kohya_ldm":
+            cases[name]["without_unet_config"] = ldm_note
         files[name]["checks"] = cases[name]
         print(f"  {name}: touched {counts}, changed {n_changed}, warnings {cap.records + cap2.records}, "
               f"|unfused-base| {diff_u:.4f}, |unfused-fused| {diff_uf:.2e}", flush=True)
