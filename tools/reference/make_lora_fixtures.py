@@ -579,6 +579,129 @@ def make_lora():
                                                         "settings": LCM4_SETTINGS, "files": files, "cases": cases}))
 
 
+
+# ------------------------------------------------------------------------------------------- single files
+def clip_to_ldm(te_sd):
+    """transformers CLIPTextModel state dict (keys with or without `text_model.`) -> SD1.x LDM keys."""
+    out = {}
+    for k, v in te_sd.items():
+        k = k if k.startswith("text_model.") else "text_model." + k
+        out["cond_stage_model.transformer." + k] = v
+    return out
+
+
+def clip_to_openclip(te_sd, n_hidden, extra_layers_sd, text_projection):
+    """transformers CLIPTextModel state dict -> SD2.x OpenCLIP keys (`cond_stage_model.model.*`).
+    extra_layers_sd: {i: state dict of encoder layer i (no prefix)} for resblocks beyond the folder's layers."""
+    P = "cond_stage_model.model."
+    sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
+    out = {P + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           P + "positional_embedding": sd["embeddings.position_embedding.weight"],
+           P + "ln_final.weight": sd["final_layer_norm.weight"], P + "ln_final.bias": sd["final_layer_norm.bias"],
+           P + "text_projection": text_projection}
+    layers = {i: {k[len(f"encoder.layers.{i}."):]: v for k, v in sd.items() if k.startswith(f"encoder.layers.{i}.")}
+              for i in range(n_hidden)}
+    layers.update(extra_layers_sd)
+    ren = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+           "self_attn.out_proj": "attn.out_proj"}
+    for i, L in sorted(layers.items()):
+        R = f"{P}transformer.resblocks.{i}."
+        for wb in ("weight", "bias"):
+            out[R + f"attn.in_proj_{wb}"] = torch.cat([L[f"self_attn.{q}_proj.{wb}"] for q in ("q", "k", "v")], 0)
+        for k, v in L.items():
+            if k.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+                continue
+            mod, wb = k.rsplit(".", 1)
+            out[R + f"{ren[mod]}.{wb}"] = v
+    return out
+
+
+def unet_to_ldm(unet_sd, cfg):
+    out = {}
+    for k, v in unet_sd.items():
+        lk = unet_name_to_ldm(k, cfg)
+        assert lk is not None, k
+        out["model.diffusion_model." + lk] = v
+    return out
+
+
+def vae_to_ldm(vae_sd, cfg):
+    out = {}
+    for k, v in vae_sd.items():
+        lk = vae_name_to_ldm(k, cfg)
+        assert lk is not None, k
+        if ".mid.attn_1." in lk and lk.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # LDM's VAE attention q/k/v/proj_out are 1x1 convs
+        out["first_stage_model." + lk] = v
+    return out
+
+
+def f16_round_(module):
+    with torch.no_grad():
+        for p_ in module.parameters():
+            p_.copy_(p_.half().float())
+    return module
+
+
+def check_same_weights(a, b, what):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb), (what, set(sa) ^ set(sb))
+    bad = [k for k in sa if not torch.equal(sa[k].float(), sb[k].float())]
+    assert not bad, (what, bad[:10])
+    return len(sa)
+
+
+def single_file_case(name, single_path, folder, tensors, meta):
+    """from_single_file(config=folder) must equal the folder's f16-rounded weights; images of both."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    with LogCapture() as cap:
+        sf = StableDiffusionPipeline.from_single_file(str(single_path), config=str(folder), local_files_only=True,
+                                                      torch_dtype=torch.float32, safety_checker=None,
+                                                      requires_safety_checker=False)
+    fo = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    counts = {}
+    for comp in ("unet", "vae", "text_encoder"):
+        f16_round_(getattr(fo, comp))
+        counts[comp] = check_same_weights(getattr(sf, comp), getattr(fo, comp), f"{name}.{comp}")
+    # Re-materialise every parameter in fresh storage in BOTH pipelines: from_single_file leaves tensors at
+    # offsets whose alignment makes torch's CPU GEMM/conv kernels round differently (~1e-6 image difference with
+    # bit-identical weights); after the clone the two pipelines give bit-identical images.
+    for pipe in (sf, fo):
+        for comp in ("unet", "vae", "text_encoder"):
+            for p_ in getattr(pipe, comp).parameters():
+                p_.data = p_.data.clone()
+    imgs = {}
+    for tag, pipe in ((f"{name}.lcm4", sf), (f"folder_f16.{name}.lcm4", fo)):
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        imgs[tag] = run_lcm4(pipe)
+    a, b = imgs.values()
+    assert torch.equal(a, b), f"{name}: single file and folder images differ by {(a - b).abs().max()}"
+    tensors.update(imgs)
+    meta[name] = {"file": f"single-file/{single_path.name}", "config_folder": str(folder.relative_to(FIX)),
+                  "load": f"StableDiffusionPipeline.from_single_file('{single_path.name}', config='tests/fixtures/"
+                          f"{folder.relative_to(FIX)}', local_files_only=True, torch_dtype=torch.float32)",
+                  "warnings": cap.records, "parameters_checked_equal": counts,
+                  "scheduler_config": mf.sched_config(sf.scheduler),
+                  "images_equal": True, "image_mean": float(a.mean())}
+    print(f"  {name}: weights equal {counts}, images equal, warnings {cap.records}", flush=True)
+
+
+def make_tiny_sd_single(tensors, meta):
+    fo = load_sd_pipe()
+    ck = {}
+    ck.update(unet_to_ldm(fo.unet.state_dict(), dict(fo.unet.config)))
+    ck.update(vae_to_ldm(fo.vae.state_dict(), dict(fo.vae.config)))
+    ck.update(clip_to_ldm(fo.text_encoder.state_dict()))
+    ck = {k: v.half() for k, v in ck.items()}
+    # as in the published SD1.x checkpoints: the CLIP position_ids buffer (int64 [1,77]); diffusers ignores it
+    ck["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_st(SINGLE / "tiny-sd.safetensors", dict(sorted(ck.items())))
+    single_file_case("tiny-sd", SINGLE / "tiny-sd.safetensors", TINY_SD, tensors, meta)
+    meta["tiny-sd"]["n_keys"] = len(ck)
+
+
 LCM4_SETTINGS = {"model": "tiny-sd", "pipeline": "StableDiffusionPipeline",
                  "scheduler": "LCMScheduler.from_config(pipe.scheduler.config)", "num_inference_steps": 4,
                  "guidance_scale": 1.0, "seed": 0, "generator": 'torch.Generator("cpu").manual_seed(seed)',
@@ -586,6 +709,17 @@ LCM4_SETTINGS = {"model": "tiny-sd", "pipeline": "StableDiffusionPipeline",
                  "note": "same as the `lcm4` case of reference/pipelines.json"}
 
 SECTIONS = ["lora", "single"]
+
+
+def make_single():
+    if SINGLE.exists():
+        shutil.rmtree(SINGLE)
+    SINGLE.mkdir(parents=True)
+    tensors, meta = {}, {}
+    make_tiny_sd_single(tensors, meta)
+    save_st(SINGLE / "reference.safetensors", tensors)
+    mf.write_json(SINGLE / "reference.json", mf.jsonable({"doc": "see tests/fixtures/README.md (single-file)",
+                                                          "settings": LCM4_SETTINGS, "cases": meta}))
 
 
 def main():
