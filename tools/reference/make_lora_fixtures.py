@@ -702,6 +702,90 @@ def make_tiny_sd_single(tensors, meta):
     meta["tiny-sd"]["n_keys"] = len(ck)
 
 
+# stabilityai/stable-diffusion-2(-1) scheduler/scheduler_config.json (DDIM, v-prediction)
+SD2_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                 "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+                 "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+SD2_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 16, 32],
+                down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1,
+                cross_attention_dim=16, norm_num_groups=8, attention_head_dim=[2, 4, 4], use_linear_projection=True,
+                upcast_attention=True)
+SD2_VAE = dict(mf.VAE_CFG, block_out_channels=[8, 16, 16, 16], norm_num_groups=8)
+# SD2's text encoder: OpenCLIP ViT-H text tower, 24 resblocks of which diffusers folders keep 23
+# (num_hidden_layers 23 = the penultimate layer), gelu, legacy bos 0 / eos 2 ids as in the SD2 config.
+SD2_TEXT = dict(mf.TEXT_CFG, num_hidden_layers=23, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SD2_FILE_LAYERS = 24
+
+
+def make_tiny_sd2_folder():
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = FIX / "tiny-sd2"
+    if out.exists():
+        shutil.rmtree(out)
+    te24 = CLIPTextModel(CLIPTextConfig(**dict(SD2_TEXT, num_hidden_layers=SD2_FILE_LAYERS))).eval()
+    mf.reinit(te24, 31)
+    te = CLIPTextModel(CLIPTextConfig(**SD2_TEXT)).eval()
+    sd24 = te24.state_dict()
+    missing, unexpected = te.load_state_dict(sd24, strict=False)
+    assert not missing and all(k.startswith(f"encoder.layers.{SD2_FILE_LAYERS - 1}.") for k in unexpected)
+    extra = {SD2_FILE_LAYERS - 1: {k[len(f"encoder.layers.{SD2_FILE_LAYERS - 1}."):]: v for k, v in sd24.items()
+                                   if k.startswith(f"encoder.layers.{SD2_FILE_LAYERS - 1}.")}}
+    unet = UNet2DConditionModel(**SD2_UNET).eval()
+    mf.reinit(unet, 32)
+    vae = AutoencoderKL(**SD2_VAE).eval()
+    mf.reinit(vae, 33)
+    tmp = tempfile.TemporaryDirectory()
+    tokdir = Path(tmp.name) / "tok"
+    mf.copy_tokenizer(tokdir)
+    for fn in ("tokenizer_config.json", "special_tokens_map.json"):
+        d = json.loads((tokdir / fn).read_text())
+        d["pad_token"] = "!"  # SD2's tokenizer pads with "!" (id 0)
+        (tokdir / fn).write_text(json.dumps(d, indent=2) + "\n")
+    tok = CLIPTokenizer.from_pretrained(str(tokdir))
+    assert tok.pad_token_id == 0, tok.pad_token_id
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(SD2_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16)  # fp16 storage (no variant suffix); references load it with dtype=float32
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    mf.write_json(out / "scheduler" / "scheduler_config.json", SD2_SCHEDULER)
+    shutil.rmtree(out / "tokenizer")
+    shutil.copytree(tokdir, out / "tokenizer")
+    tmp.cleanup()
+    rewrote = mf.add_text_model_prefix(out / "text_encoder" / "model.safetensors")
+    assert rewrote
+    te2, info = CLIPTextModel.from_pretrained(str(out / "text_encoder"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return extra
+
+
+def make_tiny_sd2_single(tensors, meta, extra):
+    from diffusers import StableDiffusionPipeline
+
+    folder = FIX / "tiny-sd2"
+    fo = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    g = torch.Generator().manual_seed(34)
+    text_projection = 0.25 * torch.randn([16, 16], generator=g)
+    extra = {i: {k: v.half().float() for k, v in L.items()} for i, L in extra.items()}
+    ck = {}
+    ck.update(unet_to_ldm(fo.unet.state_dict(), dict(fo.unet.config)))
+    ck.update(vae_to_ldm(fo.vae.state_dict(), dict(fo.vae.config)))
+    ck.update(clip_to_openclip(fo.text_encoder.state_dict(), SD2_TEXT["num_hidden_layers"], extra, text_projection))
+    ck = {k: v.half() for k, v in ck.items()}
+    save_st(SINGLE / "tiny-sd2.safetensors", dict(sorted(ck.items())))
+    single_file_case("tiny-sd2", SINGLE / "tiny-sd2.safetensors", folder, tensors, meta)
+    meta["tiny-sd2"]["n_keys"] = len(ck)
+    meta["tiny-sd2"]["note"] = (
+        f"the file has {SD2_FILE_LAYERS} OpenCLIP resblocks, the folder's text encoder num_hidden_layers "
+        f"{SD2_TEXT['num_hidden_layers']}: diffusers drops resblocks.23.* and text_projection by NAME "
+        "(SD_2_TEXT_ENCODER_KEYS_TO_IGNORE, hard-coded for 24-block ViT-H), so the folder's text encoder = the "
+        "first 23 resblocks + ln_final, i.e. SD2's penultimate-layer text features")
+
+
 LCM4_SETTINGS = {"model": "tiny-sd", "pipeline": "StableDiffusionPipeline",
                  "scheduler": "LCMScheduler.from_config(pipe.scheduler.config)", "num_inference_steps": 4,
                  "guidance_scale": 1.0, "seed": 0, "generator": 'torch.Generator("cpu").manual_seed(seed)',
@@ -717,6 +801,8 @@ def make_single():
     SINGLE.mkdir(parents=True)
     tensors, meta = {}, {}
     make_tiny_sd_single(tensors, meta)
+    extra = make_tiny_sd2_folder()
+    make_tiny_sd2_single(tensors, meta, extra)
     save_st(SINGLE / "reference.safetensors", tensors)
     mf.write_json(SINGLE / "reference.json", mf.jsonable({"doc": "see tests/fixtures/README.md (single-file)",
                                                           "settings": LCM4_SETTINGS, "cases": meta}))
