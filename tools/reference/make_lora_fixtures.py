@@ -91,6 +91,30 @@ def save_st(path, tensors, metadata=None):
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+def save_st_sorted(path, tensors, metadata):
+    """safetensors writer with a deterministic header: the Rust safetensors library serialises `__metadata__` from a
+    HashMap (key order varies between processes), so files with 2+ metadata entries are written here instead:
+    header JSON = {"__metadata__": {sorted}, tensors in name order}, padded with spaces to a multiple of 8 bytes,
+    tensor data in the same order (the standard format; any safetensors reader loads it)."""
+    import struct
+
+    dt = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, off = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for k in sorted(tensors):
+        v = tensors[k].detach().contiguous().cpu()
+        b = v.view(torch.uint8).numpy().tobytes() if v.numel() else b""
+        header[k] = {"dtype": dt[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
 def load_st(path):
     from safetensors import safe_open
 
@@ -403,11 +427,16 @@ def make_loras():
                                                   unet_lora_adapter_metadata=clean_md(ucfg),
                                                   text_encoder_lora_adapter_metadata=clean_md(tcfg))
         written = sorted(os.listdir(d))
-        shutil.copy(Path(d) / "pytorch_lora_weights.safetensors", LORA / "peft.safetensors")
-    peft_t, peft_meta = load_st(LORA / "peft.safetensors")
+        peft_t, peft_meta = load_st(Path(d) / "pytorch_lora_weights.safetensors")
+    save_st_sorted(LORA / "peft.safetensors", peft_t, peft_meta)
+    peft_t2, peft_meta2 = load_st(LORA / "peft.safetensors")
+    assert peft_meta2 == peft_meta and all(torch.equal(peft_t[k], peft_t2[k]) for k in peft_t)
+    peft_meta = dict(sorted(peft_meta.items()))
     files["peft"] = {"layout": "PEFT lora_A/lora_B with unet./text_encoder. prefixes, written by "
                                "StableDiffusionPipeline.save_lora_weights (+ adapter metadata)",
                      "save_lora_weights_wrote": written, "safetensors_metadata": peft_meta,
+                     "note": "re-written with a deterministic header (save_st_sorted); tensors and metadata are "
+                             "exactly what save_lora_weights wrote",
                      "lora_alpha": 8, "r": RANK, "unet_targets": unet_targets, "text_encoder_targets": te_targets}
     save_st(LORA / "peft_noprefix.safetensors",
             {k[len("unet."):]: v for k, v in peft_t.items() if k.startswith("unet.")})
