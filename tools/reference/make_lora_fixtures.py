@@ -717,6 +717,26 @@ def single_file_case(name, single_path, folder, tensors, meta):
     print(f"  {name}: weights equal {counts}, images equal, warnings {cap.records}", flush=True)
 
 
+def ldm_extras():
+    """Non-model keys that published SD1.x LDM checkpoints carry (the LatentDiffusion DDPM buffers, f32 [1000], and
+    model_ema counters); a loader must ignore them. Values as ldm's register_schedule computes them for
+    scaled_linear 0.00085..0.012, 1000 steps."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, 0)
+    acp = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    pv = betas * (1 - acp) / (1 - ac)
+    d = {"betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": acp, "sqrt_alphas_cumprod": ac.sqrt(),
+         "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(), "log_one_minus_alphas_cumprod": (1 - ac).log(),
+         "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+         "posterior_variance": pv, "posterior_log_variance_clipped": torch.cat([pv[1:2], pv[1:]]).log(),
+         "posterior_mean_coef1": betas * acp.sqrt() / (1 - ac),
+         "posterior_mean_coef2": (1 - acp) * (1 - betas).sqrt() / (1 - ac)}
+    d = {k: v.float() for k, v in d.items()}
+    d["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
+    d["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    return d
+
+
 def make_tiny_sd_single(tensors, meta):
     fo = load_sd_pipe()
     ck = {}
@@ -726,6 +746,7 @@ def make_tiny_sd_single(tensors, meta):
     ck = {k: v.half() for k, v in ck.items()}
     # as in the published SD1.x checkpoints: the CLIP position_ids buffer (int64 [1,77]); diffusers ignores it
     ck["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    ck.update(ldm_extras())
     save_st(SINGLE / "tiny-sd.safetensors", dict(sorted(ck.items())))
     single_file_case("tiny-sd", SINGLE / "tiny-sd.safetensors", TINY_SD, tensors, meta)
     meta["tiny-sd"]["n_keys"] = len(ck)
