@@ -463,13 +463,6 @@ def expected_fused(base, down, up, scale):
     return base.float() + scale * delta_of(down, up)
 
 
-def module_weight(model, name):
-    m = dict(model.named_modules())[name]
-    if hasattr(m, "get_base_layer"):
-        m = m.get_base_layer()
-    return m.weight.detach().clone()
-
-
 def make_lora_refs(files):
     """Images (unfused, fused, stack) + fused weights + module counts; checks scale = alpha/rank ourselves."""
     tensors, cases = {}, {}
@@ -534,6 +527,18 @@ def make_lora_refs(files):
                     if not torch.equal(w, orig[f"{comp}.{n}"]):
                         n_changed[comp] += 1
                     fused_delta[f"{comp}.{n}"] = w - orig[f"{comp}.{n}"]
+        fused_w = {f"{comp}.{n}": m.get_base_layer().weight.detach().clone()
+                   for comp in ("unet", "text_encoder") for n, m in getattr(pipe, comp).named_modules()
+                   if isinstance(m, LoraLayer)}
+        # un-fusing in diffusers subtracts the delta again: not bit-exact in f32 (recorded)
+        pipe.unfuse_lora()
+        unfuse_err, unfuse_exact = 0.0, True
+        for comp in ("unet", "text_encoder"):
+            for n, m in getattr(pipe, comp).named_modules():
+                if isinstance(m, LoraLayer):
+                    w = m.get_base_layer().weight.detach()
+                    unfuse_err = max(unfuse_err, float((w - orig[f"{comp}.{n}"]).abs().max()))
+                    unfuse_exact &= torch.equal(w, orig[f"{comp}.{n}"])
         diff_u = float((img_u - base_img).abs().max())
         diff_uf = float((img_u - img_f).abs().max())
         tensors[f"{name}.unfused"] = img_u
@@ -542,7 +547,9 @@ def make_lora_refs(files):
                        "warnings_on_load": cap.records, "warnings_on_fuse": cap2.records,
                        "modules_touched": counts, "weights_changed_by_fuse_lora": n_changed,
                        "peft_scaling_distinct_values": sorted(set(scal.values())),
-                       "max_abs_diff_unfused_vs_base_lcm4": diff_u, "max_abs_diff_unfused_vs_fused": diff_uf}
+                       "max_abs_diff_unfused_vs_base_lcm4": diff_u, "max_abs_diff_unfused_vs_fused": diff_uf,
+                       "unfuse_lora_restores_weights_bit_exactly": unfuse_exact,
+                       "unfuse_lora_max_abs_weight_error": unfuse_err}
         if name == "peft_noprefix":
             cases[name]["via_pipe_load_lora_weights"] = noprefix_note
         if name == "kohya_ldm":
@@ -574,11 +581,11 @@ def make_lora_refs(files):
             for mname in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
                           "down_blocks.0.attentions.0.proj_in", "down_blocks.0.resnets.0.conv1",
                           "up_blocks.0.upsamplers.0.conv"):
-                tensors[f"fused.unet.{mname}"] = module_weight(pipe.unet, mname)
+                tensors[f"fused.unet.{mname}"] = fused_w[f"unet.{mname}"]
         if name == "kohya_ldm":
             for mname in ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.mlp.fc1"):
-                tensors[f"fused.text_encoder.{mname}"] = module_weight(pipe.text_encoder, mname)
-            tensors["fused.unet.mid_block.resnets.0.conv1"] = module_weight(pipe.unet, "mid_block.resnets.0.conv1")
+                tensors[f"fused.text_encoder.{mname}"] = fused_w[f"text_encoder.{mname}"]
+            tensors["fused.unet.mid_block.resnets.0.conv1"] = fused_w["unet.mid_block.resnets.0.conv1"]
         del pipe
 
     # stacking: kohya_diffusers as "lcm" (1.0) + style as "style" (0.8), unfused and fused
