@@ -514,10 +514,6 @@ def make_lora_refs(files):
         img_f = run_lcm4(pipe)
         # fused weight - original = scale * up @ down, scale read back per module
         fused_delta = {}
-        for comp in ("unet", "text_encoder"):
-            model = getattr(pipe, comp)
-            for n in lora_modules(model):
-                pass
         from peft.tuners.lora import LoraLayer
         n_changed = {"unet": 0, "text_encoder": 0}
         for comp in ("unet", "text_encoder"):
