@@ -157,8 +157,7 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
 
 /// Reads `vocab.json` (token → id) and `merges.txt` (`#version` header, then one `a b` pair a line).
 fn read_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<(Vocab, Merges)> {
-    let vocab_text =
-        std::fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
+    let vocab_text = std::fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
     let merges_text =
         std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
     parse_vocab_merges(&vocab_text, &merges_text, vocab_path, merges_path)
@@ -305,12 +304,8 @@ impl ClipTokenizer {
             unk: verbatim(DEFAULT_EOS),
             max_length: CLIP_MAX_LENGTH,
         };
-        let (vocab, merges) = parse_vocab_merges(
-            BUNDLED_VOCAB,
-            BUNDLED_MERGES,
-            source,
-            merges_source,
-        )?;
+        let (vocab, merges) =
+            parse_vocab_merges(BUNDLED_VOCAB, BUNDLED_MERGES, source, merges_source)?;
         let tokenizer = build_clip_pipeline(vocab, merges, &special.unk.content, source)?;
         Self::finish(tokenizer, special, source)
     }

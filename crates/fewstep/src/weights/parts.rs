@@ -48,13 +48,12 @@ impl ModelParts {
     /// Replaces the VAE with the one in `path` (see [`super::single_file::load_vae_file_like`]; the
     /// current VAE's config supplies what the shapes cannot tell).
     pub fn with_vae_file(mut self, path: &std::path::Path) -> Result<Self> {
-        let (config, weights) =
-            super::single_file::load_vae_file_like(
-                path,
-                Some(&self.vae_config),
-                self.vae.dtype(),
-                self.vae.device(),
-            )?;
+        let (config, weights) = super::single_file::load_vae_file_like(
+            path,
+            Some(&self.vae_config),
+            self.vae.dtype(),
+            self.vae.device(),
+        )?;
         self.vae_config = config;
         self.vae = weights;
         Ok(self)

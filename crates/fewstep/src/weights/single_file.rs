@@ -115,18 +115,18 @@ pub fn unet_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, Strin
     // Down stages.
     let mut k = 1; // input_blocks index
     let mut out = ch[0];
-    for i in 0..n {
+    for (i, &c) in ch.iter().enumerate() {
         let cross = cfg.down_block_types[i].starts_with("CrossAttn");
         let layers = cfg.layers_per_block.get(i);
         let tl = cfg.transformer_layers_per_block.get(i);
         for j in 0..layers {
-            let cin = if j == 0 { out } else { ch[i] };
+            let cin = if j == 0 { out } else { c };
             let d = format!("down_blocks.{i}");
             push_resnet(
                 &mut map,
                 &format!("{d}.resnets.{j}"),
                 &format!("input_blocks.{k}.0"),
-                cin != ch[i],
+                cin != c,
             );
             if cross {
                 push_transformer(
@@ -138,7 +138,7 @@ pub fn unet_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, Strin
             }
             k += 1;
         }
-        out = ch[i];
+        out = c;
         if i + 1 < n {
             map.push((
                 format!("down_blocks.{i}.downsamplers.0.conv"),
@@ -198,7 +198,6 @@ pub fn unet_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, Strin
     map.push(pair("conv_out", "out.2"));
     Ok(map)
 }
-
 
 /// The model family of a single-file checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,7 +384,13 @@ fn dim_of(file: &SafetensorsFile, key: &str, dim: usize) -> Result<usize> {
 fn count_children(file: &SafetensorsFile, prefix: &str) -> usize {
     file.tensors()
         .keys()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .map(|n| n + 1)
         .max()
         .unwrap_or(0)
@@ -441,7 +446,11 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
             let b = 1 + i * (layers + 1);
             let a = k(&format!("input_blocks.{b}.1."));
             (
-                dim_of(file, &format!("{a}transformer_blocks.0.attn2.to_k.weight"), 1)?,
+                dim_of(
+                    file,
+                    &format!("{a}transformer_blocks.0.attn2.to_k.weight"),
+                    1,
+                )?,
                 t[&format!("{a}proj_in.weight")].shape.len() == 2,
             )
         }
@@ -477,7 +486,14 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
         out_channels: dim_of(file, &k("out.2.weight"), 0)?,
         down_block_types: cross
             .iter()
-            .map(|&c| if c { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string())
+            .map(|&c| {
+                if c {
+                    "CrossAttnDownBlock2D"
+                } else {
+                    "DownBlock2D"
+                }
+                .to_string()
+            })
             .collect(),
         up_block_types: cross
             .iter()
@@ -540,7 +556,12 @@ fn vae_index(b: &mut IndexBuilder, cfg: &AutoencoderKLConfig, prefix: &str) -> R
         if cfg.mid_block_add_attention {
             let (da, la) = (format!("{d}.attentions.0"), format!("{l}.attn_1"));
             b.module(&format!("{da}.group_norm"), &format!("{la}.norm"), true)?;
-            for (dn, ln) in [("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")] {
+            for (dn, ln) in [
+                ("to_q", "q"),
+                ("to_k", "k"),
+                ("to_v", "v"),
+                ("to_out.0", "proj_out"),
+            ] {
                 b.linear_from_conv(&format!("{da}.{dn}"), &format!("{la}.{ln}"))?;
             }
         }
@@ -548,7 +569,11 @@ fn vae_index(b: &mut IndexBuilder, cfg: &AutoencoderKLConfig, prefix: &str) -> R
     };
     for part in ["encoder", "decoder"] {
         for name in ["conv_in", "conv_out"] {
-            b.module(&format!("{part}.{name}"), &format!("{prefix}{part}.{name}"), true)?;
+            b.module(
+                &format!("{part}.{name}"),
+                &format!("{prefix}{part}.{name}"),
+                true,
+            )?;
         }
         b.module(
             &format!("{part}.conv_norm_out"),
@@ -611,7 +636,11 @@ fn vae_index(b: &mut IndexBuilder, cfg: &AutoencoderKLConfig, prefix: &str) -> R
 /// Infers an `AutoencoderKL` config from LDM VAE keys under `prefix`: stage widths from
 /// `encoder.down.N.block.0.conv1`, `layers_per_block` from the encoder's blocks, latent channels from
 /// `decoder.conv_in`; scaling factor 0.18215, no shift (SD1.x/SD2.x's VAE).
-fn infer_ldm_vae_config(file: &SafetensorsFile, prefix: &str, family: Family) -> Result<AutoencoderKLConfig> {
+fn infer_ldm_vae_config(
+    file: &SafetensorsFile,
+    prefix: &str,
+    family: Family,
+) -> Result<AutoencoderKLConfig> {
     let k = |s: &str| format!("{prefix}{s}");
     let t = file.tensors();
     let n = count_children(file, &k("encoder.down."));
@@ -622,7 +651,13 @@ fn infer_ldm_vae_config(file: &SafetensorsFile, prefix: &str, family: Family) ->
         });
     }
     let block_out_channels = (0..n)
-        .map(|i| dim_of(file, &k(&format!("encoder.down.{i}.block.0.conv1.weight")), 0))
+        .map(|i| {
+            dim_of(
+                file,
+                &k(&format!("encoder.down.{i}.block.0.conv1.weight")),
+                0,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(AutoencoderKLConfig {
         in_channels: dim_of(file, &k("encoder.conv_in.weight"), 1)?,
@@ -727,7 +762,11 @@ fn clip_index(b: &mut IndexBuilder, cfg: &ClipTextConfig) -> Result<()> {
             b.module(&format!("text_model.{l}.{m}"), &format!("{p}{l}.{m}"), true)?;
         }
     }
-    b.module("text_model.final_layer_norm", &format!("{p}final_layer_norm"), true)
+    b.module(
+        "text_model.final_layer_norm",
+        &format!("{p}final_layer_norm"),
+        true,
+    )
 }
 
 /// SD2.x's OpenCLIP (`open_clip`'s `TextTransformer`) read as a `CLIPTextModel`: `token_embedding`,
@@ -896,7 +935,11 @@ pub fn load_single_file_with(
 /// `sd-vae-ft-mse-original` `.safetensors` (`encoder.down.0.block.0.conv1.weight`, with or without a
 /// `first_stage_model.` prefix) or diffusers' `AutoencoderKL` names. The config is inferred from the shapes
 /// (scaling factor 0.18215); a `config.json` beside a diffusers-named file is used when present.
-pub fn load_vae_file(path: &Path, dtype: DType, device: &Device) -> Result<(AutoencoderKLConfig, Weights)> {
+pub fn load_vae_file(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(AutoencoderKLConfig, Weights)> {
     load_vae_file_like(path, None, dtype, device)
 }
 
@@ -957,7 +1000,13 @@ fn infer_diffusers_vae_config(file: &SafetensorsFile) -> Result<AutoencoderKLCon
     let t = file.tensors();
     let n = count_children(file, "encoder.down_blocks.");
     let block_out_channels = (0..n)
-        .map(|i| dim_of(file, &format!("encoder.down_blocks.{i}.resnets.0.conv1.weight"), 0))
+        .map(|i| {
+            dim_of(
+                file,
+                &format!("encoder.down_blocks.{i}.resnets.0.conv1.weight"),
+                0,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(AutoencoderKLConfig {
         in_channels: dim_of(file, "encoder.conv_in.weight", 1)?,
@@ -987,27 +1036,52 @@ mod tests {
                 "missing ({d}, {l})"
             )
         };
-        has("down_blocks.0.resnets.0.conv1", "input_blocks.1.0.in_layers.2");
-        has("down_blocks.0.attentions.0.proj_in", "input_blocks.1.1.proj_in");
+        has(
+            "down_blocks.0.resnets.0.conv1",
+            "input_blocks.1.0.in_layers.2",
+        );
+        has(
+            "down_blocks.0.attentions.0.proj_in",
+            "input_blocks.1.1.proj_in",
+        );
         has(
             "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
             "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
         );
         has("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op");
-        has("down_blocks.1.resnets.0.conv_shortcut", "input_blocks.4.0.skip_connection");
-        has("down_blocks.3.resnets.1.conv2", "input_blocks.11.0.out_layers.3");
+        has(
+            "down_blocks.1.resnets.0.conv_shortcut",
+            "input_blocks.4.0.skip_connection",
+        );
+        has(
+            "down_blocks.3.resnets.1.conv2",
+            "input_blocks.11.0.out_layers.3",
+        );
         has("mid_block.resnets.0.conv1", "middle_block.0.in_layers.2");
-        has("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1");
+        has(
+            "mid_block.resnets.1.time_emb_proj",
+            "middle_block.2.emb_layers.1",
+        );
         has("up_blocks.0.upsamplers.0.conv", "output_blocks.2.1.conv");
         has("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv");
-        has("up_blocks.3.resnets.2.conv_shortcut", "output_blocks.11.0.skip_connection");
-        has("up_blocks.3.attentions.2.proj_out", "output_blocks.11.1.proj_out");
+        has(
+            "up_blocks.3.resnets.2.conv_shortcut",
+            "output_blocks.11.0.skip_connection",
+        );
+        has(
+            "up_blocks.3.attentions.2.proj_out",
+            "output_blocks.11.1.proj_out",
+        );
         has("time_embedding.linear_1", "time_embed.0");
         has("conv_in", "input_blocks.0.0");
         has("conv_norm_out", "out.0");
         has("conv_out", "out.2");
-        assert!(!map.iter().any(|(d, _)| d.starts_with("down_blocks.3.attentions")));
-        assert!(!map.iter().any(|(d, _)| d.starts_with("up_blocks.3.upsamplers")));
+        assert!(!map
+            .iter()
+            .any(|(d, _)| d.starts_with("down_blocks.3.attentions")));
+        assert!(!map
+            .iter()
+            .any(|(d, _)| d.starts_with("up_blocks.3.upsamplers")));
         let mut ds: Vec<_> = map.iter().map(|(d, _)| d).collect();
         ds.sort();
         ds.dedup();
