@@ -28,6 +28,18 @@ pub struct SafetensorsFile {
     tensors: HashMap<String, TensorInfo>,
 }
 
+/// Bytes per element of the safetensors dtypes fewstep does not read (integer counters and flags that
+/// checkpoints carry beside the weights); they are validated and then left out.
+fn other_dtype_size(name: &str) -> Option<usize> {
+    Some(match name {
+        "BOOL" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "I16" | "U16" => 2,
+        "I32" => 4,
+        "U64" => 8,
+        _ => return None,
+    })
+}
+
 fn dtype_of(name: &str) -> Option<DType> {
     Some(match name {
         "F32" => DType::F32,
@@ -131,8 +143,11 @@ fn parse_header(buf: &[u8]) -> std::result::Result<HashMap<String, TensorInfo>, 
         let dtype_name = v["dtype"]
             .as_str()
             .ok_or_else(|| format!("tensor `{name}`: no dtype"))?;
-        let dtype = dtype_of(dtype_name)
-            .ok_or_else(|| format!("tensor `{name}`: unsupported dtype {dtype_name}"))?;
+        let dtype = dtype_of(dtype_name);
+        let elem_size = dtype
+            .map(|d| d.size_in_bytes())
+            .or_else(|| other_dtype_size(dtype_name))
+            .ok_or_else(|| format!("tensor `{name}`: unknown dtype {dtype_name}"))?;
         let shape: Vec<usize> = v["shape"]
             .as_array()
             .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
@@ -152,13 +167,17 @@ fn parse_header(buf: &[u8]) -> std::result::Result<HashMap<String, TensorInfo>, 
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| format!("tensor `{name}`: shape {shape:?} overflows"))?;
-        if numel * dtype.size_in_bytes() != end - begin {
+        if numel * elem_size != end - begin {
             return Err(format!(
                 "tensor `{name}`: shape {shape:?} of {dtype_name} needs {} bytes, offsets give {}",
-                numel * dtype.size_in_bytes(),
+                numel * elem_size,
                 end - begin
             ));
         }
+        let Some(dtype) = dtype else {
+            tracing::debug!("skipping tensor `{name}` of dtype {dtype_name}");
+            continue;
+        };
         tensors.insert(
             name,
             TensorInfo {
