@@ -2,6 +2,7 @@
 """Reference image for a full-size parity check (e.g. the folder of make_sd15_random.py, or real SD1.5).
 
     python tools/reference/parity_sd15.py MODELDIR OUT.safetensors [--steps 4] [--size 256] [--seed 0]
+                                          [--lora FILE [--lora-scale 1.0]]
 
 StableDiffusionPipeline (fp32, CPU) with LCMScheduler.from_config(pipe.scheduler.config), guidance 1.0,
 generator torch.Generator("cpu").manual_seed(seed), prompt below, output_type "np".
@@ -9,6 +10,11 @@ Writes OUT.safetensors with
   "image"   f32 [1, size, size, 3] in [0, 1] (NHWC)
   "latents" f32 [1, 4, size/8, size/8] the latents after the last step (what is decoded, before / 0.18215)
 and OUT.json with the settings.
+--lora: after loading, `pipe.load_lora_weights(FILE, adapter_name="lora")` then `pipe.fuse_lora(lora_scale=S)`
+(fused into the UNet and, if the LoRA has text-encoder keys, the text encoder); the wall time of these two calls is
+reported separately (`lora_load_fuse_seconds`, also split into load / fuse) and any warning diffusers/peft logs
+while loading is an error (every key must match a module). The LoRA layers stay attached but merged, so the denoising
+forward costs the same as without.
 """
 
 import argparse
@@ -34,6 +40,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lora", default=None, help="LoRA file for load_lora_weights + fuse_lora")
+    ap.add_argument("--lora-scale", type=float, default=1.0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -44,6 +52,44 @@ def main():
                                                    requires_safety_checker=False)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    lora_meta = None
+    if a.lora:
+        import logging
+        import warnings
+
+        logs = []
+
+        class H(logging.Handler):
+            def emit(self, r):
+                if r.levelno >= logging.WARNING:
+                    logs.append(f"{r.name}: {r.getMessage()}")
+
+        h = H()
+        for n in ("diffusers", "peft", "transformers"):
+            logging.getLogger(n).addHandler(h)
+        with warnings.catch_warnings(record=True) as wl:
+            warnings.simplefilter("always")
+            t0 = time.time()
+            pipe.load_lora_weights(a.lora, adapter_name="lora")
+            t1 = time.time()
+            pipe.fuse_lora(lora_scale=a.lora_scale)
+            t2 = time.time()
+        for n in ("diffusers", "peft", "transformers"):
+            logging.getLogger(n).removeHandler(h)
+        logs += [f"warning: {w.message}" for w in wl]
+        from peft.tuners.lora import LoraLayer
+
+        counts = {c: sum(isinstance(m, LoraLayer) for m in getattr(pipe, c).modules())
+                  for c in ("unet", "text_encoder")}
+        # diffusers' "No LoRA keys associated to CLIPTextModel" is expected for a UNet-only LoRA
+        bad = [m for m in logs if not (counts["text_encoder"] == 0 and "No LoRA keys associated to CLIPTextModel" in m)]
+        if bad:
+            sys.exit(f"LoRA load warnings: {bad}")
+        lora_meta = {"file": str(a.lora), "lora_scale": a.lora_scale, "modules_touched": counts,
+                     "load_lora_weights_seconds": t1 - t0, "fuse_lora_seconds": t2 - t1,
+                     "lora_load_fuse_seconds": t2 - t0, "threads": a.threads}
+        print(f"LoRA {a.lora}: load_lora_weights {t1 - t0:.2f}s + fuse_lora {t2 - t1:.2f}s = {t2 - t0:.2f}s, "
+              f"modules {counts}", flush=True)
     last = {}
 
     def cb(p, i, t, kw):
@@ -64,7 +110,7 @@ def main():
                                  if isinstance(v, (int, float, str, bool, list, type(None)))},
             "prompt": PROMPT, "negative_prompt": None, "num_inference_steps": a.steps,
             "guidance_scale": a.guidance, "seed": a.seed, "width": a.size, "height": a.size,
-            "timesteps": pipe.scheduler.timesteps.tolist(), "seconds": dt}
+            "timesteps": pipe.scheduler.timesteps.tolist(), "seconds": dt, "lora": lora_meta}
     with open(out.with_suffix(".json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"wrote {out} image {list(img.shape)} mean {float(np.mean(img)):.4f} in {dt:.1f}s")
