@@ -5,7 +5,8 @@
 //! (transformers 5.x saves so); which one is detected from the keys.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear};
+use candle_nn::{Embedding, LayerNorm};
+use crate::models::nn::Linear;
 
 use crate::config::ClipTextConfig;
 use crate::models::nn;

@@ -3,7 +3,8 @@
 //! single-head [`SpatialSelfAttention`].
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
+use candle_nn::GroupNorm;
+use crate::models::nn::Conv2d;
 
 use crate::config::AutoencoderKLConfig;
 use crate::models::nn::{apply, conv2d, group_norm};

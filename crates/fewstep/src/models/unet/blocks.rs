@@ -3,7 +3,7 @@
 //! resampling layers `Downsample2D`/`Upsample2D` that the VAE reuses.
 
 use candle_core::Tensor;
-use candle_nn::Conv2d;
+use crate::models::nn::Conv2d;
 
 use super::attention::{Transformer2DModel, TransformerConfig};
 use super::resnet::{ResnetBlock2D, ResnetConfig};

@@ -3,7 +3,7 @@
 //! per-block conditioning vector.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Linear;
+use crate::models::nn::Linear;
 
 use super::resnet::Activation;
 use crate::models::nn::{apply, linear};

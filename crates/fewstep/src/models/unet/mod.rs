@@ -7,7 +7,8 @@ pub mod embeddings;
 pub mod resnet;
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
+use candle_nn::GroupNorm;
+use crate::models::nn::Conv2d;
 
 use self::blocks::{AttnConfig, DownBlock, MidBlockCrossAttn, StageConfig, UpBlock};
 pub use self::embeddings::guidance_scale_embedding;

@@ -2,7 +2,8 @@
 //! timestep embedding) and the VAE (without one), and the activation functions the configs name.
 
 use candle_core::Tensor;
-use candle_nn::{Conv2d, GroupNorm, Linear};
+use candle_nn::GroupNorm;
+use crate::models::nn::{Conv2d, Linear};
 
 use crate::models::nn::{apply, conv2d, group_norm, linear};
 use crate::weights::Weights;
