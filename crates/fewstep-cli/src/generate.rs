@@ -8,7 +8,7 @@ use clap::ValueEnum;
 use fewstep::image::{read_png, tensor_to_images, write_png};
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
-use fewstep::weights::hub::resolve_model;
+use fewstep::weights::parts::ModelParts;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The model used when `--model` is not given.
@@ -55,9 +55,13 @@ pub struct Args {
     prompt: Option<String>,
     #[arg(long = "prompt", id = "prompt_flag")]
     prompt_flag: Option<String>,
-    /// A diffusers model folder or a Hugging Face repo id (owner/name).
+    /// A diffusers model folder, a Hugging Face repo id (owner/name), or a single-file SD1.x/SD2.x
+    /// checkpoint (.safetensors in the original Stable Diffusion layout).
     #[arg(long)]
     model: Option<String>,
+    /// A VAE file replacing the model's (.safetensors, original layout as sd-vae-ft-mse, or diffusers').
+    #[arg(long)]
+    vae: Option<PathBuf>,
     #[arg(long, default_value = "")]
     negative_prompt: String,
     /// Number of UNet calls (default 4 for LCM, 25 for the other schedulers).
@@ -127,8 +131,11 @@ pub fn run(args: Args) -> Result<()> {
         DTypeArg::Bf16 => DType::BF16,
     };
     let model_spec = args.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let model_dir = resolve_model(&model_spec, dtype == DType::F16)?;
-    let model = StableDiffusion::load_dir(&model_dir, dtype, &Device::Cpu)?;
+    let mut parts = ModelParts::open(&model_spec, dtype, &Device::Cpu)?;
+    if let Some(vae) = &args.vae {
+        parts = parts.with_vae_file(vae)?;
+    }
+    let model = StableDiffusion::from_parts(&parts, &Device::Cpu)?;
 
     let scheduler: SchedulerKind = args.scheduler.into();
     let seed = args.seed.unwrap_or_else(rand_seed);

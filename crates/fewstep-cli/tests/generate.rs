@@ -78,3 +78,55 @@ fn batch_writes_numbered_files() {
     assert_ne!(a.data, b.data, "the two images of a batch differ");
     assert!(!out.exists());
 }
+
+/// `--vae` with the model's own VAE file (diffusers layout, config.json beside it) gives the same picture;
+/// `--model` with a single file of an unsupported family names the family.
+#[test]
+fn vae_flag_and_single_file_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_fewstep"))
+            .args(["generate", "--prompt", "a red circle on a blue background"])
+            .args(["--seed", "0"])
+            .args(extra)
+            .arg("--output")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let vae = format!("{FIXTURES}/tiny-sd/vae/diffusion_pytorch_model.safetensors");
+    for (extra, out) in [(vec![], &a), (vec!["--vae", vae.as_str()], &b)] {
+        let res = run(&extra, out);
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+    }
+    assert_eq!(read_png(&a).unwrap().data, read_png(&b).unwrap().data);
+
+    let xl = dir.path().join("xl.safetensors");
+    let z = candle_core::Tensor::zeros((2, 2), candle_core::DType::F16, &Device::Cpu).unwrap();
+    let tensors = std::collections::HashMap::from([
+        (
+            "conditioner.embedders.1.model.positional_embedding".to_string(),
+            z.clone(),
+        ),
+        (
+            "model.diffusion_model.input_blocks.0.0.weight".to_string(),
+            z,
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, &xl).unwrap();
+    let res = run(
+        &["--model", xl.to_str().unwrap()],
+        &dir.path().join("c.png"),
+    );
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("SDXL") && err.contains("xl.safetensors"),
+        "{err}"
+    );
+}

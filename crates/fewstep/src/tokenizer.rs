@@ -33,6 +33,18 @@ const DEFAULT_EOS: &str = "<|endoftext|>";
 /// The length every Stable Diffusion text encoder was trained with.
 pub const CLIP_MAX_LENGTH: usize = 77;
 
+const BUNDLED_VOCAB: &str = include_str!("../assets/clip/vocab.json");
+const BUNDLED_MERGES: &str = include_str!("../assets/clip/merges.txt");
+
+/// The padding token of a bundled tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PadToken {
+    /// `<|endoftext|>` (49407), as SD1.x's tokenizer.
+    Eos,
+    /// `!` (id 0), as SD2.x's and SDXL's second tokenizer.
+    Bang,
+}
+
 /// The CLIP tokenizer: text → exactly `max_length` token ids (BOS, tokens, EOS, padding).
 #[derive(Clone)]
 pub struct ClipTokenizer {
@@ -145,7 +157,24 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
 
 /// Reads `vocab.json` (token → id) and `merges.txt` (`#version` header, then one `a b` pair a line).
 fn read_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<(Vocab, Merges)> {
-    let vocab: Vocab = match read_json(vocab_path)? {
+    let vocab_text = std::fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
+    let merges_text =
+        std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
+    parse_vocab_merges(&vocab_text, &merges_text, vocab_path, merges_path)
+}
+
+/// Parses the texts of `vocab.json` and `merges.txt` (paths for messages only).
+fn parse_vocab_merges(
+    vocab_text: &str,
+    text: &str,
+    vocab_path: &Path,
+    merges_path: &Path,
+) -> Result<(Vocab, Merges)> {
+    let json: Value = serde_json::from_str(vocab_text).map_err(|e| Error::Config {
+        path: vocab_path.to_path_buf(),
+        reason: format!("not valid JSON: {e}"),
+    })?;
+    let vocab: Vocab = match json {
         Value::Object(m) => m
             .into_iter()
             .map(|(k, v)| {
@@ -163,7 +192,6 @@ fn read_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<(Vocab, Me
             .collect::<Result<_>>()?,
         _ => return Err(tok_err(vocab_path, "expected a JSON object of token → id")),
     };
-    let text = std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
     let mut merges = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.starts_with("#version") || line.is_empty() {
@@ -236,7 +264,7 @@ impl ClipTokenizer {
         }
         let special = SpecialTokens::read(dir)?;
         let tokenizer_json = dir.join("tokenizer.json");
-        let (mut tokenizer, source): (Tokenizer, PathBuf) = if tokenizer_json.is_file() {
+        let (tokenizer, source): (Tokenizer, PathBuf) = if tokenizer_json.is_file() {
             let t =
                 Tokenizer::from_file(&tokenizer_json).map_err(|e| tok_err(&tokenizer_json, e))?;
             (t, tokenizer_json)
@@ -255,10 +283,38 @@ impl ClipTokenizer {
             let t = build_clip_pipeline(vocab, merges, &special.unk.content, &vocab_path)?;
             (t, vocab_path)
         };
+        Self::finish(tokenizer, special, &source)
+    }
+
+    /// The CLIP ViT-L/14 BPE vocabulary and merges (OpenAI's `bpe_simple_vocab_16e6`, as published with
+    /// every Stable Diffusion 1.x/2.x model) embedded in the library, for single-file checkpoints that
+    /// carry no tokenizer. `pad` is the padding token: [`PadToken::Eos`] for SD1.x, [`PadToken::Bang`]
+    /// (`!`, id 0) for SD2.x.
+    pub fn bundled(pad: PadToken) -> Result<Self> {
+        let source = Path::new("<bundled clip tokenizer>/vocab.json");
+        let merges_source = Path::new("<bundled clip tokenizer>/merges.txt");
+        let verbatim = |t: &str| AddedToken::from(t, true).normalized(false);
+        let special = SpecialTokens {
+            bos: verbatim(DEFAULT_BOS),
+            eos: verbatim(DEFAULT_EOS),
+            pad: match pad {
+                PadToken::Eos => verbatim(DEFAULT_EOS),
+                PadToken::Bang => verbatim("!"),
+            },
+            unk: verbatim(DEFAULT_EOS),
+            max_length: CLIP_MAX_LENGTH,
+        };
+        let (vocab, merges) =
+            parse_vocab_merges(BUNDLED_VOCAB, BUNDLED_MERGES, source, merges_source)?;
+        let tokenizer = build_clip_pipeline(vocab, merges, &special.unk.content, source)?;
+        Self::finish(tokenizer, special, source)
+    }
+
+    fn finish(mut tokenizer: Tokenizer, special: SpecialTokens, source: &Path) -> Result<Self> {
         let id_of = |tokenizer: &Tokenizer, name: &str, role: &str| {
             tokenizer.token_to_id(name).ok_or_else(|| {
                 tok_err(
-                    &source,
+                    source,
                     format!("{role} token {name:?} is not in the vocabulary"),
                 )
             })
@@ -277,7 +333,7 @@ impl ClipTokenizer {
                 special.unk.clone(),
                 special.pad.clone(),
             ])
-            .map_err(|e| tok_err(&source, e))?;
+            .map_err(|e| tok_err(source, e))?;
         tokenizer.with_post_processor(Some(
             RobertaProcessing::new(
                 (special.eos.content.clone(), eos_id),
@@ -288,7 +344,7 @@ impl ClipTokenizer {
         ));
         tokenizer
             .with_truncation(None)
-            .map_err(|e| tok_err(&source, e))?;
+            .map_err(|e| tok_err(source, e))?;
         tokenizer.with_padding(None);
         Ok(Self {
             tokenizer,

@@ -5,6 +5,7 @@ pub mod diffusers;
 pub mod hub;
 pub mod parts;
 pub mod safetensors;
+pub mod single_file;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -26,6 +26,39 @@ pub struct ModelParts {
 }
 
 impl ModelParts {
+    /// Opens `--model`'s value: a `.safetensors` single-file checkpoint (original Stable Diffusion layout,
+    /// see [`super::single_file`]), a diffusers folder, or a Hugging Face repo id. PyTorch pickles
+    /// (`.ckpt`, `.pt`, `.bin`) are refused, naming the file.
+    pub fn open(spec: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let path = std::path::Path::new(spec);
+        super::refuse_pickle(
+            path,
+            "use the .safetensors version of this checkpoint (most models publish one beside the .ckpt)",
+        )?;
+        let is_safetensors = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        if is_safetensors || path.is_file() {
+            return super::single_file::load_single_file(path, dtype, device);
+        }
+        let dir = super::hub::resolve_model(spec, dtype == DType::F16)?;
+        Self::from_folder(&DiffusersFolder::open(dir)?, dtype, device)
+    }
+
+    /// Replaces the VAE with the one in `path` (see [`super::single_file::load_vae_file_like`]; the
+    /// current VAE's config supplies what the shapes cannot tell).
+    pub fn with_vae_file(mut self, path: &std::path::Path) -> Result<Self> {
+        let (config, weights) = super::single_file::load_vae_file_like(
+            path,
+            Some(&self.vae_config),
+            self.vae.dtype(),
+            self.vae.device(),
+        )?;
+        self.vae_config = config;
+        self.vae = weights;
+        Ok(self)
+    }
+
     /// Reads a diffusers folder. With `dtype` f16 the `fp16` variant files are preferred where present.
     pub fn from_folder(folder: &DiffusersFolder, dtype: DType, device: &Device) -> Result<Self> {
         let variant = (dtype == DType::F16).then_some("fp16");
