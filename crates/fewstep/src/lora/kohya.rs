@@ -69,11 +69,7 @@ pub fn is_ldm_name(flat: &str) -> bool {
         || flat.starts_with("label_emb_")
 }
 
-/// Each UNet leaf module's (diffusers path, original LDM path), from the single-file loader.
+/// Each UNet leaf module's (diffusers path, original LDM path), from the single-file loader's map.
 pub fn ldm_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, String)>> {
-    let _ = cfg;
-    Err(crate::Error::invalid(
-        "LoRA",
-        "kohya LoRAs over LDM names need the single-file module map (not built yet)",
-    ))
+    crate::weights::single_file::unet_module_map(cfg)
 }
