@@ -79,9 +79,16 @@ fn check_layout(name: &str, unet: usize, text_encoder: usize) {
     let loras = vec![(open(name), 1.0)];
     let (fused, report) = lora::fuse(&base, &loras).unwrap();
     assert_eq!(report.loras[0].unet, unet, "{name}: UNet modules");
-    assert_eq!(report.loras[0].text_encoder, text_encoder, "{name}: text encoder modules");
+    assert_eq!(
+        report.loras[0].text_encoder, text_encoder,
+        "{name}: text encoder modules"
+    );
     let img_fused = lcm4(&fused);
-    assert_close(&format!("{name} fused vs diffusers fused"), &img_fused, &refs[&format!("{name}.fused")]);
+    assert_close(
+        &format!("{name} fused vs diffusers fused"),
+        &img_fused,
+        &refs[&format!("{name}.fused")],
+    );
     assert_close(
         &format!("{name} fused vs diffusers unfused"),
         &img_fused,
@@ -97,7 +104,10 @@ fn check_layout(name: &str, unet: usize, text_encoder: usize) {
     );
     let (_, max) = image_diff(&img_rt, &img_fused);
     println!("{name}: runtime vs fused max |diff| {max:.2e}/255");
-    assert!(max < 0.05, "{name}: runtime differs from fused by {max}/255");
+    assert!(
+        max < 0.05,
+        "{name}: runtime differs from fused by {max}/255"
+    );
 }
 
 #[test]
@@ -198,12 +208,23 @@ fn two_loras_weighted_as_set_adapters() {
     let loras = vec![(open("kohya_diffusers"), 1.0), (open("style"), 0.8)];
     let (fused, report) = lora::fuse(&base, &loras).unwrap();
     assert_eq!(report.loras.len(), 2);
-    assert_eq!((report.loras[1].unet, report.loras[1].text_encoder), (34, 6));
+    assert_eq!(
+        (report.loras[1].unet, report.loras[1].text_encoder),
+        (34, 6)
+    );
     let img = lcm4(&fused);
     assert_close("stack fused vs diffusers stack", &img, &refs["stack"]);
-    assert_close("stack fused vs diffusers stack.fused", &img, &refs["stack.fused"]);
+    assert_close(
+        "stack fused vs diffusers stack.fused",
+        &img,
+        &refs["stack.fused"],
+    );
     let (rt, _) = lora::runtime(&base, &loras).unwrap();
-    assert_close("stack runtime vs diffusers stack", &lcm4(&rt), &refs["stack"]);
+    assert_close(
+        "stack runtime vs diffusers stack",
+        &lcm4(&rt),
+        &refs["stack"],
+    );
 }
 
 /// Every tensor of `w` read back bit for bit as the file stores it.
@@ -220,7 +241,14 @@ fn assert_view_is_file(w: &fewstep::weights::Weights, file: &Path, prefix_ok: bo
             .to_vec1::<f32>()
             .unwrap()
             .iter()
-            .zip(t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .zip(
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
             .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "{k} differs from the file");
         n += 1;
@@ -239,7 +267,14 @@ fn unfused_model_is_bit_exact_and_fuse_touches_only_lora_layers() {
     let mut changed = 0;
     for (k, t) in &stored {
         let got = fused.unet.get_any_shape(k).unwrap();
-        let diff = (&got - t).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = (&got - t)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         if diff.to_scalar::<f32>().unwrap() > 0.0 {
             changed += 1;
         }
@@ -326,14 +361,21 @@ fn sdxl_shaped_lora_names_key_and_both_shapes() {
         &[
             (&format!("{k}.lora_down.weight"), randn(&[4, 2048])),
             (&format!("{k}.lora_up.weight"), randn(&[32, 4])),
-            (&format!("{k}.alpha"), Tensor::new(4f32, &Device::Cpu).unwrap()),
+            (
+                &format!("{k}.alpha"),
+                Tensor::new(4f32, &Device::Cpu).unwrap(),
+            ),
         ],
     );
-    let e = lora::fuse(&parts(), &[(LoraFile::open(&path).unwrap(), 1.0)]).err().unwrap();
+    let e = lora::fuse(&parts(), &[(LoraFile::open(&path).unwrap(), 1.0)])
+        .err()
+        .unwrap();
     let s = one_line(&e);
     assert!(s.contains(&format!("{k}.lora_down.weight")), "{s}");
     assert!(s.contains("[32, 2048]") && s.contains("[32, 16]"), "{s}");
-    let e = lora::runtime(&parts(), &[(LoraFile::open(&path).unwrap(), 1.0)]).err().unwrap();
+    let e = lora::runtime(&parts(), &[(LoraFile::open(&path).unwrap(), 1.0)])
+        .err()
+        .unwrap();
     assert!(one_line(&e).contains("[32, 2048]"));
 }
 
@@ -341,14 +383,21 @@ fn sdxl_shaped_lora_names_key_and_both_shapes() {
 fn keys_matching_nothing_list_the_first_ten() {
     let dir = tempfile::tempdir().unwrap();
     let mut tensors = Vec::new();
-    let names: Vec<String> = (0..12).map(|i| format!("lora_unet_nowhere_{i:02}")).collect();
+    let names: Vec<String> = (0..12)
+        .map(|i| format!("lora_unet_nowhere_{i:02}"))
+        .collect();
     for n in &names {
         tensors.push((format!("{n}.lora_down.weight"), randn(&[4, 8])));
         tensors.push((format!("{n}.lora_up.weight"), randn(&[8, 4])));
     }
-    let refs: Vec<(&str, Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+    let refs: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.clone()))
+        .collect();
     let path = save(dir.path(), "nowhere", &refs);
-    let e = lora::fuse(&parts(), &[(LoraFile::open(&path).unwrap(), 1.0)]).err().unwrap();
+    let e = lora::fuse(&parts(), &[(LoraFile::open(&path).unwrap(), 1.0)])
+        .err()
+        .unwrap();
     let s = one_line(&e);
     assert!(s.contains("12 of its 12 modules match no layer"), "{s}");
     assert!(s.contains("lora_unet_nowhere_09.lora_down.weight"), "{s}");
@@ -358,7 +407,10 @@ fn keys_matching_nothing_list_the_first_ten() {
     // Keys in no LoRA layout at all.
     let path = save(dir.path(), "notlora", &[("model.weight", randn(&[2, 2]))]);
     let s = one_line(&LoraFile::open(&path).unwrap_err());
-    assert!(s.contains("no key is in a known LoRA layout") && s.contains("model.weight"), "{s}");
+    assert!(
+        s.contains("no key is in a known LoRA layout") && s.contains("model.weight"),
+        "{s}"
+    );
     // A kohya file with a stray key.
     let path = save(
         dir.path(),
@@ -394,18 +446,27 @@ fn nan_weights_are_refused() {
         "nan",
         &[
             (&format!("{k}.lora_down.weight"), randn(&[4, 32])),
-            (&format!("{k}.lora_up.weight"), Tensor::new(up, &Device::Cpu).unwrap()),
+            (
+                &format!("{k}.lora_up.weight"),
+                Tensor::new(up, &Device::Cpu).unwrap(),
+            ),
         ],
     );
     let s = one_line(&LoraFile::open(&path).unwrap_err());
-    assert!(s.contains(&format!("{k}.lora_up.weight")) && s.contains("NaN"), "{s}");
+    assert!(
+        s.contains(&format!("{k}.lora_up.weight")) && s.contains("NaN"),
+        "{s}"
+    );
     let path = save(
         dir.path(),
         "inf",
         &[
             (&format!("{k}.lora_down.weight"), randn(&[4, 32])),
             (&format!("{k}.lora_up.weight"), randn(&[32, 4])),
-            (&format!("{k}.alpha"), Tensor::new(f32::INFINITY, &Device::Cpu).unwrap()),
+            (
+                &format!("{k}.alpha"),
+                Tensor::new(f32::INFINITY, &Device::Cpu).unwrap(),
+            ),
         ],
     );
     let s = one_line(&LoraFile::open(&path).unwrap_err());
@@ -421,15 +482,24 @@ fn integer_tensor_is_refused() {
         "int",
         &[
             (&format!("{k}.lora_down.weight"), randn(&[4, 32])),
-            (&format!("{k}.lora_up.weight"), Tensor::new(&[[1i64; 4]; 32], &Device::Cpu).unwrap()),
+            (
+                &format!("{k}.lora_up.weight"),
+                Tensor::new(&[[1i64; 4]; 32], &Device::Cpu).unwrap(),
+            ),
         ],
     );
     let s = one_line(&LoraFile::open(&path).unwrap_err());
-    assert!(s.contains(&format!("{k}.lora_up.weight")) && s.contains("I64"), "{s}");
+    assert!(
+        s.contains(&format!("{k}.lora_up.weight")) && s.contains("I64"),
+        "{s}"
+    );
     let path = save(
         dir.path(),
         "u8",
-        &[(&format!("{k}.lora_down.weight"), Tensor::new(&[1u8, 2], &Device::Cpu).unwrap())],
+        &[(
+            &format!("{k}.lora_down.weight"),
+            Tensor::new(&[1u8, 2], &Device::Cpu).unwrap(),
+        )],
     );
     let s = one_line(&LoraFile::open(&path).unwrap_err());
     assert!(s.contains("U8"), "{s}");
@@ -438,15 +508,23 @@ fn integer_tensor_is_refused() {
 #[test]
 fn prompt_syntax_resolves_in_the_lora_dir() {
     let dir = fixture("lora");
-    let (prompt, specs) =
-        extract_prompt_loras("a red circle <lora:kohya_diffusers:1> on blue <lora:style:0.8>", &dir)
-            .unwrap();
+    let (prompt, specs) = extract_prompt_loras(
+        "a red circle <lora:kohya_diffusers:1> on blue <lora:style:0.8>",
+        &dir,
+    )
+    .unwrap();
     assert_eq!(prompt, "a red circle on blue");
     assert_eq!(
         specs,
         vec![
-            LoraSpec { path: dir.join("kohya_diffusers.safetensors"), weight: 1.0 },
-            LoraSpec { path: dir.join("style.safetensors"), weight: 0.8 },
+            LoraSpec {
+                path: dir.join("kohya_diffusers.safetensors"),
+                weight: 1.0
+            },
+            LoraSpec {
+                path: dir.join("style.safetensors"),
+                weight: 0.8
+            },
         ]
     );
     let e = extract_prompt_loras("a cat <lora:missing:1>", &dir).unwrap_err();
@@ -476,7 +554,9 @@ fn text_encoder_2_lora_on_sd15_is_unmatched() {
             (&format!("{k}.lora_up.weight"), randn(&[16, 4])),
         ],
     );
-    let e = lora::fuse(&parts(), &[(LoraFile::open(&path).unwrap(), 1.0)]).err().unwrap();
+    let e = lora::fuse(&parts(), &[(LoraFile::open(&path).unwrap(), 1.0)])
+        .err()
+        .unwrap();
     let s = one_line(&e);
     assert!(s.contains("no text_encoder_2"), "{s}");
 }

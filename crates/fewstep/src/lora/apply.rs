@@ -169,7 +169,9 @@ fn place<'a>(
                 };
                 indexes.insert(m.target, index);
             }
-            let found = indexes[&m.target].as_ref().and_then(|ix| ix.find(&m.module));
+            let found = indexes[&m.target]
+                .as_ref()
+                .and_then(|ix| ix.find(&m.module));
             let Some((key, shape)) = found else {
                 unmatched.push(match indexes[&m.target] {
                     Some(_) => m.down_key.clone(),
@@ -242,7 +244,10 @@ fn delta(mods: &[(&LoraModule, f64)], shape: &[usize]) -> Result<Tensor> {
         downs.push(m.down.reshape((r, ()))?);
     }
     let (up, down) = if mods.len() == 1 {
-        (ups.pop().unwrap_or_else(|| unreachable!()), downs.pop().unwrap_or_else(|| unreachable!()))
+        (
+            ups.pop().unwrap_or_else(|| unreachable!()),
+            downs.pop().unwrap_or_else(|| unreachable!()),
+        )
     } else {
         (Tensor::cat(&ups, 1)?, Tensor::cat(&downs, 0)?)
     };

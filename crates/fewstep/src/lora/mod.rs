@@ -209,7 +209,10 @@ pub fn lora_name(path: &Path) -> String {
 const UNSUPPORTED: [(&str, &str); 6] = [
     (".hada_", "LyCORIS LoHa"),
     (".lokr_", "LyCORIS LoKr"),
-    (".lora_mid.", "LyCORIS LoCon with a Tucker `lora_mid` factor"),
+    (
+        ".lora_mid.",
+        "LyCORIS LoCon with a Tucker `lora_mid` factor",
+    ),
     ("dora_scale", "DoRA"),
     ("lora_magnitude_vector", "DoRA"),
     (".lora_B.bias", "PEFT `lora_bias`"),
@@ -332,9 +335,16 @@ pub(crate) fn group_modules(
             Some(k) => {
                 let t = &tensors[k];
                 if t.elem_count() != 1 {
-                    return Err(format!("`{k}` has shape {:?}, expected one number", t.dims()));
+                    return Err(format!(
+                        "`{k}` has shape {:?}, expected one number",
+                        t.dims()
+                    ));
                 }
-                Some(t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?[0] as f64)
+                Some(
+                    t.flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| e.to_string())?[0] as f64,
+                )
             }
             None => None,
         };
@@ -369,7 +379,9 @@ impl LoraSpec {
         if let Some((head, tail)) = s.rsplit_once(':') {
             if let Ok(w) = tail.trim().parse::<f64>() {
                 if !w.is_finite() {
-                    return Err(invalid(format!("weight `{tail}` of `{s}` is not a finite number")));
+                    return Err(invalid(format!(
+                        "weight `{tail}` of `{s}` is not a finite number"
+                    )));
                 }
                 if head.is_empty() {
                     return Err(invalid(format!("`{s}` names no file")));
@@ -418,7 +430,10 @@ pub fn extract_prompt_loras(prompt: &str, lora_dir: &Path) -> Result<(String, Ve
         if !path.is_file() {
             return Err(Error::invalid(
                 "prompt",
-                format!("<lora:{name}:…> names {}, which does not exist", path.display()),
+                format!(
+                    "<lora:{name}:…> names {}, which does not exist",
+                    path.display()
+                ),
             ));
         }
         specs.push(LoraSpec { path, weight });
@@ -455,13 +470,20 @@ pub fn split_prompt_tags(prompt: &str) -> Result<(String, Vec<(String, f64)>)> {
         };
         let name = name.trim();
         if name.is_empty() {
-            return Err(Error::invalid("prompt", format!("<lora:{body}> names no LoRA")));
+            return Err(Error::invalid(
+                "prompt",
+                format!("<lora:{body}> names no LoRA"),
+            ));
         }
         tags.push((name.to_string(), weight));
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    let cleaned = out.split(' ').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+    let cleaned = out
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
     Ok((cleaned, tags))
 }
 
@@ -489,7 +511,10 @@ mod tests {
     fn prompt_tags() {
         let (p, t) = split_prompt_tags("a cat <lora:lcm:1> in a hat, <lora:style:0.8>").unwrap();
         assert_eq!(p, "a cat in a hat,");
-        assert_eq!(t, vec![("lcm".to_string(), 1.0), ("style".to_string(), 0.8)]);
+        assert_eq!(
+            t,
+            vec![("lcm".to_string(), 1.0), ("style".to_string(), 0.8)]
+        );
         let (p, t) = split_prompt_tags("<lora:x>plain").unwrap();
         assert_eq!(p, "plain");
         assert_eq!(t, vec![("x".to_string(), 1.0)]);

@@ -75,10 +75,21 @@ pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<
             let r = b.down.dim(0)?;
             // A 1×1-conv LoRA on a Linear (SD2's linear projections) is the same matrix.
             let (down, up) = match (b.down.dims(), b.up.dims()) {
-                (&[_, i], &[o, _]) | (&[_, i, 1, 1], &[o, _, 1, 1]) if i == in_dim && o == out_dim => {
-                    (b.down.reshape((r, in_dim))?, scaled_up(b, w.dtype())?.reshape((out_dim, r))?)
+                (&[_, i], &[o, _]) | (&[_, i, 1, 1], &[o, _, 1, 1])
+                    if i == in_dim && o == out_dim =>
+                {
+                    (
+                        b.down.reshape((r, in_dim))?,
+                        scaled_up(b, w.dtype())?.reshape((out_dim, r))?,
+                    )
                 }
-                _ => return Err(branch_error(w, b, &format!("[r, {in_dim}] / [{out_dim}, r]"))),
+                _ => {
+                    return Err(branch_error(
+                        w,
+                        b,
+                        &format!("[r, {in_dim}] / [{out_dim}, r]"),
+                    ))
+                }
             };
             Ok(Branch {
                 down: candle_nn::Linear::new(down.to_dtype(w.dtype())?, None),
