@@ -171,7 +171,8 @@ fn generate_with_loras_and_prompt_tags() {
         "parameters lack the LoRAs"
     );
 
-    for mode in ["runtime"] {
+    {
+        let mode = "runtime";
         let status = std::process::Command::new(env!("CARGO_BIN_EXE_fewstep"))
             .args([
                 "generate",

@@ -153,7 +153,7 @@ fn place<'a>(
         let mut unmatched: Vec<String> = Vec::new();
         let mut counts: BTreeMap<Target, usize> = BTreeMap::new();
         for m in &lora.modules {
-            if !indexes.contains_key(&m.target) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = indexes.entry(m.target) {
                 let index = match views(parts, m.target) {
                     Some(w) => {
                         let need_ldm = loras.iter().flat_map(|(l, _)| &l.modules).any(|m| {
@@ -167,7 +167,7 @@ fn place<'a>(
                     }
                     None => None,
                 };
-                indexes.insert(m.target, index);
+                slot.insert(index);
             }
             let found = indexes[&m.target]
                 .as_ref()
@@ -254,13 +254,12 @@ fn delta(mods: &[(&LoraModule, f64)], shape: &[usize]) -> Result<Tensor> {
     Ok(up.matmul(&down)?.reshape(shape)?)
 }
 
+/// Per (target, weight key): the weight's shape and the modules on it with their effective scales.
+type Layers<'a> = BTreeMap<(Target, String), (Vec<usize>, Vec<(&'a LoraModule, f64)>)>;
+
 /// Groups the placed modules by (target, weight key), with their effective scales (`weight · alpha/r`).
-fn by_layer<'a>(
-    placed: &[Placed<'a>],
-    loras: &[(LoraFile, f64)],
-) -> BTreeMap<(Target, String), (Vec<usize>, Vec<(&'a LoraModule, f64)>)> {
-    let mut layers: BTreeMap<(Target, String), (Vec<usize>, Vec<(&LoraModule, f64)>)> =
-        BTreeMap::new();
+fn by_layer<'a>(placed: &[Placed<'a>], loras: &[(LoraFile, f64)]) -> Layers<'a> {
+    let mut layers: Layers<'a> = BTreeMap::new();
     for p in placed {
         layers
             .entry((p.module.target, p.key.clone()))

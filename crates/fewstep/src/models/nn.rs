@@ -156,13 +156,13 @@ pub fn conv2d(
         .iter()
         .map(|b| {
             let r = b.down.dim(0)?;
-            let ok_down = match b.down.dims() {
-                &[_, i, kh, kw] => i == in_ch && kh == k && kw == k,
-                &[_, i] => i == in_ch && k == 1,
+            let ok_down = match *b.down.dims() {
+                [_, i, kh, kw] => i == in_ch && kh == k && kw == k,
+                [_, i] => i == in_ch && k == 1,
                 _ => false,
             };
-            let ok_up = match b.up.dims() {
-                &[o, _, 1, 1] | &[o, _] => o == out_ch,
+            let ok_up = match *b.up.dims() {
+                [o, _, 1, 1] | [o, _] => o == out_ch,
                 _ => false,
             };
             if !ok_down || !ok_up {
