@@ -37,6 +37,8 @@ fn dtype_of(name: &str) -> Option<DType> {
         "BF16" => DType::BF16,
         "F64" => DType::F64,
         "I64" => DType::I64,
+        "I32" => DType::I32,
+        "I16" => DType::I16,
         "U8" => DType::U8,
         "U32" => DType::U32,
         _ => return None,
