@@ -6,6 +6,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::ValueEnum;
 use fewstep::image::{read_png, tensor_to_images, write_png};
+use fewstep::lora::apply::apply_specs;
+use fewstep::lora::{extract_prompt_loras, LoraSpec};
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
 use fewstep::weights::parts::ModelParts;
@@ -42,6 +44,12 @@ pub enum DTypeArg {
     Bf16,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoraModeArg {
+    Fuse,
+    Runtime,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum RngArg {
     /// torch's CPU generator: the same seed gives diffusers' picture.
@@ -62,6 +70,16 @@ pub struct Args {
     /// A VAE file replacing the model's (.safetensors, original layout as sd-vae-ft-mse, or diffusers').
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// A LoRA to apply, PATH[:WEIGHT] (weight 1 by default); repeatable. Any published layout (kohya,
+    /// PEFT, diffusers), detected from its keys.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<String>,
+    /// Folder in which `<lora:NAME:WEIGHT>` tags of the prompt find NAME.safetensors.
+    #[arg(long)]
+    lora_dir: Option<PathBuf>,
+    /// fuse: LoRAs added into the weights at load (no per-step cost); runtime: computed beside them.
+    #[arg(long, value_enum, default_value = "fuse")]
+    lora_mode: LoraModeArg,
     #[arg(long, default_value = "")]
     negative_prompt: String,
     /// Number of UNet calls (default 4 for LCM, 25 for the other schedulers).
@@ -117,6 +135,16 @@ pub fn run(args: Args) -> Result<()> {
     let Some(prompt) = args.prompt.or(args.prompt_flag) else {
         bail!("invalid prompt: give one, as `fewstep generate \"a red circle\"` or with --prompt");
     };
+    let (prompt, mut lora_specs) = match &args.lora_dir {
+        Some(dir) => extract_prompt_loras(&prompt, dir)?,
+        None if prompt.contains("<lora:") => {
+            bail!("invalid prompt: it has <lora:NAME:WEIGHT> tags; give --lora-dir DIR holding NAME.safetensors")
+        }
+        None => (prompt, Vec::new()),
+    };
+    for s in &args.loras {
+        lora_specs.push(LoraSpec::parse(s)?);
+    }
     if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             bail!(
@@ -134,6 +162,23 @@ pub fn run(args: Args) -> Result<()> {
     let mut parts = ModelParts::open(&model_spec, dtype, &Device::Cpu)?;
     if let Some(vae) = &args.vae {
         parts = parts.with_vae_file(vae)?;
+    }
+    let mut lora_list: Vec<String> = Vec::new();
+    if !lora_specs.is_empty() {
+        let (with_loras, report) =
+            apply_specs(&parts, &lora_specs, args.lora_mode == LoraModeArg::Runtime)?;
+        parts = with_loras;
+        for r in &report.loras {
+            eprintln!(
+                "lora {}: weight {}, {} UNet and {} text-encoder modules",
+                r.name, r.weight, r.unet, r.text_encoder
+            );
+        }
+        lora_list = report
+            .loras
+            .iter()
+            .map(|r| format!("{}:{}", r.name, r.weight))
+            .collect();
     }
     let model = StableDiffusion::from_parts(&parts, &Device::Cpu)?;
 
@@ -176,7 +221,16 @@ pub fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
 
     let images = tensor_to_images(&out.decoded)?;
-    let params = model.parameters_text(&req, &model_spec);
+    let mut params = model.parameters_text(&req, &model_spec);
+    if !lora_list.is_empty() {
+        // A1111-style: the LoRAs as `<lora:name:w>` in the prompt line, and a `LoRA: name:w, …` field.
+        let tags: String = lora_list.iter().map(|nw| format!(" <lora:{nw}>")).collect();
+        let lora_text = lora_list.join(" ");
+        params = match params.split_once('\n') {
+            Some((first, rest)) => format!("{first}{tags}\n{rest}, LoRA: {lora_text}"),
+            None => format!("{params}{tags}, LoRA: {lora_text}"),
+        };
+    }
     for (img, path) in images.iter().zip(output_paths(&args.output, images.len())) {
         write_png(&path, img, Some(&params))?;
         println!("{}", path.display());

@@ -130,3 +130,86 @@ fn vae_flag_and_single_file_model() {
         "{err}"
     );
 }
+
+#[test]
+fn generate_with_loras_and_prompt_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora_dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora");
+    let out = dir.path().join("lora.png");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args([
+            "generate",
+            "a red circle <lora:style:0.8>",
+            "--seed",
+            "0",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .arg("--lora")
+        .arg(format!(
+            "{}:1.0",
+            lora_dir.join("kohya_diffusers.safetensors").display()
+        ))
+        .arg("--lora-dir")
+        .arg(&lora_dir)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("LoRA: style:0.8 kohya_diffusers:1"),
+        "parameters lack the LoRAs"
+    );
+
+    {
+        let mode = "runtime";
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_fewstep"))
+            .args([
+                "generate",
+                "a red circle",
+                "--seed",
+                "0",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--lora-mode",
+                mode,
+            ])
+            .arg("--lora")
+            .arg(lora_dir.join("peft.safetensors"))
+            .arg("-o")
+            .arg(dir.path().join("rt.png"))
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    }
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(["generate", "a cat <lora:missing:1>", "--lora-dir"])
+        .arg(&lora_dir)
+        .arg("-o")
+        .arg(dir.path().join("x.png"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("missing.safetensors") && err.lines().count() == 1,
+        "{err}"
+    );
+}

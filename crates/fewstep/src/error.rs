@@ -36,6 +36,9 @@ pub enum Error {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    /// A LoRA file that cannot be read or applied (unknown layout, unmatched keys, wrong shapes, NaN).
+    #[error("LoRA {path}: {reason}")]
+    Lora { path: PathBuf, reason: String },
     /// A user-facing argument outside its valid range.
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },

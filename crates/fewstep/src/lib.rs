@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod image;
+pub mod lora;
 pub mod models;
 pub mod pipeline;
 pub mod rng;

@@ -4,8 +4,9 @@
 //! Weight keys are read either under `text_model.` (SD1.x folders, transformers 4.x) or without that prefix
 //! (transformers 5.x saves so); which one is detected from the keys.
 
+use crate::models::nn::Linear;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear};
+use candle_nn::{Embedding, LayerNorm};
 
 use crate::config::ClipTextConfig;
 use crate::models::nn;

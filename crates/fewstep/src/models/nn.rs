@@ -1,11 +1,64 @@
 //! Layer constructors over [`Weights`]: each checks the stored shapes against the configuration, so a
 //! mismatched checkpoint names the tensor at fault instead of failing inside a matmul.
+//!
+//! [`Linear`] and [`Conv2d`] are candle's layers plus the unfused LoRA branches that the view attaches to
+//! their weight ([`Weights::with_lora_branches`]): `y = W x + b + Σᵢ sᵢ · up_i(down_i(x))`. Without
+//! branches they are exactly candle's layers.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm};
 
+use crate::lora::LoraBranch;
 use crate::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
+
+/// A LoRA branch as the layer runs it: `down` then `up`, the scale folded into `up`.
+#[derive(Clone, Debug)]
+struct Branch<M> {
+    down: M,
+    up: M,
+}
+
+/// `up · scale` in f32, then in the layer's dtype.
+fn scaled_up(b: &LoraBranch, dtype: DType) -> Result<Tensor> {
+    Ok((b.up.to_dtype(DType::F32)? * b.scale)?.to_dtype(dtype)?)
+}
+
+fn branch_error(w: &Weights, b: &LoraBranch, expected: &str) -> Error {
+    Error::invalid(
+        "LoRA",
+        format!(
+            "branch on `{}` has down {:?} / up {:?}, expected {expected}",
+            w.key("weight"),
+            b.down.dims(),
+            b.up.dims()
+        ),
+    )
+}
+
+/// `y = x Wᵀ + b` with `W: [out, in]`, plus LoRA branches `s · (x downᵀ) upᵀ`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    base: candle_nn::Linear,
+    lora: Vec<Branch<candle_nn::Linear>>,
+}
+
+impl Linear {
+    /// Number of LoRA branches the layer computes at run time.
+    pub fn lora_count(&self) -> usize {
+        self.lora.len()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = self.base.forward(x)?;
+        for b in &self.lora {
+            y = (y + b.up.forward(&b.down.forward(x)?)?)?;
+        }
+        Ok(y)
+    }
+}
 
 /// `y = x Wᵀ + b` with `W: [out, in]`.
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
@@ -15,7 +68,64 @@ pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    let lora = w
+        .lora_branches("weight")
+        .iter()
+        .map(|b| {
+            let r = b.down.dim(0)?;
+            // A 1×1-conv LoRA on a Linear (SD2's linear projections) is the same matrix.
+            let (down, up) = match (b.down.dims(), b.up.dims()) {
+                (&[_, i], &[o, _]) | (&[_, i, 1, 1], &[o, _, 1, 1])
+                    if i == in_dim && o == out_dim =>
+                {
+                    (
+                        b.down.reshape((r, in_dim))?,
+                        scaled_up(b, w.dtype())?.reshape((out_dim, r))?,
+                    )
+                }
+                _ => {
+                    return Err(branch_error(
+                        w,
+                        b,
+                        &format!("[r, {in_dim}] / [{out_dim}, r]"),
+                    ))
+                }
+            };
+            Ok(Branch {
+                down: candle_nn::Linear::new(down.to_dtype(w.dtype())?, None),
+                up: candle_nn::Linear::new(up, None),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Linear {
+        base: candle_nn::Linear::new(weight, bias),
+        lora,
+    })
+}
+
+/// A 2-D convolution, plus LoRA branches: `down` a convolution with the layer's kernel, stride and
+/// padding into `r` channels, `up` a 1×1 convolution back (peft's and kohya's LoCon).
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    base: candle_nn::Conv2d,
+    lora: Vec<Branch<candle_nn::Conv2d>>,
+}
+
+impl Conv2d {
+    /// Number of LoRA branches the layer computes at run time.
+    pub fn lora_count(&self) -> usize {
+        self.lora.len()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = self.base.forward(x)?;
+        for b in &self.lora {
+            y = (y + b.up.forward(&b.down.forward(x)?)?)?;
+        }
+        Ok(y)
+    }
 }
 
 /// 2-D convolution with a square `k×k` kernel, `W: [out, in, k, k]`, with bias.
@@ -36,7 +146,44 @@ pub fn conv2d(
         groups: 1,
         cudnn_fwd_algo: None,
     };
-    Ok(Conv2d::new(weight, Some(bias), cfg))
+    let one = Conv2dConfig {
+        padding: 0,
+        stride: 1,
+        ..cfg
+    };
+    let lora = w
+        .lora_branches("weight")
+        .iter()
+        .map(|b| {
+            let r = b.down.dim(0)?;
+            let ok_down = match *b.down.dims() {
+                [_, i, kh, kw] => i == in_ch && kh == k && kw == k,
+                [_, i] => i == in_ch && k == 1,
+                _ => false,
+            };
+            let ok_up = match *b.up.dims() {
+                [o, _, 1, 1] | [o, _] => o == out_ch,
+                _ => false,
+            };
+            if !ok_down || !ok_up {
+                return Err(branch_error(
+                    w,
+                    b,
+                    &format!("[r, {in_ch}, {k}, {k}] / [{out_ch}, r, 1, 1]"),
+                ));
+            }
+            let down = b.down.reshape((r, in_ch, k, k))?.to_dtype(w.dtype())?;
+            let up = scaled_up(b, w.dtype())?.reshape((out_ch, r, 1, 1))?;
+            Ok(Branch {
+                down: candle_nn::Conv2d::new(down, None, cfg),
+                up: candle_nn::Conv2d::new(up, None, one),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Conv2d {
+        base: candle_nn::Conv2d::new(weight, Some(bias), cfg),
+        lora,
+    })
 }
 
 /// GroupNorm over `channels` split into `groups`, with affine weight and bias.

@@ -13,14 +13,24 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm};
 
-use crate::models::nn::{conv2d, group_norm};
+use crate::models::nn::group_norm;
 use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// The blocks between the resolution changes, from the outermost: `num_blocks` (1, 3, 3, 3).
 const NUM_BLOCKS: [usize; 4] = [1, 3, 3, 3];
 
-/// A 3×3 (or 1×1) convolution without bias.
+/// A `k×k` convolution with bias, padding `k/2` (TAESD never carries LoRAs, so candle's layer serves).
+fn conv2d(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
+    let conv = conv_no_bias(w, cin, cout, k, stride)?;
+    Ok(Conv2d::new(
+        conv.weight().clone(),
+        Some(w.get(cout, "bias")?),
+        *conv.config(),
+    ))
+}
+
+/// A `k×k` convolution without bias, padding `k/2`.
 fn conv_no_bias(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
     let weight = w.get((cout, cin, k, k), "weight")?;
     let cfg = Conv2dConfig {
@@ -58,7 +68,7 @@ impl Block {
         } else {
             None
         };
-        let conv = |i: usize| conv2d(&w.pp("conv").pp(i), c, c, 3, 1, 1);
+        let conv = |i: usize| conv2d(&w.pp("conv").pp(i), c, c, 3, 1);
         Ok(Self {
             pool,
             convs: [conv(0)?, conv(2)?, conv(4)?],
@@ -136,7 +146,7 @@ impl TinyEncoder {
         let mut layers = Vec::new();
         for (level, &n) in NUM_BLOCKS.iter().enumerate() {
             layers.push(Layer::Conv(if level == 0 {
-                conv2d(&w.pp(i), 3, c, 3, 1, 1)?
+                conv2d(&w.pp(i), 3, c, 3, 1)?
             } else {
                 conv_no_bias(&w.pp(i), c, c, 3, 2)?
             }));
@@ -148,7 +158,7 @@ impl TinyEncoder {
         }
         let last = format!("{i}.weight");
         let (latent_channels, _) = widths(w, &last, "taesd encoder")?;
-        layers.push(Layer::Conv(conv2d(&w.pp(i), c, latent_channels, 3, 1, 1)?));
+        layers.push(Layer::Conv(conv2d(&w.pp(i), c, latent_channels, 3, 1)?));
         Ok(Self {
             layers,
             latent_channels,
@@ -176,7 +186,7 @@ impl TinyDecoder {
     pub fn new(w: &Weights) -> Result<Self> {
         let (c, latent_channels) = widths(w, "0.weight", "taesd decoder")?;
         let mut layers = vec![
-            Layer::Conv(conv2d(&w.pp(0), latent_channels, c, 3, 1, 1)?),
+            Layer::Conv(conv2d(&w.pp(0), latent_channels, c, 3, 1)?),
             Layer::Relu,
         ];
         let mut i = 2;
@@ -191,7 +201,7 @@ impl TinyDecoder {
                 i += 2;
             }
         }
-        layers.push(Layer::Conv(conv2d(&w.pp(i), c, 3, 3, 1, 1)?));
+        layers.push(Layer::Conv(conv2d(&w.pp(i), c, 3, 3, 1)?));
         Ok(Self {
             layers,
             latent_channels,

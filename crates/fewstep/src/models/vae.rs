@@ -2,8 +2,9 @@
 //! back to images. Built from the UNet's [`ResnetBlock2D`], [`Downsample2D`], [`Upsample2D`] and the
 //! single-head [`SpatialSelfAttention`].
 
+use crate::models::nn::Conv2d;
 use candle_core::{DType, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
+use candle_nn::GroupNorm;
 
 use crate::config::AutoencoderKLConfig;
 use crate::models::nn::{apply, conv2d, group_norm};

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Shape, Tensor};
 
 pub use self::safetensors::{refuse_pickle, SafetensorsFile};
+use crate::lora::LoraBranch;
 use crate::{Error, Result};
 
 /// Where one tensor of a [`Weights`] view comes from.
@@ -47,6 +48,8 @@ struct Store {
     index: HashMap<String, TensorSource>,
     /// The files' names, for error messages.
     label: String,
+    /// Unfused LoRA branches per weight key (`…to_q.weight`), computed beside the layer at run time.
+    lora: HashMap<String, Vec<LoraBranch>>,
 }
 
 /// A view of a set of weight files under a key prefix (`down_blocks.0.resnets.1.` …), loading tensors
@@ -103,6 +106,7 @@ impl Weights {
                 files: Arc::new(files),
                 index,
                 label,
+                lora: HashMap::new(),
             }),
             prefix: String::new(),
             dtype,
@@ -122,6 +126,7 @@ impl Weights {
                 files: self.store.files.clone(),
                 index,
                 label: self.store.label.clone(),
+                lora: self.store.lora.clone(),
             }),
             ..self.clone()
         }
@@ -139,9 +144,43 @@ impl Weights {
                 files: self.store.files.clone(),
                 index,
                 label: self.store.label.clone(),
+                lora: self.store.lora.clone(),
             }),
             ..self.clone()
         }
+    }
+
+    /// The same tensors with unfused LoRA branches attached to some layers (full weight keys, e.g.
+    /// `down_blocks.0.attentions.0.proj_in.weight`): layers built from the view compute
+    /// `W x + Σ scale · up(down(x))`. Branches add to those already attached.
+    pub fn with_lora_branches(&self, branches: HashMap<String, Vec<LoraBranch>>) -> Self {
+        let mut lora = self.store.lora.clone();
+        for (k, mut b) in branches {
+            lora.entry(k).or_default().append(&mut b);
+        }
+        Self {
+            store: Arc::new(Store {
+                files: self.store.files.clone(),
+                index: self.store.index.clone(),
+                label: self.store.label.clone(),
+                lora,
+            }),
+            ..self.clone()
+        }
+    }
+
+    /// The LoRA branches attached to tensor `name` under this prefix (usually `"weight"`).
+    pub fn lora_branches(&self, name: &str) -> &[LoraBranch] {
+        self.store
+            .lora
+            .get(&self.key(name))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Number of layers carrying LoRA branches.
+    pub fn lora_branch_count(&self) -> usize {
+        self.store.lora.len()
     }
 
     /// The view one level down: keys are looked up under `prefix.name.`.

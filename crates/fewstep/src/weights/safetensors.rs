@@ -26,6 +26,8 @@ pub struct SafetensorsFile {
     path: PathBuf,
     mmap: Mmap,
     tensors: HashMap<String, TensorInfo>,
+    /// The header's `__metadata__` string map (empty when absent).
+    metadata: HashMap<String, String>,
 }
 
 /// Bytes per element of the safetensors dtypes fewstep does not read (integer counters and flags that
@@ -33,8 +35,7 @@ pub struct SafetensorsFile {
 fn other_dtype_size(name: &str) -> Option<usize> {
     Some(match name {
         "BOOL" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
-        "I16" | "U16" => 2,
-        "I32" => 4,
+        "U16" => 2,
         "U64" => 8,
         _ => return None,
     })
@@ -47,6 +48,8 @@ fn dtype_of(name: &str) -> Option<DType> {
         "BF16" => DType::BF16,
         "F64" => DType::F64,
         "I64" => DType::I64,
+        "I32" => DType::I32,
+        "I16" => DType::I16,
         "U8" => DType::U8,
         "U32" => DType::U32,
         _ => return None,
@@ -80,7 +83,7 @@ impl SafetensorsFile {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; the file is not expected to change while loaded.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let tensors = parse_header(&mmap).map_err(|reason| Error::Safetensors {
+        let (tensors, metadata) = parse_header(&mmap).map_err(|reason| Error::Safetensors {
             path: path.to_path_buf(),
             reason,
         })?;
@@ -88,6 +91,7 @@ impl SafetensorsFile {
             path: path.to_path_buf(),
             mmap,
             tensors,
+            metadata,
         })
     }
 
@@ -97,6 +101,11 @@ impl SafetensorsFile {
 
     pub fn tensors(&self) -> &HashMap<String, TensorInfo> {
         &self.tensors
+    }
+
+    /// The header's `__metadata__` (string keys and values; non-string values are skipped).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 
     /// Reads tensor `key` onto `device`, in its storage dtype.
@@ -115,7 +124,9 @@ impl SafetensorsFile {
     }
 }
 
-fn parse_header(buf: &[u8]) -> std::result::Result<HashMap<String, TensorInfo>, String> {
+type Header = (HashMap<String, TensorInfo>, HashMap<String, String>);
+
+fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
     if buf.len() < 8 {
         return Err(format!(
             "file is {} bytes, shorter than the 8-byte header length",
@@ -136,8 +147,16 @@ fn parse_header(buf: &[u8]) -> std::result::Result<HashMap<String, TensorInfo>, 
         .map_err(|e| format!("header is not a JSON object: {e}"))?;
     let data_len = buf.len() - data_start;
     let mut tensors = HashMap::with_capacity(header.len());
+    let mut metadata = HashMap::new();
     for (name, v) in header {
         if name == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    if let Some(s) = v.as_str() {
+                        metadata.insert(k.clone(), s.to_string());
+                    }
+                }
+            }
             continue;
         }
         let dtype_name = v["dtype"]
@@ -187,5 +206,5 @@ fn parse_header(buf: &[u8]) -> std::result::Result<HashMap<String, TensorInfo>, 
             },
         );
     }
-    Ok(tensors)
+    Ok((tensors, metadata))
 }

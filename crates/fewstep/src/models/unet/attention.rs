@@ -2,8 +2,9 @@
 //! self-attention block, `BasicTransformerBlock` with its GEGLU feed-forward, and `Transformer2DModel`
 //! (the spatial transformer of the UNet's cross-attention blocks).
 
+use crate::models::nn::Linear;
 use candle_core::{DType, Tensor};
-use candle_nn::{GroupNorm, LayerNorm, Linear};
+use candle_nn::{GroupNorm, LayerNorm};
 
 use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear};
 use crate::weights::Weights;
@@ -225,7 +226,7 @@ impl BasicTransformerBlock {
 /// `proj_in`/`proj_out` of a [`Transformer2DModel`]: a 1×1 convolution over `[B, C, H, W]` or, with
 /// `use_linear_projection`, a Linear over `[B, H·W, C]`.
 enum Projection {
-    Conv(candle_nn::Conv2d),
+    Conv(crate::models::nn::Conv2d),
     Linear(Linear),
 }
 

@@ -2,8 +2,8 @@
 //! block (`UNetMidBlock2DCrossAttn`), up blocks (`CrossAttnUpBlock2D`, `UpBlock2D`), and the
 //! resampling layers `Downsample2D`/`Upsample2D` that the VAE reuses.
 
+use crate::models::nn::Conv2d;
 use candle_core::Tensor;
-use candle_nn::Conv2d;
 
 use super::attention::{Transformer2DModel, TransformerConfig};
 use super::resnet::{ResnetBlock2D, ResnetConfig};

@@ -2,8 +2,8 @@
 //! diffusers does, then cast to the model dtype) and the two-layer MLP that turns them into the
 //! per-block conditioning vector.
 
+use crate::models::nn::Linear;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Linear;
 
 use super::resnet::Activation;
 use crate::models::nn::{apply, linear};

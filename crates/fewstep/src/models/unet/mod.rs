@@ -6,8 +6,9 @@ pub mod blocks;
 pub mod embeddings;
 pub mod resnet;
 
+use crate::models::nn::Conv2d;
 use candle_core::{DType, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
+use candle_nn::GroupNorm;
 
 use self::blocks::{AttnConfig, DownBlock, MidBlockCrossAttn, StageConfig, UpBlock};
 pub use self::embeddings::guidance_scale_embedding;
