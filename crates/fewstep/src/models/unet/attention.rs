@@ -3,9 +3,9 @@
 //! (the spatial transformer of the UNet's cross-attention blocks).
 
 use candle_core::{DType, Tensor};
-use candle_nn::{GroupNorm, LayerNorm, Linear};
+use candle_nn::{GroupNorm, Linear};
 
-use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear};
+use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear, LayerNorm};
 use crate::weights::Weights;
 use crate::Result;
 
@@ -100,7 +100,7 @@ impl Attention {
             (q, k)
         };
         let scores = (q * scale)?.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+        let probs = crate::models::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
         let o = probs.to_dtype(dtype)?.matmul(&v)?;
         let o = o
             .reshape((b, self.heads, n, self.head_dim))?
