@@ -149,7 +149,10 @@ fn assert_same_state(a: &Trainer, b: &Trainer) {
     assert_eq!(a.params.len(), b.params.len());
     for (k, v) in a.params.iter() {
         let w = b.params.get(k).unwrap();
-        assert!(bits(v.as_tensor()) == bits(w.as_tensor()), "param {k} differs");
+        assert!(
+            bits(v.as_tensor()) == bits(w.as_tensor()),
+            "param {k} differs"
+        );
         assert!(bits(&a.opt.m[k]) == bits(&b.opt.m[k]), "adam m {k} differs");
         assert!(bits(&a.opt.v[k]) == bits(&b.opt.v[k]), "adam v {k} differs");
     }
@@ -239,7 +242,10 @@ fn resume_refuses_a_checkpoint_of_another_configuration() {
             .err()
             .unwrap(),
     );
-    assert!(e.contains("`optim.lr`") && e.contains("0.002") && e.contains("0.0005"), "{e}");
+    assert!(
+        e.contains("`optim.lr`") && e.contains("0.002") && e.contains("0.0005"),
+        "{e}"
+    );
     let mut other = vae_config(2);
     other.vae.block_out_channels = vec![8, 24];
     let e = one_line(
@@ -257,18 +263,34 @@ fn resume_refuses_a_checkpoint_of_another_configuration() {
 fn bad_values_are_refused_in_one_line() {
     let mut c = vae_config(1);
     c.dataset_size = 0;
-    let e = one_line(Trainer::new(c, &Sources::default(), &Device::Cpu).err().unwrap());
+    let e = one_line(
+        Trainer::new(c, &Sources::default(), &Device::Cpu)
+            .err()
+            .unwrap(),
+    );
     assert!(e.contains("dataset size"), "{e}");
     let mut c = vae_config(1);
     c.optim.lr = f64::NAN;
-    let e = one_line(Trainer::new(c, &Sources::default(), &Device::Cpu).err().unwrap());
+    let e = one_line(
+        Trainer::new(c, &Sources::default(), &Device::Cpu)
+            .err()
+            .unwrap(),
+    );
     assert!(e.contains("learning rate") && e.contains("NaN"), "{e}");
     let mut c = vae_config(1);
     c.batch_size = 0;
-    let e = one_line(Trainer::new(c, &Sources::default(), &Device::Cpu).err().unwrap());
+    let e = one_line(
+        Trainer::new(c, &Sources::default(), &Device::Cpu)
+            .err()
+            .unwrap(),
+    );
     assert!(e.contains("batch size"), "{e}");
     let c = unet_config(1);
-    let e = one_line(Trainer::new(c, &Sources::default(), &Device::Cpu).err().unwrap());
+    let e = one_line(
+        Trainer::new(c, &Sources::default(), &Device::Cpu)
+            .err()
+            .unwrap(),
+    );
     assert!(e.contains("tokenizer"), "{e}");
 }
 
@@ -285,7 +307,11 @@ fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
     std::os::unix::fs::symlink("/dev/full", temp_path(&ckpt)).unwrap();
     let e = one_line(save_checkpoint(&t, &ckpt).err().unwrap());
     assert!(e.contains("No space left"), "{e}");
-    assert_eq!(std::fs::read(&ckpt).unwrap(), before, "previous checkpoint changed");
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        before,
+        "previous checkpoint changed"
+    );
     assert!(!temp_path(&ckpt).exists(), "temporary file left behind");
     // A folder that does not exist.
     let e = one_line(

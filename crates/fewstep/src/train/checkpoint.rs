@@ -58,7 +58,10 @@ pub fn save_checkpoint(trainer: &Trainer, path: &Path) -> Result<()> {
     };
     let meta = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
-        (STATE_KEY.to_string(), serde_json::to_string(&state).unwrap()),
+        (
+            STATE_KEY.to_string(),
+            serde_json::to_string(&state).unwrap(),
+        ),
     ]);
     write_safetensors(path, &tensors, &meta)
 }
@@ -132,7 +135,12 @@ pub fn load_checkpoint(
         }
     }
     let mut trainer = Trainer::with_params(config, sources, params, device)?;
-    for k in trainer.params.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>() {
+    for k in trainer
+        .params
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect::<Vec<_>>()
+    {
         for (name, map) in [("adam_m", &m), ("adam_v", &v)] {
             if !map.contains_key(&k) {
                 return Err(Error::MissingKey {

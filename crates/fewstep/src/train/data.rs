@@ -101,10 +101,7 @@ impl WorldData {
         device: &Device,
     ) -> Result<Self> {
         if n == 0 {
-            return Err(Error::invalid(
-                "dataset size",
-                "must be at least 1 (got 0)",
-            ));
+            return Err(Error::invalid("dataset size", "must be at least 1 (got 0)"));
         }
         if side == 0 {
             return Err(Error::invalid("image size", "must be at least 1 (got 0)"));

@@ -200,10 +200,7 @@ impl TrainConfig {
     /// Checks the values a user gives; the error names the field.
     pub fn validate(&self) -> Result<()> {
         if self.dataset_size == 0 {
-            return Err(Error::invalid(
-                "dataset size",
-                "must be at least 1 (got 0)",
-            ));
+            return Err(Error::invalid("dataset size", "must be at least 1 (got 0)"));
         }
         if self.batch_size == 0 {
             return Err(Error::invalid("batch size", "must be at least 1 (got 0)"));
@@ -296,7 +293,9 @@ pub fn sd_noise_schedule() -> NoiseSchedule {
 }
 
 /// Every trainable tensor of a run, with its component prefix (`vae.`, `text_encoder.`, `unet.`).
-pub fn expected_shapes(config: &TrainConfig) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+pub fn expected_shapes(
+    config: &TrainConfig,
+) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
     config.validate()?;
     fn prefixed(
         p: &'static str,
@@ -310,7 +309,10 @@ pub fn expected_shapes(config: &TrainConfig) -> Result<std::collections::BTreeMa
             "text_encoder.",
             text_encoder_shapes(config.text_encoder.as_ref().unwrap())?,
         )
-        .chain(prefixed("unet.", unet_shapes(config.unet.as_ref().unwrap())?))
+        .chain(prefixed(
+            "unet.",
+            unet_shapes(config.unet.as_ref().unwrap())?,
+        ))
         .collect(),
     })
 }
@@ -336,7 +338,11 @@ impl Trainer {
                     &text_encoder_shapes(te.unwrap())?,
                     init_seed(config.seed, 2),
                 )?;
-                params.add_init("unet.", &unet_shapes(unet.unwrap())?, init_seed(config.seed, 3))?;
+                params.add_init(
+                    "unet.",
+                    &unet_shapes(unet.unwrap())?,
+                    init_seed(config.seed, 3),
+                )?;
             }
         }
         Self::with_params(config, sources, params, device)

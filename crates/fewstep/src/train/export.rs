@@ -90,10 +90,16 @@ pub fn export(trainer: &Trainer, out: &Path) -> Result<()> {
         Stage::Vae => {
             let mut vae_cfg = cfg.vae.clone();
             vae_cfg.scaling_factor = trainer.measure_scaling_factor()?;
-            tracing::info!(scaling_factor = vae_cfg.scaling_factor, "latent scaling factor measured");
+            tracing::info!(
+                scaling_factor = vae_cfg.scaling_factor,
+                "latent scaling factor measured"
+            );
             let dir = out.join("vae");
             mkdir(&dir)?;
-            write_json(&dir.join("config.json"), &diffusers_config("AutoencoderKL", &vae_cfg))?;
+            write_json(
+                &dir.join("config.json"),
+                &diffusers_config("AutoencoderKL", &vae_cfg),
+            )?;
             trainer.params.save_component(
                 "vae.",
                 &dir.join("diffusion_pytorch_model.safetensors"),

@@ -105,12 +105,7 @@ impl AdamW {
             m.insert(k.clone(), var.zeros_like()?);
             v.insert(k.clone(), var.zeros_like()?);
         }
-        Ok(Self {
-            config,
-            t: 0,
-            m,
-            v,
-        })
+        Ok(Self { config, t: 0, m, v })
     }
 
     /// The global L2 norm of the gradients of `params`.
@@ -118,7 +113,11 @@ impl AdamW {
         let mut sq = 0f64;
         for (_, var) in params.iter() {
             if let Some(g) = grads.get(var.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(sq.sqrt())

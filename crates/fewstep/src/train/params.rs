@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::data::TrainRng;
 use crate::config::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
 use crate::models::clip::ClipTextModel;
 use crate::models::{AutoencoderKL, UNet2DConditionModel};
 use crate::weights::{SafetensorsFile, TensorSource, Weights};
-use super::data::TrainRng;
 use crate::{Error, Result};
 
 /// The names and shapes of every tensor `build` reads from its [`Weights`] view, found by running the
@@ -231,7 +231,8 @@ impl ParamStore {
         keys.sort();
         for k in keys {
             let t = file.load(k, &self.device)?.to_dtype(DType::F32)?;
-            self.vars.insert(format!("{prefix}{k}"), Var::from_tensor(&t)?);
+            self.vars
+                .insert(format!("{prefix}{k}"), Var::from_tensor(&t)?);
         }
         Ok(())
     }
@@ -310,7 +311,10 @@ pub fn temp_path(path: &Path) -> PathBuf {
 /// Writes `bytes` to `path` atomically: to [`temp_path`] first, flushed and synced, then renamed over
 /// `path`. On any failure (disk full, read-only or missing folder) the temporary file is removed and a
 /// previous `path` is left untouched.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = temp_path(path);
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
@@ -345,7 +349,10 @@ pub fn write_safetensors(
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap(),
+        );
     }
     let mut blobs = Vec::with_capacity(sorted.len());
     let mut offset = 0usize;
