@@ -370,7 +370,7 @@ pub fn write_safetensors(
         blobs.push(bytes);
     }
     let mut head = serde_json::to_string(&header).unwrap().into_bytes();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     write_atomic(path, |w| {
