@@ -243,7 +243,7 @@ fn resume_refuses_a_checkpoint_of_another_configuration() {
             .unwrap(),
     );
     assert!(
-        e.contains("`optim.lr`") && e.contains("0.002") && e.contains("0.0005"),
+        e.contains("`optim.lr`") && e.contains("is 0.005 there, 0.0005 in this run"),
         "{e}"
     );
     let mut other = vae_config(2);
