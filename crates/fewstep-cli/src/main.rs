@@ -1,6 +1,7 @@
 //! The `fewstep` command line.
 
 mod generate;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Text-to-image (or image-to-image with --init-image).
     Generate(generate::Args),
+    /// Train the VAE, or the text encoder and UNet, on the toy world (CPU; CUDA needs a cuda build).
+    Train(train::Args),
 }
 
 fn main() {
@@ -32,6 +35,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
     };
     if let Err(e) = result {
         // One line: the error chain, without any backtrace a dependency attached.

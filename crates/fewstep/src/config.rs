@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
@@ -19,7 +19,7 @@ pub fn load_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// A config value given either once for all blocks or per block (diffusers accepts both).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
@@ -45,7 +45,7 @@ impl<T: Clone> OneOrMany<T> {
 }
 
 /// `UNet2DConditionModel`'s config (diffusers `unet/config.json`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UNet2DConditionConfig {
     pub sample_size: Option<usize>,
@@ -172,7 +172,7 @@ impl UNet2DConditionConfig {
 }
 
 /// `AutoencoderKL`'s config (diffusers `vae/config.json`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AutoencoderKLConfig {
     pub in_channels: usize,
@@ -224,7 +224,7 @@ impl AutoencoderKLConfig {
 }
 
 /// transformers' `CLIPTextConfig` (`text_encoder/config.json`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
@@ -262,7 +262,7 @@ impl Default for ClipTextConfig {
 
 /// `scheduler/scheduler_config.json`. Every field is optional: as diffusers' `from_config`, a scheduler
 /// takes the keys it knows from the file and its own class defaults for the rest.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
     #[serde(rename = "_class_name")]

@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 pub mod world;
 

@@ -6,10 +6,11 @@
 
 use crate::models::nn::Linear;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm};
+use candle_nn::Embedding;
 
 use crate::config::ClipTextConfig;
 use crate::models::nn;
+use crate::models::nn::LayerNorm;
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -96,7 +97,7 @@ impl ClipAttention {
         let v = split(self.v_proj.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
         let scores = (scores * self.scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let probs = crate::models::nn::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?

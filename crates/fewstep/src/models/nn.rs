@@ -5,8 +5,8 @@
 //! their weight ([`Weights::with_lora_branches`]): `y = W x + b + Σᵢ sᵢ · up_i(down_i(x))`. Without
 //! branches they are exactly candle's layers.
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm};
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Conv2dConfig, GroupNorm};
 
 use crate::lora::LoraBranch;
 use crate::weights::Weights;
@@ -197,7 +197,48 @@ pub fn group_norm(w: &Weights, groups: usize, channels: usize, eps: f64) -> Resu
 pub fn layer_norm(w: &Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
     let weight = w.get(dim, "weight")?;
     let bias = w.get(dim, "bias")?;
-    Ok(LayerNorm::new(weight, bias, eps))
+    Ok(LayerNorm {
+        fused: candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps),
+        weight,
+        bias,
+        eps,
+    })
+}
+
+/// LayerNorm over the last dimension: `y = (x − mean) / √(var + eps) · weight + bias`.
+///
+/// At inference it runs candle's fused kernel, which has no backward pass (gradients would silently stop
+/// there); when the input or the parameters are tracked by autograd (training: the weights are `Var`s), it
+/// runs the same formula out of differentiable tensor operations instead.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    fused: candle_nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
+        } else {
+            self.fused.forward(x)
+        }
+    }
+}
+
+/// Softmax over the last dimension. At inference candle's fused kernel (no backward pass); under autograd
+/// `exp(x − max) / Σ exp(x − max)` from differentiable operations, the max detached (it cancels out of the
+/// value, so its gradient is zero).
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
 }
 
 /// Applies a candle module, mapping its error into ours.

@@ -4,9 +4,9 @@
 
 use crate::models::nn::Linear;
 use candle_core::{DType, Tensor};
-use candle_nn::{GroupNorm, LayerNorm};
+use candle_nn::GroupNorm;
 
-use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear};
+use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear, LayerNorm};
 use crate::weights::Weights;
 use crate::Result;
 
@@ -101,7 +101,7 @@ impl Attention {
             (q, k)
         };
         let scores = (q * scale)?.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+        let probs = crate::models::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
         let o = probs.to_dtype(dtype)?.matmul(&v)?;
         let o = o
             .reshape((b, self.heads, n, self.head_dim))?

@@ -329,8 +329,32 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        self.forward_timesteps(
+            sample,
+            &vec![timestep; b],
+            encoder_hidden_states,
+            timestep_cond,
+        )
+    }
+
+    /// As [`forward`](Self::forward) with one timestep per sample (`timesteps.len() == B`), as training
+    /// draws them.
+    pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        encoder_hidden_states: &Tensor,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, _, h, w) = sample.dims4()?;
+        if timesteps.len() != b {
+            return Err(Error::invalid(
+                "timesteps",
+                format!("{} given for a batch of {b}", timesteps.len()),
+            ));
+        }
         let mut x = sample.to_dtype(self.dtype)?;
         if c.center_input_sample {
             x = ((x * 2.0)? - 1.0)?;
@@ -338,7 +362,7 @@ impl UNet2DConditionModel {
         let context = encoder_hidden_states.to_dtype(self.dtype)?;
 
         let t = timestep_embedding(
-            &vec![timestep; b],
+            timesteps,
             c.block_out_channels[0],
             c.flip_sin_to_cos,
             c.freq_shift,

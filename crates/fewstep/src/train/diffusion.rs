@@ -1,0 +1,619 @@
+//! Teacher training, the two stages of Stable Diffusion:
+//!
+//! - **VAE** (`Stage::Vae`): `AutoencoderKL` on world images, `loss = mean|x − D(z)| + kl_weight · KL`,
+//!   `z ~ q(z|x) = N(μ, σ²)` drawn by reparameterisation, `KL = Σ ½(μ² + σ² − 1 − log σ²) / (B·3·H·W)`
+//!   (LDM's `sum / batch` losses with both terms divided by the same pixel count, so `kl_weight` keeps LDM's
+//!   meaning; its default 1e-6 is LDM's). When the VAE is saved its `scaling_factor` is measured from the
+//!   data as SD did: `1 / std(z)` over latents drawn for (up to) 256 dataset images.
+//! - **UNet** (`Stage::Unet`): the text encoder and the UNet trained together with diffusers'
+//!   `train_text_to_image.py` epsilon objective on the frozen VAE's latents:
+//!   `z₀ = scaling_factor · (μ + σ ε')`, `t ~ U{0..999}` per sample, `ε ~ N(0, I)`,
+//!   `z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε` with SD's scaled-linear β schedule (0.00085 … 0.012, 1000 steps),
+//!   `loss = mean (ε̂(z_t, t, text(c)) − ε)²`; captions are replaced by "" with probability
+//!   `caption_dropout` (10%) so classifier-free guidance works. The VAE's posterior `(μ, σ)` of every
+//!   dataset image is computed once (the same distribution diffusers samples each step).
+//!
+//! Both run AdamW ([`super::optim`]) and checkpoint through [`super::checkpoint`].
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::data::{TrainRng, WorldData};
+use super::optim::{AdamW, AdamWConfig};
+use super::params::{text_encoder_shapes, unet_shapes, vae_shapes, ParamStore};
+use crate::config::{
+    load_json, AutoencoderKLConfig, ClipTextConfig, OneOrMany, UNet2DConditionConfig,
+};
+use crate::models::clip::ClipTextModel;
+use crate::models::{AutoencoderKL, UNet2DConditionModel};
+use crate::schedulers::betas::{alphas_cumprod, BetaSchedule, NoiseSchedule};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::Weights;
+use crate::world::Style;
+use crate::{Error, Result};
+
+/// Which model a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Vae,
+    Unet,
+}
+
+/// The world's drawing style, as a config value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorldStyle {
+    Filled,
+    Outline,
+}
+
+impl From<WorldStyle> for Style {
+    fn from(s: WorldStyle) -> Self {
+        match s {
+            WorldStyle::Filled => Style::Filled,
+            WorldStyle::Outline => Style::Outline,
+        }
+    }
+}
+
+/// Everything that determines a training run. A checkpoint stores it; a resume must give the same values
+/// (except `steps` and `checkpoint_every`, which may change between runs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub stage: Stage,
+    /// Seeds the dataset, the initial weights and the run's random stream.
+    pub seed: u64,
+    /// Total optimisation steps.
+    pub steps: usize,
+    pub batch_size: usize,
+    pub dataset_size: usize,
+    /// Image side in pixels.
+    pub image_size: usize,
+    pub style: WorldStyle,
+    pub optim: AdamWConfig,
+    /// VAE stage: weight of the KL term.
+    pub kl_weight: f64,
+    /// UNet stage: probability of an empty caption.
+    pub caption_dropout: f64,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    pub vae: AutoencoderKLConfig,
+    /// UNet stage only.
+    pub unet: Option<UNet2DConditionConfig>,
+    /// UNet stage only.
+    pub text_encoder: Option<ClipTextConfig>,
+}
+
+/// Named model sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// For tests: 16×16 images, a 2-level VAE ([8, 16], 8×8×4 latents), a [16, 32] UNet, a 1-layer
+    /// 16-wide text encoder — a step takes milliseconds.
+    Tiny,
+    /// The proposal for the shipped model under the 60-minute CPU budget: 32×32 images, VAE
+    /// [32, 64, 64] (8×8×4 latents), UNet [64, 128] with one cross-attention level, text encoder 2 layers ×
+    /// 64 wide. See `docs/training.md` for the measured step times.
+    Small,
+}
+
+impl Preset {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "tiny" => Ok(Self::Tiny),
+            "small" => Ok(Self::Small),
+            other => Err(Error::invalid(
+                "preset",
+                format!("unknown `{other}` (tiny, small)"),
+            )),
+        }
+    }
+
+    pub fn image_size(self) -> usize {
+        match self {
+            Preset::Tiny => 16,
+            Preset::Small => 32,
+        }
+    }
+
+    pub fn vae(self) -> AutoencoderKLConfig {
+        let ch = match self {
+            Preset::Tiny => vec![8, 16],
+            Preset::Small => vec![32, 64, 64],
+        };
+        let n = ch.len();
+        AutoencoderKLConfig {
+            down_block_types: vec!["DownEncoderBlock2D".into(); n],
+            up_block_types: vec!["UpDecoderBlock2D".into(); n],
+            block_out_channels: ch,
+            layers_per_block: 1,
+            latent_channels: 4,
+            norm_num_groups: match self {
+                Preset::Tiny => 4,
+                Preset::Small => 16,
+            },
+            sample_size: self.image_size(),
+            scaling_factor: 1.0,
+            ..AutoencoderKLConfig::default()
+        }
+    }
+
+    pub fn unet(self) -> UNet2DConditionConfig {
+        let (ch, heads, cross, groups) = match self {
+            Preset::Tiny => (vec![16, 32], 2, 16, 8),
+            Preset::Small => (vec![64, 128], 4, 64, 32),
+        };
+        let latent = self.image_size() / self.vae().scale_factor();
+        UNet2DConditionConfig {
+            sample_size: Some(latent),
+            down_block_types: vec!["CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
+            up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into()],
+            block_out_channels: ch,
+            layers_per_block: OneOrMany::One(1),
+            cross_attention_dim: OneOrMany::One(cross),
+            attention_head_dim: OneOrMany::One(heads),
+            norm_num_groups: Some(groups),
+            ..UNet2DConditionConfig::default()
+        }
+    }
+
+    pub fn text_encoder(self) -> ClipTextConfig {
+        let (d, layers, heads) = match self {
+            Preset::Tiny => (16, 1, 2),
+            Preset::Small => (64, 2, 4),
+        };
+        ClipTextConfig {
+            hidden_size: d,
+            intermediate_size: 4 * d,
+            projection_dim: d,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            ..ClipTextConfig::default()
+        }
+    }
+}
+
+impl TrainConfig {
+    /// A config of `stage` with the preset's model sizes and default hyper-parameters: lr 1e-4, batch 8,
+    /// 1000 images, KL weight 1e-6, caption dropout 0.1.
+    pub fn preset(stage: Stage, preset: Preset) -> Self {
+        Self {
+            stage,
+            seed: 0,
+            steps: 1000,
+            batch_size: 8,
+            dataset_size: 1000,
+            image_size: preset.image_size(),
+            style: WorldStyle::Filled,
+            optim: AdamWConfig::default(),
+            kl_weight: 1e-6,
+            caption_dropout: 0.1,
+            checkpoint_every: 0,
+            vae: preset.vae(),
+            unet: (stage == Stage::Unet).then(|| preset.unet()),
+            text_encoder: (stage == Stage::Unet).then(|| preset.text_encoder()),
+        }
+    }
+
+    /// Checks the values a user gives; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.dataset_size == 0 {
+            return Err(Error::invalid("dataset size", "must be at least 1 (got 0)"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::invalid("batch size", "must be at least 1 (got 0)"));
+        }
+        self.optim.validate()?;
+        if !self.kl_weight.is_finite() || self.kl_weight < 0.0 {
+            return Err(Error::invalid(
+                "kl weight",
+                format!("must be a finite number >= 0 (got {})", self.kl_weight),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.caption_dropout) {
+            return Err(Error::invalid(
+                "caption dropout",
+                format!("must be in [0, 1] (got {})", self.caption_dropout),
+            ));
+        }
+        let f = self.vae.scale_factor();
+        if self.image_size == 0 || !self.image_size.is_multiple_of(f) {
+            return Err(Error::invalid(
+                "image size",
+                format!(
+                    "{} is not a positive multiple of the VAE's factor {f}",
+                    self.image_size
+                ),
+            ));
+        }
+        if self.stage == Stage::Unet && (self.unet.is_none() || self.text_encoder.is_none()) {
+            return Err(Error::invalid(
+                "config",
+                "the unet stage needs unet and text_encoder configs",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Files a run reads besides its config.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// A CLIP tokenizer folder (UNet stage).
+    pub tokenizer_dir: Option<PathBuf>,
+    /// The trained VAE (UNet stage): a diffusers folder with `vae/`, or a `vae/` folder itself.
+    pub vae_dir: Option<PathBuf>,
+}
+
+/// `dir/vae` if it holds a `config.json`, else `dir`.
+pub fn vae_component_dir(dir: &Path) -> PathBuf {
+    let sub = dir.join("vae");
+    if sub.join("config.json").is_file() {
+        sub
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The frozen VAE of the UNet stage: its folder, its config and the posterior of every dataset image.
+struct FrozenVae {
+    dir: PathBuf,
+    mean: Tensor,
+    std: Tensor,
+}
+
+/// One training run: parameters, optimiser, random stream, data.
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub params: ParamStore,
+    pub opt: AdamW,
+    /// Steps done.
+    pub step: usize,
+    pub rng: TrainRng,
+    pub data: WorldData,
+    tokenizer: Option<ClipTokenizer>,
+    tokenizer_dir: Option<PathBuf>,
+    vae: Option<FrozenVae>,
+    alphas_cumprod: Vec<f32>,
+    device: Device,
+}
+
+/// SD's noise schedule (`scaled_linear`, 0.00085 … 0.012, 1000 steps).
+pub fn sd_noise_schedule() -> NoiseSchedule {
+    NoiseSchedule {
+        num_train_timesteps: 1000,
+        beta_start: 0.00085,
+        beta_end: 0.012,
+        beta_schedule: BetaSchedule::ScaledLinear,
+        trained_betas: None,
+        rescale_betas_zero_snr: false,
+    }
+}
+
+/// Every trainable tensor of a run, with its component prefix (`vae.`, `text_encoder.`, `unet.`).
+pub fn expected_shapes(
+    config: &TrainConfig,
+) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+    config.validate()?;
+    fn prefixed(
+        p: &'static str,
+        m: std::collections::BTreeMap<String, Vec<usize>>,
+    ) -> impl Iterator<Item = (String, Vec<usize>)> {
+        m.into_iter().map(move |(k, s)| (format!("{p}{k}"), s))
+    }
+    Ok(match config.stage {
+        Stage::Vae => prefixed("vae.", vae_shapes(&config.vae)?).collect(),
+        Stage::Unet => prefixed(
+            "text_encoder.",
+            text_encoder_shapes(config.text_encoder.as_ref().unwrap())?,
+        )
+        .chain(prefixed(
+            "unet.",
+            unet_shapes(config.unet.as_ref().unwrap())?,
+        ))
+        .collect(),
+    })
+}
+
+/// Sub-seeds of a run's seed: the dataset uses the seed itself.
+fn init_seed(seed: u64, what: u64) -> u64 {
+    seed ^ (0xA076_1D64_78BD_642F_u64.wrapping_mul(what + 1))
+}
+
+impl Trainer {
+    /// A fresh run: validates the config, renders the dataset, initialises the parameters.
+    pub fn new(config: TrainConfig, sources: &Sources, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let mut params = ParamStore::new(device);
+        match config.stage {
+            Stage::Vae => {
+                params.add_init("vae.", &vae_shapes(&config.vae)?, init_seed(config.seed, 1))?;
+            }
+            Stage::Unet => {
+                let (te, unet) = (config.text_encoder.as_ref(), config.unet.as_ref());
+                params.add_init(
+                    "text_encoder.",
+                    &text_encoder_shapes(te.unwrap())?,
+                    init_seed(config.seed, 2),
+                )?;
+                params.add_init(
+                    "unet.",
+                    &unet_shapes(unet.unwrap())?,
+                    init_seed(config.seed, 3),
+                )?;
+            }
+        }
+        Self::with_params(config, sources, params, device)
+    }
+
+    /// A run over given parameters (fresh, resumed, or a pretrained model to fine-tune).
+    pub fn with_params(
+        config: TrainConfig,
+        sources: &Sources,
+        params: ParamStore,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (tokenizer, tokenizer_dir) = match config.stage {
+            Stage::Vae => (None, None),
+            Stage::Unet => {
+                let dir = sources.tokenizer_dir.clone().ok_or_else(|| {
+                    Error::invalid("tokenizer", "the unet stage needs a CLIP tokenizer folder")
+                })?;
+                (Some(ClipTokenizer::from_dir(&dir)?), Some(dir))
+            }
+        };
+        let data = WorldData::new(
+            config.seed,
+            config.dataset_size,
+            config.image_size,
+            config.style.into(),
+            tokenizer.as_ref(),
+            device,
+        )?;
+        let vae = match config.stage {
+            Stage::Vae => None,
+            Stage::Unet => {
+                let dir = sources.vae_dir.as_ref().ok_or_else(|| {
+                    Error::invalid(
+                        "vae",
+                        "the unet stage needs the trained VAE (a folder written by the vae stage)",
+                    )
+                })?;
+                Some(Self::frozen_vae(&config, dir, &data, device)?)
+            }
+        };
+        let opt = AdamW::new(config.optim.clone(), &params)?;
+        Ok(Self {
+            rng: TrainRng::new(init_seed(config.seed, 4)),
+            config,
+            params,
+            opt,
+            step: 0,
+            data,
+            tokenizer,
+            tokenizer_dir,
+            vae,
+            alphas_cumprod: alphas_cumprod(&sd_noise_schedule())?,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads the VAE of `dir`, checks it matches the config's, and encodes every dataset image once.
+    fn frozen_vae(
+        config: &TrainConfig,
+        dir: &Path,
+        data: &WorldData,
+        device: &Device,
+    ) -> Result<FrozenVae> {
+        let dir = vae_component_dir(dir);
+        let cfg: AutoencoderKLConfig = load_json(&dir.join("config.json"))?;
+        let ours = serde_json::to_value(&config.vae).unwrap();
+        let theirs = serde_json::to_value(&cfg).unwrap();
+        if let Some((field, a, b)) = first_difference(&ours, &theirs, "vae") {
+            return Err(Error::invalid(
+                "vae",
+                format!(
+                    "{}: `{field}` is {b} there but {a} in this run's config",
+                    dir.display()
+                ),
+            ));
+        }
+        let files = crate::weights::diffusers::DiffusersFolder::open(dir.parent().unwrap_or(&dir))
+            .ok()
+            .and_then(|f| f.component("vae", None).ok())
+            .map(|c| c.weights)
+            .unwrap_or_else(|| vec![dir.join("diffusion_pytorch_model.safetensors")]);
+        let vae = AutoencoderKL::new(&cfg, &Weights::from_files(&files, DType::F32, device)?)?;
+        let (mut means, mut stds) = (Vec::new(), Vec::new());
+        let n = data.len();
+        for start in (0..n).step_by(64) {
+            let len = 64.min(n - start);
+            let post = vae.encode(&data.images.narrow(0, start, len)?)?;
+            means.push(post.mean);
+            stds.push(post.std);
+        }
+        Ok(FrozenVae {
+            dir,
+            mean: Tensor::cat(&means, 0)?,
+            std: Tensor::cat(&stds, 0)?,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The loss of one batch drawn from the run's random stream, as a graph to differentiate.
+    pub fn loss(&mut self) -> Result<Tensor> {
+        match self.config.stage {
+            Stage::Vae => self.vae_loss(),
+            Stage::Unet => self.unet_loss(),
+        }
+    }
+
+    fn vae_loss(&mut self) -> Result<Tensor> {
+        let b = self.config.batch_size;
+        let batch = self.data.batch(b, 0.0, &mut self.rng)?;
+        let vae = AutoencoderKL::new(&self.config.vae, &self.params.weights().pp("vae"))?;
+        let post = vae.encode(&batch.images)?;
+        let noise = self.rng.randn(post.mean.dims(), &self.device)?;
+        let z = post.sample(&noise)?;
+        let recon = vae.decode(&z)?;
+        let rec = (recon - &batch.images)?.abs()?.mean_all()?;
+        let var = post.std.sqr()?;
+        let kl_terms = ((post.mean.sqr()? + &var)? - 1.0)?.sub(&var.log()?)?;
+        let pixels = batch.images.elem_count() as f64;
+        let kl = (kl_terms.sum_all()? * (0.5 / pixels))?;
+        Ok((rec + (kl * self.config.kl_weight)?)?)
+    }
+
+    fn unet_loss(&mut self) -> Result<Tensor> {
+        let b = self.config.batch_size;
+        let frozen = self.vae.as_ref().expect("unet stage has a VAE");
+        let batch = self
+            .data
+            .batch(b, self.config.caption_dropout, &mut self.rng)?;
+        let idx = Tensor::from_vec(
+            batch.rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            b,
+            &self.device,
+        )?;
+        let mean = frozen.mean.index_select(&idx, 0)?;
+        let std = frozen.std.index_select(&idx, 0)?;
+        let shape = mean.dims().to_vec();
+        let post_noise = self.rng.randn(&shape, &self.device)?;
+        let z0 = ((mean + (std * post_noise)?)? * self.config.vae.scaling_factor)?;
+        let noise = self.rng.randn(&shape, &self.device)?;
+        let timesteps: Vec<usize> = (0..b).map(|_| self.rng.below(1000)).collect();
+        let (sa, sb): (Vec<f32>, Vec<f32>) = timesteps
+            .iter()
+            .map(|&t| {
+                let a = self.alphas_cumprod[t];
+                (a.sqrt(), (1.0 - a).sqrt())
+            })
+            .unzip();
+        let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &self.device)?;
+        let sb = Tensor::from_vec(sb, (b, 1, 1, 1), &self.device)?;
+        let zt = (z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
+        let w = self.params.weights();
+        let te = ClipTextModel::new(
+            self.config.text_encoder.as_ref().unwrap(),
+            &w.pp("text_encoder"),
+        )?;
+        let unet = UNet2DConditionModel::new(self.config.unet.as_ref().unwrap(), &w.pp("unet"))?;
+        let context = te.encode(&batch.ids, None)?;
+        let ts: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let pred = unet.forward_timesteps(&zt, &ts, &context, None)?;
+        Ok((pred - noise)?.sqr()?.mean_all()?)
+    }
+
+    /// One optimisation step: a batch, the loss, its gradients, an AdamW update. Returns the loss. A loss
+    /// that is not finite stops the run with an error (nothing is updated).
+    pub fn train_step(&mut self) -> Result<f32> {
+        let loss = self.loss()?;
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::invalid(
+                "loss",
+                format!(
+                    "is {value} at step {} (lower the learning rate)",
+                    self.step + 1
+                ),
+            ));
+        }
+        let grads = loss.backward()?;
+        self.opt.step(&self.params, &grads)?;
+        self.step += 1;
+        Ok(value)
+    }
+
+    /// The latent scaling factor measured as SD did: `1 / std(z)` of latents `z ~ q(z|x)` drawn for the
+    /// first (up to) 256 dataset images, with a generator of its own (the run's stream is untouched).
+    pub fn measure_scaling_factor(&self) -> Result<f64> {
+        let vae = AutoencoderKL::new(&self.config.vae, &self.params.weights().pp("vae"))?;
+        let n = self.data.len().min(256);
+        let mut rng = TrainRng::new(init_seed(self.config.seed, 5));
+        let mut zs = Vec::new();
+        for start in (0..n).step_by(64) {
+            let len = 64.min(n - start);
+            let post = vae.encode(&self.data.images.narrow(0, start, len)?)?;
+            let noise = rng.randn(post.mean.dims(), &self.device)?;
+            zs.push(post.sample(&noise)?.detach().flatten_all()?);
+        }
+        let z = Tensor::cat(&zs, 0)?.to_dtype(DType::F64)?;
+        let mean = z.mean_all()?.to_scalar::<f64>()?;
+        let var = (z - mean)?.sqr()?.mean_all()?.to_scalar::<f64>()?;
+        let std = var.sqrt();
+        if !(std.is_finite() && std > 0.0) {
+            return Err(Error::invalid(
+                "scaling factor",
+                format!("the latents' std is {std}"),
+            ));
+        }
+        Ok(1.0 / std)
+    }
+
+    /// Writes the trained model as a diffusers folder: the VAE stage a `vae/` folder (config with the
+    /// measured `scaling_factor`, weights); the UNet stage a whole pipeline folder (`model_index.json`,
+    /// `scheduler/`, `text_encoder/`, `tokenizer/`, `unet/`, and the VAE copied from its source) that
+    /// [`crate::pipeline::StableDiffusion::load_dir`] and diffusers read.
+    pub fn export(&self, out: &Path) -> Result<()> {
+        super::export::export(self, out)
+    }
+
+    pub(crate) fn tokenizer_dir(&self) -> Option<&Path> {
+        self.tokenizer_dir.as_deref()
+    }
+
+    pub(crate) fn frozen_vae_dir(&self) -> Option<&Path> {
+        self.vae.as_ref().map(|v| v.dir.as_path())
+    }
+
+    pub fn tokenizer(&self) -> Option<&ClipTokenizer> {
+        self.tokenizer.as_ref()
+    }
+}
+
+/// The first leaf where two JSON values differ: `(path, ours, theirs)`, paths like `optim.lr` or
+/// `unet.block_out_channels[1]`.
+pub fn first_difference(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    path: &str,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let (va, vb) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                if let Some(d) = first_difference(va, vb, &join(k)) {
+                    return Some(d);
+                }
+            }
+            None
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (va, vb))| first_difference(va, vb, &format!("{path}[{i}]"))),
+        _ if a == b => None,
+        _ => Some((path.to_string(), a.to_string(), b.to_string())),
+    }
+}
