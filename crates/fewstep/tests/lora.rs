@@ -11,14 +11,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, rel_err};
-use fewstep::image::tensor_to_float_images;
 use fewstep::lora::{self, extract_prompt_loras, LoraFile, LoraSpec};
-use fewstep::pipeline::StableDiffusion;
-use fewstep::schedulers::SchedulerKind;
 use fewstep::weights::diffusers::DiffusersFolder;
 use fewstep::weights::parts::ModelParts;
-
-const PROMPT: &str = "a red circle on a blue background";
 
 fn parts() -> ModelParts {
     let folder = DiffusersFolder::open(fixture("tiny-sd")).unwrap();
@@ -37,36 +32,8 @@ fn references() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("lora/reference.safetensors"), &Device::Cpu).unwrap()
 }
 
-/// The `lcm4` settings of the fixtures: LCM, 4 steps, guidance 1, seed 0, 64×64; NHWC image in [0, 1].
-fn lcm4(parts: &ModelParts) -> Tensor {
-    let model = StableDiffusion::from_parts(parts, &Device::Cpu).unwrap();
-    let mut req = model.request(PROMPT, 0);
-    req.scheduler = SchedulerKind::Lcm;
-    req.steps = 4;
-    req.guidance = 1.0;
-    req.width = 64;
-    req.height = 64;
-    let out = model.generate(&req, &mut |_, _| {}).unwrap();
-    let img: Vec<f32> = tensor_to_float_images(&out.decoded).unwrap().concat();
-    Tensor::from_vec(img, (1, 64, 64, 3), &Device::Cpu).unwrap()
-}
-
-/// (mean, max) of |a − b| in 1/255 units.
-fn image_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
-    let d = ((a - b).unwrap().abs().unwrap() * 255.0).unwrap();
-    let mean = d.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    let max = d
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    (mean, max)
-}
-
 fn assert_close(what: &str, ours: &Tensor, want: &Tensor) {
-    let (mean, max) = image_diff(ours, want);
+    let (mean, max) = common::image_diff(ours, want);
     println!("{what}: mean |diff| {mean:.4}/255, max {max:.4}/255");
     assert!(mean <= 0.5, "{what}: mean |diff| {mean}/255 > 0.5/255");
     assert!(max <= 3.0, "{what}: max |diff| {max}/255 > 3/255");
@@ -83,7 +50,7 @@ fn check_layout(name: &str, unet: usize, text_encoder: usize) {
         report.loras[0].text_encoder, text_encoder,
         "{name}: text encoder modules"
     );
-    let img_fused = lcm4(&fused);
+    let img_fused = common::lcm4(&fused);
     assert_close(
         &format!("{name} fused vs diffusers fused"),
         &img_fused,
@@ -96,13 +63,13 @@ fn check_layout(name: &str, unet: usize, text_encoder: usize) {
     );
     let (rt, report_rt) = lora::runtime(&base, &loras).unwrap();
     assert_eq!(report_rt, report);
-    let img_rt = lcm4(&rt);
+    let img_rt = common::lcm4(&rt);
     assert_close(
         &format!("{name} runtime vs diffusers unfused"),
         &img_rt,
         &refs[&format!("{name}.unfused")],
     );
-    let (_, max) = image_diff(&img_rt, &img_fused);
+    let (_, max) = common::image_diff(&img_rt, &img_fused);
     println!("{name}: runtime vs fused max |diff| {max:.2e}/255");
     assert!(
         max < 0.05,
@@ -212,7 +179,7 @@ fn two_loras_weighted_as_set_adapters() {
         (report.loras[1].unet, report.loras[1].text_encoder),
         (34, 6)
     );
-    let img = lcm4(&fused);
+    let img = common::lcm4(&fused);
     assert_close("stack fused vs diffusers stack", &img, &refs["stack"]);
     assert_close(
         "stack fused vs diffusers stack.fused",
@@ -222,7 +189,7 @@ fn two_loras_weighted_as_set_adapters() {
     let (rt, _) = lora::runtime(&base, &loras).unwrap();
     assert_close(
         "stack runtime vs diffusers stack",
-        &lcm4(&rt),
+        &common::lcm4(&rt),
         &refs["stack"],
     );
 }
@@ -293,7 +260,7 @@ fn unfused_model_is_bit_exact_and_fuse_touches_only_lora_layers() {
     let pipelines =
         candle_core::safetensors::load(fixture("reference/pipelines.safetensors"), &Device::Cpu)
             .unwrap();
-    let (_, max) = image_diff(&lcm4(&base), &pipelines["lcm4"]);
+    let (_, max) = common::image_diff(&common::lcm4(&base), &pipelines["lcm4"]);
     assert!(max <= 3.0);
 }
 

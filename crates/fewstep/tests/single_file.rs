@@ -10,17 +10,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::fixture;
 use fewstep::config::{load_json, UNet2DConditionConfig};
-use fewstep::image::tensor_to_float_images;
 use fewstep::pipeline::StableDiffusion;
-use fewstep::schedulers::SchedulerKind;
 use fewstep::weights::parts::ModelParts;
 use fewstep::weights::single_file::{
     default_scheduler_config, detect, infer_unet_config, load_single_file, load_single_file_with,
     unet_module_map, Family, SingleFileOptions,
 };
 use fewstep::weights::SafetensorsFile;
-
-const PROMPT: &str = "a red circle on a blue background";
 
 fn sf(name: &str) -> PathBuf {
     fixture(&format!("single-file/{name}.safetensors"))
@@ -34,34 +30,6 @@ fn with_config(name: &str, folder: &str) -> ModelParts {
     load_single_file_with(&sf(name), &opts, DType::F32, &Device::Cpu).unwrap()
 }
 
-/// The `lcm4` image (LCM, 4 steps, guidance 1, seed 0, 64×64) as NHWC f32 in [0, 1].
-fn lcm4(parts: &ModelParts) -> Tensor {
-    let model = StableDiffusion::from_parts(parts, &Device::Cpu).unwrap();
-    let mut req = model.request(PROMPT, 0);
-    req.scheduler = SchedulerKind::Lcm;
-    req.steps = 4;
-    req.guidance = 1.0;
-    req.width = 64;
-    req.height = 64;
-    let out = model.generate(&req, &mut |_, _| {}).unwrap();
-    let v: Vec<f32> = tensor_to_float_images(&out.decoded).unwrap().concat();
-    Tensor::from_vec(v, (1, 64, 64, 3), &Device::Cpu).unwrap()
-}
-
-/// (mean, max) of |a − b| in 1/255 units.
-fn diff255(a: &Tensor, b: &Tensor) -> (f32, f32) {
-    let d = ((a - b).unwrap().abs().unwrap() * 255.0).unwrap();
-    (
-        d.mean_all().unwrap().to_scalar::<f32>().unwrap(),
-        d.flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-    )
-}
-
 fn reference(name: &str) -> Tensor {
     let refs =
         candle_core::safetensors::load(fixture("single-file/reference.safetensors"), &Device::Cpu)
@@ -70,7 +38,7 @@ fn reference(name: &str) -> Tensor {
 }
 
 fn assert_close(name: &str, ours: &Tensor, want: &Tensor) {
-    let (mean, max) = diff255(ours, want);
+    let (mean, max) = common::image_diff(ours, want);
     println!("{name}: mean |diff| {mean:.4}/255, max {max:.4}/255");
     assert!(mean <= 0.5, "{name}: mean |diff| {mean}/255 > 0.5/255");
     assert!(max <= 3.0, "{name}: max |diff| {max}/255 > 3/255");
@@ -87,7 +55,7 @@ fn detects_families() {
 #[test]
 fn tiny_sd_matches_diffusers() {
     let parts = with_config("tiny-sd", "tiny-sd");
-    let img = lcm4(&parts);
+    let img = common::lcm4(&parts);
     assert_close("tiny-sd.lcm4", &img, &reference("tiny-sd.lcm4"));
     assert_close(
         "tiny-sd vs folder_f16",
@@ -104,7 +72,7 @@ fn tiny_sd2_matches_diffusers() {
         Some("v_prediction")
     );
     assert_eq!(parts.tokenizer.pad_id(), 0);
-    let img = lcm4(&parts);
+    let img = common::lcm4(&parts);
     assert_close("tiny-sd2.lcm4", &img, &reference("tiny-sd2.lcm4"));
     // The folder twin (weights stored in f16) through our folder loader gives the same image.
     let folder = ModelParts::from_folder(
@@ -113,7 +81,7 @@ fn tiny_sd2_matches_diffusers() {
         &Device::Cpu,
     )
     .unwrap();
-    let (mean, max) = diff255(&img, &lcm4(&folder));
+    let (mean, max) = common::image_diff(&img, &common::lcm4(&folder));
     assert_eq!((mean, max), (0.0, 0.0), "single file vs folder");
 }
 
@@ -278,7 +246,7 @@ fn stored(name: &str) -> HashMap<String, Tensor> {
 #[test]
 fn f32_and_bf16_copies_load() {
     let dir = tempfile::tempdir().unwrap();
-    let base = lcm4(&with_config("tiny-sd", "tiny-sd"));
+    let base = common::lcm4(&with_config("tiny-sd", "tiny-sd"));
     for (dtype, tol) in [(DType::F32, 0.0f32), (DType::BF16, 8.0)] {
         let tensors: HashMap<String, Tensor> = stored("tiny-sd")
             .into_iter()
@@ -297,7 +265,7 @@ fn f32_and_bf16_copies_load() {
             prediction_type: None,
         };
         let parts = load_single_file_with(&path, &opts, DType::F32, &Device::Cpu).unwrap();
-        let (mean, max) = diff255(&lcm4(&parts), &base);
+        let (mean, max) = common::image_diff(&common::lcm4(&parts), &base);
         println!("{dtype:?} copy vs f16 file: mean {mean:.4}/255, max {max:.4}/255");
         assert!(max <= tol, "{dtype:?}: max {max}/255");
     }
@@ -405,8 +373,8 @@ fn loads_without_config_folder() {
     assert_eq!(parts.text_encoder_config.intermediate_size, 37);
     assert_eq!(parts.tokenizer.pad_id(), 49407);
     assert_eq!(
-        parts.tokenizer.encode(PROMPT).unwrap(),
-        folder.tokenizer.encode(PROMPT).unwrap()
+        parts.tokenizer.encode(common::PROMPT).unwrap(),
+        folder.tokenizer.encode(common::PROMPT).unwrap()
     );
     // With the shape-invisible values set, the image is diffusers'.
     parts.vae_config.norm_num_groups = 8;
@@ -414,7 +382,7 @@ fn loads_without_config_folder() {
     parts.unet_config.sample_size = Some(8);
     assert_close(
         "inferred tiny-sd",
-        &lcm4(&parts),
+        &common::lcm4(&parts),
         &reference("tiny-sd.lcm4"),
     );
 }

@@ -5,7 +5,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use fewstep::image::tensor_to_float_images;
+use fewstep::pipeline::StableDiffusion;
+use fewstep::schedulers::SchedulerKind;
+use fewstep::weights::parts::ModelParts;
 use fewstep::weights::Weights;
+
+/// The prompt of the fixtures' `lcm4` images.
+pub const PROMPT: &str = "a red circle on a blue background";
 
 /// `tests/fixtures/…` at the workspace root.
 pub fn fixture(rel: &str) -> PathBuf {
@@ -45,4 +52,26 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let num = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
     let den = b.abs().unwrap().max_all().unwrap();
     num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap()
+}
+
+/// The fixtures' `lcm4` image of a model (LCM, 4 steps, guidance 1, seed 0, 64×64) as NHWC f32 in [0, 1].
+pub fn lcm4(parts: &ModelParts) -> Tensor {
+    let model = StableDiffusion::from_parts(parts, &Device::Cpu).unwrap();
+    let mut req = model.request(PROMPT, 0);
+    req.scheduler = SchedulerKind::Lcm;
+    req.steps = 4;
+    req.guidance = 1.0;
+    req.width = 64;
+    req.height = 64;
+    let out = model.generate(&req, &mut |_, _| {}).unwrap();
+    let img: Vec<f32> = tensor_to_float_images(&out.decoded).unwrap().concat();
+    Tensor::from_vec(img, (1, 64, 64, 3), &Device::Cpu).unwrap()
+}
+
+/// (mean, max) of |a − b| in 1/255 units.
+pub fn image_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    let d = ((a - b).unwrap().abs().unwrap() * 255.0).unwrap();
+    let mean = d.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let max = d.max_all().unwrap().to_scalar::<f32>().unwrap();
+    (mean, max)
 }
