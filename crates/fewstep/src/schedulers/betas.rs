@@ -315,3 +315,16 @@ pub fn alpha_at(alphas_cumprod: &[f32], final_alpha_cumprod: f32, t: i64) -> Res
         .copied()
         .ok_or_else(|| Error::invalid("timestep", format!("{t} is outside the training schedule")))
 }
+
+/// ᾱ for the σ-parameterised schedulers (Euler, DPM-Solver): as [`alphas_cumprod`], except that with
+/// zero-terminal-SNR rescaling the last ᾱ (exactly 0) becomes 2⁻²⁴ so that σ = √((1−ᾱ)/ᾱ) stays finite,
+/// as diffusers does.
+pub fn sigma_alphas_cumprod(s: &NoiseSchedule) -> Result<Vec<f32>> {
+    let mut ac = alphas_cumprod(s)?;
+    if s.rescale_betas_zero_snr {
+        if let Some(last) = ac.last_mut() {
+            *last = 2f32.powi(-24);
+        }
+    }
+    Ok(ac)
+}

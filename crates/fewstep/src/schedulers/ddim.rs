@@ -127,13 +127,13 @@ impl Scheduler for DdimScheduler {
 
     /// q(xₜ | x₀): `√ᾱₜ · x₀ + √(1 − ᾱₜ) · ε`.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        check_timestep(timestep)?;
-        let a = alpha_at(
+        add_noise_vp(
+            original,
+            noise,
             &self.alphas_cumprod,
             self.final_alpha_cumprod,
-            timestep as i64,
-        )?;
-        add_noise_vp(original, noise, a)
+            timestep,
+        )
     }
 
     fn kind(&self) -> SchedulerKind {

@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use super::betas::{alphas_cumprod, img2img_t_start, np_arange_f64, np_linspace, np_round};
+use super::betas::{img2img_t_start, np_arange_f64, np_linspace, np_round, sigma_alphas_cumprod};
 use super::{
     check_timestep, div_s, index_for_timestep, mul_s, to_f32, PredictionType, ResolvedConfig,
     ScheduleRequest, Scheduler, SchedulerKind, TimestepSpacing,
@@ -49,11 +49,7 @@ impl DpmSolverScheduler {
     /// steps_offset`, `i = n … 1`; trailing: `round(arange(T, 0, −T/n)) − 1`), σ(t) = √((1−ᾱₜ)/ᾱₜ),
     /// a final σ of 0 (`final_sigmas_type = "zero"`) or σ_min; then img2img's `get_timesteps`.
     pub fn new(cfg: &ResolvedConfig, req: &ScheduleRequest) -> Result<Self> {
-        let mut ac = alphas_cumprod(&cfg.noise)?;
-        if cfg.noise.rescale_betas_zero_snr {
-            let last = ac.len() - 1;
-            ac[last] = 2f32.powi(-24);
-        }
+        let ac = sigma_alphas_cumprod(&cfg.noise)?;
         let t = cfg.noise.num_train_timesteps;
         let n = req.steps;
         let last_timestep = t; // lambda_min_clipped = −∞ keeps every training timestep.

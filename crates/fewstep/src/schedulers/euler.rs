@@ -5,8 +5,8 @@
 use candle_core::Tensor;
 
 use super::betas::{
-    alphas_cumprod, img2img_t_start, karras_sigmas, log_f32, np_arange_f64, np_interp_index,
-    np_linspace, np_round, sigma_to_t, sigmas_from_alphas_cumprod,
+    img2img_t_start, karras_sigmas, log_f32, np_arange_f64, np_interp_index, np_linspace, np_round,
+    sigma_alphas_cumprod, sigma_to_t, sigmas_from_alphas_cumprod,
 };
 use super::{
     check_timestep, div_s, index_for_timestep, mul_s, to_f32, PredictionType, ResolvedConfig,
@@ -37,11 +37,7 @@ impl EulerScheduler {
     /// σ(t) = interpolation of √((1−ᾱ)/ᾱ) at the (possibly fractional) t, then a final σ of 0 (or σ_min);
     /// then img2img's `get_timesteps`: begin at index `steps − min(⌊steps·strength⌋, steps)`.
     pub fn new(cfg: &ResolvedConfig, req: &ScheduleRequest) -> Result<Self> {
-        let mut ac = alphas_cumprod(&cfg.noise)?;
-        if cfg.noise.rescale_betas_zero_snr {
-            let last = ac.len() - 1;
-            ac[last] = 2f32.powi(-24);
-        }
+        let ac = sigma_alphas_cumprod(&cfg.noise)?;
         let t = cfg.noise.num_train_timesteps;
         let n = req.steps;
         let ts32: Vec<f32> = match cfg.timestep_spacing {

@@ -228,13 +228,13 @@ impl Scheduler for LcmScheduler {
 
     /// q(xₜ | x₀): `√ᾱₜ · x₀ + √(1 − ᾱₜ) · ε` (DDPM forward process).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        check_timestep(timestep)?;
-        let a = alpha_at(
+        add_noise_vp(
+            original,
+            noise,
             &self.alphas_cumprod,
             self.final_alpha_cumprod,
-            timestep as i64,
-        )?;
-        add_noise_vp(original, noise, a)
+            timestep,
+        )
     }
 
     fn kind(&self) -> SchedulerKind {
@@ -246,12 +246,17 @@ impl Scheduler for LcmScheduler {
     }
 }
 
-/// Variance-preserving forward diffusion `√ᾱ · x₀ + √(1 − ᾱ) · ε`, in float32 then cast back.
+/// Variance-preserving forward diffusion at training timestep `timestep` of the schedule
+/// `alphas_cumprod`: `√ᾱ · x₀ + √(1 − ᾱ) · ε`, in float32 then cast back (DDIM's and LCM's `add_noise`).
 pub(crate) fn add_noise_vp(
     original: &Tensor,
     noise: &Tensor,
-    alpha_cumprod: f32,
+    alphas_cumprod: &[f32],
+    final_alpha_cumprod: f32,
+    timestep: f64,
 ) -> Result<Tensor> {
+    check_timestep(timestep)?;
+    let alpha_cumprod = alpha_at(alphas_cumprod, final_alpha_cumprod, timestep as i64)?;
     let dtype = original.dtype();
     let x = to_f32(original)?;
     let n = to_f32(noise)?;
