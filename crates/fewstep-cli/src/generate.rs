@@ -13,9 +13,9 @@ use fewstep::schedulers::SchedulerKind;
 use fewstep::weights::parts::ModelParts;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// The model used when `--model` is not given.
-pub const DEFAULT_MODEL: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd");
+/// The model used when `--model` is not given: fewstep's own base model, trained on the toy world
+/// (docs/training.md).
+pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/default/base");
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum SchedulerArg {
@@ -95,8 +95,9 @@ pub struct Args {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    #[arg(long, value_enum, default_value = "lcm")]
-    scheduler: SchedulerArg,
+    /// Default lcm; ddim for the default model (no --model), which has no LCM-LoRA yet.
+    #[arg(long, value_enum)]
+    scheduler: Option<SchedulerArg>,
     #[arg(long, default_value_t = 1)]
     num_images: usize,
     #[arg(long, value_enum, default_value = "f32")]
@@ -158,6 +159,10 @@ pub fn run(args: Args) -> Result<()> {
         DTypeArg::F16 => DType::F16,
         DTypeArg::Bf16 => DType::BF16,
     };
+    let default_scheduler = match args.model {
+        Some(_) => SchedulerArg::Lcm,
+        None => SchedulerArg::Ddim,
+    };
     let model_spec = args.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let mut parts = ModelParts::open(&model_spec, dtype, &Device::Cpu)?;
     if let Some(vae) = &args.vae {
@@ -182,7 +187,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let model = StableDiffusion::from_parts(&parts, &Device::Cpu)?;
 
-    let scheduler: SchedulerKind = args.scheduler.into();
+    let scheduler: SchedulerKind = args.scheduler.unwrap_or(default_scheduler).into();
     let seed = args.seed.unwrap_or_else(rand_seed);
     let mut req = model.request(&prompt, seed);
     req.negative_prompt = args.negative_prompt;

@@ -1,5 +1,7 @@
 //! The `fewstep` command line.
 
+mod convert;
+mod distill;
 mod generate;
 mod train;
 
@@ -22,6 +24,10 @@ enum Command {
     Generate(generate::Args),
     /// Train the VAE, or the text encoder and UNet, on the toy world (CPU; CUDA needs a cuda build).
     Train(train::Args),
+    /// Distill a trained model into a full LCM or an LCM-LoRA (latent consistency distillation).
+    Distill(distill::Args),
+    /// Copy a diffusers pipeline folder with its weights stored in another dtype (f16 by default).
+    Convert(convert::Args),
 }
 
 fn main() {
@@ -36,6 +42,8 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Distill(args) => distill::run(args),
     };
     if let Err(e) = result {
         // One line: the error chain, without any backtrace a dependency attached.

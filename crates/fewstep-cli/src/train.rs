@@ -40,6 +40,15 @@ pub enum StyleArg {
     Outline,
 }
 
+impl From<StyleArg> for WorldStyle {
+    fn from(s: StyleArg) -> Self {
+        match s {
+            StyleArg::Filled => WorldStyle::Filled,
+            StyleArg::Outline => WorldStyle::Outline,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
     Cpu,
@@ -89,6 +98,10 @@ pub struct Args {
     /// UNet stage: the trained VAE (the vae stage's --out folder).
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// UNet stage: fine-tune this trained model (a folder the unet stage wrote): its text encoder and UNet
+    /// are the starting weights, its configs the run's, its VAE the default --vae.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// UNet stage: a CLIP tokenizer folder (vocab.json + merges.txt, or tokenizer.json).
     #[arg(long, default_value = DEFAULT_TOKENIZER)]
     tokenizer: PathBuf,
@@ -121,15 +134,18 @@ fn config(args: &Args) -> Result<TrainConfig> {
     c.optim.max_grad_norm = (args.max_grad_norm > 0.0).then_some(args.max_grad_norm);
     c.seed = args.seed;
     c.dataset_size = args.dataset_size;
-    c.style = match args.style {
-        StyleArg::Filled => WorldStyle::Filled,
-        StyleArg::Outline => WorldStyle::Outline,
-    };
+    c.style = args.style.into();
     c.kl_weight = args.kl_weight;
     c.caption_dropout = args.caption_dropout;
     c.checkpoint_every = args.checkpoint_every;
     if stage == Stage::Unet {
-        let Some(vae) = &args.vae else {
+        if let Some(init) = &args.init_from {
+            c.unet = Some(fewstep::config::load_json(&init.join("unet/config.json"))?);
+            c.text_encoder = Some(fewstep::config::load_json(
+                &init.join("text_encoder/config.json"),
+            )?);
+        }
+        let Some(vae) = args.vae.as_ref().or(args.init_from.as_ref()) else {
             bail!("invalid vae: the unet stage needs --vae DIR (the folder the vae stage wrote)");
         };
         // The UNet works on this VAE's latents: take its config (and measured scaling factor).
@@ -141,29 +157,48 @@ fn config(args: &Args) -> Result<TrainConfig> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => {
-            bail!("invalid device: cuda needs a build with a CUDA feature, and this build has none; use --device cpu")
-        }
-    };
+    let device = device(args.device)?;
     let cfg = config(&args)?;
     let sources = Sources {
         tokenizer_dir: Some(args.tokenizer.clone()),
-        vae_dir: args.vae.clone(),
+        vae_dir: args.vae.clone().or_else(|| args.init_from.clone()),
+        init_from: args.init_from.clone(),
+        teacher: None,
     };
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.out.display()))?;
-    let ckpt = args.out.join(CHECKPOINT_FILE);
-    let mut trainer = if args.resume {
+    run_to_end(cfg, &sources, &args.out, args.resume, &device)
+}
+
+/// The `--device` choice as a candle device.
+pub fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => {
+            bail!("invalid device: cuda needs a build with a CUDA feature, and this build has none; use --device cpu")
+        }
+    }
+}
+
+/// Runs (or, with `resume`, continues) a training run to its last step with a progress bar, writing
+/// `out/checkpoint.safetensors` every `checkpoint_every` steps and at the end, then exports the result
+/// into `out`.
+pub fn run_to_end(
+    cfg: TrainConfig,
+    sources: &Sources,
+    out: &std::path::Path,
+    resume: bool,
+    device: &Device,
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let ckpt = out.join(CHECKPOINT_FILE);
+    let mut trainer = if resume {
         if !ckpt.is_file() {
             bail!("{}: no checkpoint to resume from", ckpt.display());
         }
-        let t = load_checkpoint(&ckpt, cfg, &sources, &device)?;
+        let t = load_checkpoint(&ckpt, cfg, sources, device)?;
         tracing::info!(step = t.step, "resumed");
         t
     } else {
-        Trainer::new(cfg, &sources, &device)?
+        Trainer::new(cfg, sources, device)?
     };
     let total = trainer.config.steps;
     tracing::info!(
@@ -209,7 +244,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     save_checkpoint(&trainer, &ckpt)?;
-    trainer.export(&args.out)?;
-    println!("{}", args.out.display());
+    trainer.export(out)?;
+    println!("{}", out.display());
     Ok(())
 }

@@ -3,12 +3,12 @@
 //! `VaeImageProcessor` arithmetic.
 
 use std::fs::File;
-use std::io::{BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io::BufReader;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::files::write_atomic;
 use crate::{Error, Result};
 
 /// The text-chunk keyword under which A1111 (and fewstep) store the generation parameters.
@@ -223,18 +223,6 @@ pub fn read_parameters(path: &Path) -> Result<Option<String>> {
     find(reader.info())
 }
 
-static TEMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A sibling of `path` to write into before renaming it into place.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image.png".into());
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
-}
-
 /// The PNG bytes of `img`, with the `parameters` text chunk if given.
 fn encode_png(
     img: &RgbImage,
@@ -258,13 +246,6 @@ fn encode_png(
     Ok(bytes)
 }
 
-/// Writes `bytes` to `tmp`, flushed to disk.
-fn write_synced(tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = File::create(tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
 /// Writes `img` as an 8-bit RGB PNG, with `parameters` (if given) in a text chunk of that keyword (A1111's
 /// convention). The file is written under a temporary name in the same folder and renamed into place, so
 /// `path` is either absent, the old file, or the complete new one. Errors name the file.
@@ -279,10 +260,5 @@ pub fn write_png(path: &Path, img: &RgbImage, parameters: Option<&str>) -> Resul
             std::io::Error::other(format!("PNG encoding failed: {e}")),
         )
     })?;
-    let tmp = temp_path(path);
-    let result = write_synced(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|e| Error::io(path, e))
+    write_atomic(path, |w| w.write_all(&bytes))
 }

@@ -3,7 +3,9 @@
 
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod image;
+pub mod kernels;
 pub mod lora;
 pub mod models;
 pub mod pipeline;

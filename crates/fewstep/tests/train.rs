@@ -3,59 +3,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::training::{mean, tiny_vae, unet_config, unet_sources, vae_config};
+
 
 use candle_core::{DType, Device, Tensor};
+use fewstep::files::temp_path;
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
 use fewstep::train::checkpoint::{load_checkpoint, save_checkpoint};
-use fewstep::train::params::temp_path;
-use fewstep::train::{Preset, Sources, Stage, TrainConfig, Trainer};
-
-fn tokenizer_dir() -> PathBuf {
-    common::fixture("tiny-sd/tokenizer")
-}
-
-fn vae_config(steps: usize) -> TrainConfig {
-    let mut c = TrainConfig::preset(Stage::Vae, Preset::Tiny);
-    c.steps = steps;
-    c.batch_size = 4;
-    c.dataset_size = 32;
-    c.optim.lr = 5e-3;
-    c.seed = 7;
-    c
-}
-
-fn unet_config(steps: usize) -> TrainConfig {
-    let mut c = TrainConfig::preset(Stage::Unet, Preset::Tiny);
-    c.steps = steps;
-    c.batch_size = 4;
-    c.dataset_size = 32;
-    c.optim.lr = 1e-3;
-    c.seed = 11;
-    c
-}
-
-/// A tiny VAE trained for `steps` steps, exported to `dir`; returns the config the UNet stage must use.
-fn tiny_vae(dir: &Path, steps: usize) -> TrainConfig {
-    let mut t = Trainer::new(vae_config(steps), &Sources::default(), &Device::Cpu).unwrap();
-    for _ in 0..steps {
-        t.train_step().unwrap();
-    }
-    t.export(dir).unwrap();
-    let vae: fewstep::config::AutoencoderKLConfig =
-        fewstep::config::load_json(&dir.join("vae/config.json")).unwrap();
-    let mut c = unet_config(0);
-    c.vae = vae;
-    c
-}
-
-fn unet_sources(vae_dir: &Path) -> Sources {
-    Sources {
-        tokenizer_dir: Some(tokenizer_dir()),
-        vae_dir: Some(vae_dir.to_path_buf()),
-    }
-}
+use fewstep::train::{Sources, Trainer};
 
 /// Every parameter of the trainer gets a gradient with a non-zero entry.
 fn assert_all_gradients(t: &mut Trainer) {
@@ -102,10 +58,6 @@ fn every_parameter_of_vae_text_encoder_and_unet_gets_a_gradient() {
         .count();
     assert!(n_te > 10 && unet.params.len() > n_te + 50);
     assert_all_gradients(&mut unet);
-}
-
-fn mean(v: &[f32]) -> f32 {
-    v.iter().sum::<f32>() / v.len() as f32
 }
 
 #[test]

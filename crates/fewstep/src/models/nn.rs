@@ -6,8 +6,9 @@
 //! branches they are exactly candle's layers.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm};
+use candle_nn::Conv2dConfig;
 
+use crate::kernels::unfold::unfold;
 use crate::lora::LoraBranch;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -120,12 +121,66 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = self.base.forward(x)?;
+        let base = &self.base;
+        let trained = x.track_op() || base.weight().track_op();
+        let mut y = if trained && x.device().is_cpu() && x.dtype() == DType::F32 {
+            let cfg = base.config();
+            conv2d_unfolded(x, base.weight(), base.bias(), cfg.stride, cfg.padding)?
+        } else {
+            base.forward(x)?
+        };
         for b in &self.lora {
             y = (y + b.up.forward(&b.down.forward(x)?)?)?;
         }
         Ok(y)
     }
+}
+
+/// A convolution as one matrix product over explicit patches (im2col):
+/// `y[:, b] = W · unfold(x)[:, b] + bias`, `W: [O, C·k·k]`, `unfold(x): [C·k·k, B·ho·wo]`
+/// ([`unfold`]). Used under autograd on the CPU: its backward pass is two matrix products and a fold,
+/// and the bias gradient a contiguous row sum, where candle's convolution backward runs a transposed
+/// convolution and a whole-image-kernel convolution, an order of magnitude slower on CPU at training
+/// sizes.
+pub fn conv2d_unfolded(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (o, _, k, _) = weight.dims4()?;
+    let cols = if k == 1 && stride == 1 && padding == 0 {
+        x.reshape((b, c, h * w))?
+            .transpose(0, 1)?
+            .reshape((c, b * h * w))?
+    } else {
+        unfold(x, k, stride, padding)?
+    };
+    let (ho, wo) = (
+        (h + 2 * padding - k) / stride + 1,
+        (w + 2 * padding - k) / stride + 1,
+    );
+    let y = weight.reshape((o, c * k * k))?.matmul(&cols)?;
+    let y = match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((o, 1))?)?,
+        None => y,
+    };
+    y.reshape((o, b, ho, wo))?.transpose(0, 1)?.contiguous()
+}
+
+/// Nearest-neighbour upsampling by 2, `y[b, c, i, j] = x[b, c, ⌊i/2⌋, ⌊j/2⌋]`, as a broadcast: under
+/// autograd its backward pass is a sum over the broadcast axes (candle's own runs a grouped convolution,
+/// one per channel). Other inputs take candle's kernel.
+pub fn upsample_nearest2x(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if !x.track_op() {
+        return x.upsample_nearest2d(2 * h, 2 * w);
+    }
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))
 }
 
 /// 2-D convolution with a square `k×k` kernel, `W: [out, in, k, k]`, with bias.
@@ -190,7 +245,45 @@ pub fn conv2d(
 pub fn group_norm(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
     let weight = w.get(channels, "weight")?;
     let bias = w.get(channels, "bias")?;
-    Ok(GroupNorm::new(weight, bias, channels, groups, eps)?)
+    Ok(GroupNorm {
+        candle: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+/// GroupNorm: `y = (x − μ_g) / √(σ²_g + eps) · weight_c + bias_c`, mean and variance over each group of
+/// `C/G` channels of each sample.
+///
+/// candle's implementation, except under autograd on the CPU in f32 (training), where
+/// [`kernels::group_norm`](crate::kernels::group_norm) computes the same values with a direct backward
+/// pass.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    candle: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let trained = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if trained && x.device().is_cpu() && x.dtype() == DType::F32 {
+            crate::kernels::group_norm::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+            )
+        } else {
+            self.candle.forward(x)
+        }
+    }
 }
 
 /// LayerNorm over the last dimension, with affine weight and bias.
@@ -244,4 +337,178 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Applies a candle module, mapping its error into ours.
 pub fn apply<M: Module>(m: &M, x: &Tensor) -> Result<Tensor> {
     Ok(m.forward(x)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut state = seed;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The unfolded convolution and its gradients equal candle's convolution on awkward sizes: odd sides,
+    /// stride 2 with and without padding, 1×1 kernels.
+    #[test]
+    fn unfolded_conv_matches_candle_forward_and_backward() {
+        for (i, &(b, c, o, h, w, k, s, p)) in [
+            (2, 3, 5, 7, 9, 3, 1, 1),
+            (1, 4, 6, 8, 6, 3, 2, 1),
+            (2, 3, 4, 9, 7, 3, 2, 0),
+            (3, 5, 2, 5, 5, 1, 1, 0),
+            (1, 2, 3, 6, 6, 3, 1, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 10 * i as u64;
+            let x = Var::from_tensor(&randn(&[b, c, h, w], seed)).unwrap();
+            let wt = Var::from_tensor(&randn(&[o, c, k, k], seed + 1)).unwrap();
+            let bias = Var::from_tensor(&randn(&[o], seed + 2)).unwrap();
+            let reference = x
+                .conv2d(&wt, p, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            let ours = conv2d_unfolded(&x, &wt, Some(&bias), s, p).unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "case {i}");
+            assert!(max_diff(&ours, &reference) < 1e-5, "case {i} forward");
+            let probe = randn(reference.dims(), seed + 3);
+            let g_ref = (reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_ours = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("weight", &wt), ("bias", &bias)] {
+                let (a, r) = (g_ours.get(v).unwrap(), g_ref.get(v).unwrap());
+                assert!(
+                    max_diff(a, r) < 1e-4,
+                    "case {i} grad {name}: {}",
+                    max_diff(a, r)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_upsample_matches_candle_forward_and_backward() {
+        let x = Var::from_tensor(&randn(&[2, 3, 5, 4], 7)).unwrap();
+        let reference = x.upsample_nearest2d(10, 8).unwrap();
+        let ours = upsample_nearest2x(&x).unwrap();
+        assert_eq!(max_diff(&ours, &reference), 0.0);
+        let probe = randn(&[2, 3, 10, 8], 8);
+        let g_ref = (reference * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ours = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(g_ours.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-5);
+    }
+    /// The GroupNorm training kernel and its gradients equal candle's GroupNorm (uneven channel counts
+    /// per group, a non-square image, a 3-D input).
+    #[test]
+    fn group_norm_kernel_matches_candle_forward_and_backward() {
+        for (i, shape) in [vec![2usize, 6, 5, 3], vec![3, 8, 7]]
+            .into_iter()
+            .enumerate()
+        {
+            let c = shape[1];
+            let seed = 100 + 10 * i as u64;
+            let x = Var::from_tensor(
+                &(randn(&shape, seed) * 3.0)
+                    .unwrap()
+                    .affine(1.0, 0.5)
+                    .unwrap(),
+            )
+            .unwrap();
+            let weight = Var::from_tensor(&randn(&[c], seed + 1)).unwrap();
+            let bias = Var::from_tensor(&randn(&[c], seed + 2)).unwrap();
+            let reference = candle_nn::GroupNorm::new(
+                weight.as_tensor().clone(),
+                bias.as_tensor().clone(),
+                c,
+                2,
+                1e-5,
+            )
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+            let ours = GroupNorm {
+                candle: candle_nn::GroupNorm::new(
+                    weight.as_tensor().clone(),
+                    bias.as_tensor().clone(),
+                    c,
+                    2,
+                    1e-5,
+                )
+                .unwrap(),
+                weight: weight.as_tensor().clone(),
+                bias: bias.as_tensor().clone(),
+                groups: 2,
+                eps: 1e-5,
+            }
+            .forward(&x)
+            .unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-5, "case {i} forward");
+            let probe = randn(&shape, seed + 3);
+            let g_ref = (reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_ours = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
+                let (a, r) = (g_ours.get(v).unwrap(), g_ref.get(v).unwrap());
+                assert!(
+                    max_diff(a, r) < 1e-4,
+                    "case {i} grad {name}: {}",
+                    max_diff(a, r)
+                );
+            }
+        }
+    }
 }

@@ -10,10 +10,11 @@
 //! not a layer). The encoder takes images in [0, 1] and the decoder returns [0, 1], as the original
 //! (diffusers' wrapper maps [-1, 1] around them).
 
+use crate::models::nn::GroupNorm;
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm};
+use candle_nn::{Conv2d, Conv2dConfig};
 
-use crate::models::nn::group_norm;
+use crate::models::nn::{group_norm, upsample_nearest2x};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -105,10 +106,7 @@ fn run(layers: &[Layer], x: &Tensor) -> Result<Tensor> {
             Layer::Conv(c) => c.forward(&x)?,
             Layer::Block(b) => b.forward(&x)?,
             Layer::Relu => x.relu()?,
-            Layer::Upsample => {
-                let (_, _, h, w) = x.dims4()?;
-                x.upsample_nearest2d(2 * h, 2 * w)?
-            }
+            Layer::Upsample => upsample_nearest2x(&x)?,
         };
     }
     Ok(x)

@@ -3,8 +3,8 @@
 //! single-head [`SpatialSelfAttention`].
 
 use crate::models::nn::Conv2d;
+use crate::models::nn::GroupNorm;
 use candle_core::{DType, Tensor};
-use candle_nn::GroupNorm;
 
 use crate::config::AutoencoderKLConfig;
 use crate::models::nn::{apply, conv2d, group_norm};

@@ -12,7 +12,17 @@ use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
 /// The consistency model's data standard deviation σ_data in the boundary-condition scalings.
-const SIGMA_DATA: f32 = 0.5;
+pub const SIGMA_DATA: f32 = 0.5;
+
+/// The boundary-condition scalings (`get_scalings_for_boundary_condition_discrete`), with
+/// `s = t · timestep_scaling` in f32: `c_skip = σ_data²/(s² + σ_data²)`, `c_out = s/√(s² + σ_data²)`.
+/// At t = 0, `c_skip = 1` and `c_out = 0`: `f(x, 0) = x`.
+pub fn boundary_scalings(timestep: f64, timestep_scaling: f64) -> (f32, f32) {
+    let s = (timestep * timestep_scaling) as f32;
+    let sd2 = SIGMA_DATA * SIGMA_DATA;
+    let denom = s * s + sd2;
+    (sd2 / denom, s / denom.sqrt())
+}
 
 /// The LCM sampler: at each timestep the consistency function maps xₜ to x̂₀ (`denoised`), then fresh
 /// noise brings it back to the next (smaller) timestep, except after the last step.
@@ -162,10 +172,7 @@ impl LcmScheduler {
     /// with `s = t · timestep_scaling` in float32: `c_skip = σ_data²/(s² + σ_data²)`,
     /// `c_out = s/√(s² + σ_data²)`.
     pub fn boundary_scalings(&self, timestep: f64) -> (f32, f32) {
-        let s = (timestep * self.timestep_scaling) as f32;
-        let sd2 = SIGMA_DATA * SIGMA_DATA;
-        let denom = s * s + sd2;
-        (sd2 / denom, s / denom.sqrt())
+        boundary_scalings(timestep, self.timestep_scaling)
     }
 
     /// x̂₀ from the last step (diffusers' `LCMSchedulerOutput.denoised`).

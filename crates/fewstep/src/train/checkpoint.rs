@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use super::data::TrainRng;
 use super::diffusion::{expected_shapes, first_difference, Sources, TrainConfig, Trainer};
 use super::optim::AdamW;
-use super::params::{read_safetensors_metadata, write_safetensors, ParamStore};
+use super::params::ParamStore;
+use crate::weights::safetensors::write_safetensors;
 use crate::weights::SafetensorsFile;
 use crate::{Error, Result};
 
@@ -49,6 +50,11 @@ pub fn save_checkpoint(trainer: &Trainer, path: &Path) -> Result<()> {
     for (k, v) in &trainer.opt.v {
         tensors.push((format!("adam_v/{k}"), v.clone()));
     }
+    if let Some(d) = &trainer.distill {
+        for (k, t) in &d.ema {
+            tensors.push((format!("ema/{k}"), t.clone()));
+        }
+    }
     let state = State {
         format_version: 1,
         step: trainer.step,
@@ -68,11 +74,14 @@ pub fn save_checkpoint(trainer: &Trainer, path: &Path) -> Result<()> {
 
 /// Reads a checkpoint's [`State`].
 pub fn read_state(path: &Path) -> Result<State> {
-    let meta = read_safetensors_metadata(path)?;
-    let text = meta.get(STATE_KEY).ok_or_else(|| Error::Missing {
-        path: path.to_path_buf(),
-        what: format!("`{STATE_KEY}` metadata (not a fewstep training checkpoint)"),
-    })?;
+    let file = SafetensorsFile::open(path)?;
+    let text = file
+        .metadata()
+        .get(STATE_KEY)
+        .ok_or_else(|| Error::Missing {
+            path: path.to_path_buf(),
+            what: format!("`{STATE_KEY}` metadata (not a fewstep training checkpoint)"),
+        })?;
     serde_json::from_str(text).map_err(|e| Error::Config {
         path: path.to_path_buf(),
         reason: format!("checkpoint state: {e}"),
@@ -107,6 +116,7 @@ pub fn load_checkpoint(
     let mut params = ParamStore::new(device);
     let mut m = BTreeMap::new();
     let mut v = BTreeMap::new();
+    let mut ema = BTreeMap::new();
     let mut keys: Vec<&String> = file.tensors().keys().collect();
     keys.sort();
     for k in keys {
@@ -117,6 +127,8 @@ pub fn load_checkpoint(
             m.insert(name.to_string(), t);
         } else if let Some(name) = k.strip_prefix("adam_v/") {
             v.insert(name.to_string(), t);
+        } else if let Some(name) = k.strip_prefix("ema/") {
+            ema.insert(name.to_string(), t);
         }
     }
     // The checkpoint must hold every parameter the config implies, each with its moments.
@@ -149,6 +161,17 @@ pub fn load_checkpoint(
                 });
             }
         }
+    }
+    if let Some(d) = trainer.distill.as_mut().filter(|d| !d.ema.is_empty()) {
+        for k in d.ema.keys() {
+            if !ema.contains_key(k) {
+                return Err(Error::MissingKey {
+                    file: path.display().to_string(),
+                    key: format!("ema/{k}"),
+                });
+            }
+        }
+        d.ema = ema;
     }
     trainer.opt = AdamW {
         config: trainer.config.optim.clone(),

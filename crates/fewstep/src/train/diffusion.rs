@@ -15,12 +15,17 @@
 //!
 //! Both run AdamW ([`super::optim`]) and checkpoint through [`super::checkpoint`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::data::{TrainRng, WorldData};
+use super::distill::{
+    lora_branches, lora_modules, lora_param_names, student_unet_config, DistillBatch,
+    DistillConfig, Teacher,
+};
 use super::optim::{AdamW, AdamWConfig};
 use super::params::{text_encoder_shapes, unet_shapes, vae_shapes, ParamStore};
 use crate::config::{
@@ -40,6 +45,18 @@ use crate::{Error, Result};
 pub enum Stage {
     Vae,
     Unet,
+    /// Consistency distillation into a full LCM (see [`super::distill`]).
+    Lcm,
+    /// Consistency distillation into an LCM-LoRA.
+    #[serde(rename = "lcm-lora")]
+    LcmLora,
+}
+
+impl Stage {
+    /// The two distillation stages.
+    pub fn is_distillation(self) -> bool {
+        matches!(self, Stage::Lcm | Stage::LcmLora)
+    }
 }
 
 /// The world's drawing style, as a config value.
@@ -81,10 +98,14 @@ pub struct TrainConfig {
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: usize,
     pub vae: AutoencoderKLConfig,
-    /// UNet stage only.
+    /// UNet stage: the UNet trained; distillation: the student's (the teacher's for LCM-LoRA, with
+    /// `time_cond_proj_dim` for the full LCM).
     pub unet: Option<UNet2DConditionConfig>,
-    /// UNet stage only.
+    /// UNet and distillation stages (for distillation: the teacher's).
     pub text_encoder: Option<ClipTextConfig>,
+    /// Distillation stages only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 /// Named model sizes.
@@ -194,6 +215,7 @@ impl TrainConfig {
             vae: preset.vae(),
             unet: (stage == Stage::Unet).then(|| preset.unet()),
             text_encoder: (stage == Stage::Unet).then(|| preset.text_encoder()),
+            distill: None,
         }
     }
 
@@ -228,11 +250,21 @@ impl TrainConfig {
                 ),
             ));
         }
-        if self.stage == Stage::Unet && (self.unet.is_none() || self.text_encoder.is_none()) {
+        if self.stage != Stage::Vae && (self.unet.is_none() || self.text_encoder.is_none()) {
             return Err(Error::invalid(
                 "config",
-                "the unet stage needs unet and text_encoder configs",
+                "the unet and distillation stages need unet and text_encoder configs",
             ));
+        }
+        match (&self.distill, self.stage.is_distillation()) {
+            (Some(d), true) => d.validate()?,
+            (None, true) => {
+                return Err(Error::invalid(
+                    "config",
+                    "a distillation stage needs its distill settings",
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -245,6 +277,12 @@ pub struct Sources {
     pub tokenizer_dir: Option<PathBuf>,
     /// The trained VAE (UNet stage): a diffusers folder with `vae/`, or a `vae/` folder itself.
     pub vae_dir: Option<PathBuf>,
+    /// UNet stage: a trained pipeline folder whose text encoder and UNet are the starting weights instead
+    /// of a fresh initialisation (a fine-tune); its configs must equal the run's.
+    pub init_from: Option<PathBuf>,
+    /// Distillation stages: the teacher, a trained pipeline folder (its UNet, and its frozen text encoder
+    /// and VAE).
+    pub teacher: Option<PathBuf>,
 }
 
 /// `dir/vae` if it holds a `config.json`, else `dir`.
@@ -264,6 +302,19 @@ struct FrozenVae {
     std: Tensor,
 }
 
+/// The frozen side of a distillation run.
+pub struct DistillState {
+    pub teacher: Teacher,
+    /// The teacher's folder (its text encoder, tokenizer and VAE are copied into an exported LCM).
+    pub teacher_dir: PathBuf,
+    /// The teacher's UNet weights (the frozen base of LCM-LoRA).
+    pub teacher_unet: Weights,
+    /// LCM-LoRA: the modules carrying a LoRA, with their down/up shapes.
+    pub lora_modules: BTreeMap<String, (Vec<usize>, Vec<usize>)>,
+    /// Full LCM: the target network θ⁻, an EMA of the student (keys as the parameters', `unet.…`).
+    pub ema: BTreeMap<String, Tensor>,
+}
+
 /// One training run: parameters, optimiser, random stream, data.
 pub struct Trainer {
     pub config: TrainConfig,
@@ -276,6 +327,8 @@ pub struct Trainer {
     tokenizer: Option<ClipTokenizer>,
     tokenizer_dir: Option<PathBuf>,
     vae: Option<FrozenVae>,
+    /// Distillation stages: the frozen teacher and the target network's state.
+    pub distill: Option<DistillState>,
     alphas_cumprod: Vec<f32>,
     device: Device,
 }
@@ -314,6 +367,17 @@ pub fn expected_shapes(
             unet_shapes(config.unet.as_ref().unwrap())?,
         ))
         .collect(),
+        Stage::Lcm => prefixed("unet.", unet_shapes(config.unet.as_ref().unwrap())?).collect(),
+        Stage::LcmLora => {
+            let rank = config.distill.as_ref().unwrap().lora_rank;
+            lora_modules(&unet_shapes(config.unet.as_ref().unwrap())?, rank)
+                .into_iter()
+                .flat_map(|(m, (down, up))| {
+                    let (d, u) = lora_param_names(&m);
+                    [(d, down), (u, up)]
+                })
+                .collect()
+        }
     })
 }
 
@@ -322,14 +386,104 @@ fn init_seed(seed: u64, what: u64) -> u64 {
     seed ^ (0xA076_1D64_78BD_642F_u64.wrapping_mul(what + 1))
 }
 
+/// A trained pipeline folder's parts, in f32.
+fn pretrained(dir: &Path, device: &Device) -> Result<crate::weights::parts::ModelParts> {
+    crate::weights::parts::ModelParts::from_folder(
+        &crate::weights::diffusers::DiffusersFolder::open(dir)?,
+        DType::F32,
+        device,
+    )
+}
+
+/// The distillation teacher's folder.
+fn teacher_dir(sources: &Sources) -> Result<&Path> {
+    sources.teacher.as_deref().ok_or_else(|| {
+        Error::invalid(
+            "teacher",
+            "distillation needs the teacher, a trained model folder",
+        )
+    })
+}
+
+/// Checks the run's text encoder config equals the folder's and its UNet config equals `unet` (the
+/// folder's, or the student made from it); the error names `what`, the folder and the first differing
+/// field.
+fn check_configs(
+    config: &TrainConfig,
+    parts: &crate::weights::parts::ModelParts,
+    unet: Option<&UNet2DConditionConfig>,
+    what: &str,
+    dir: &Path,
+) -> Result<()> {
+    for (name, ours, theirs) in [
+        (
+            "unet",
+            serde_json::to_value(&config.unet).unwrap(),
+            serde_json::to_value(unet).unwrap(),
+        ),
+        (
+            "text_encoder",
+            serde_json::to_value(&config.text_encoder).unwrap(),
+            serde_json::to_value(&parts.text_encoder_config).unwrap(),
+        ),
+    ] {
+        if let Some((field, a, b)) = first_difference(&ours, &theirs, name) {
+            return Err(Error::invalid(
+                what,
+                format!(
+                    "{}: `{field}` is {b} there but {a} in this run's config",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Trainer {
-    /// A fresh run: validates the config, renders the dataset, initialises the parameters.
+    /// A fresh run: validates the config, renders the dataset, initialises the parameters (or, for the UNet
+    /// stage with [`Sources::init_from`], loads them from a trained model).
     pub fn new(config: TrainConfig, sources: &Sources, device: &Device) -> Result<Self> {
         config.validate()?;
         let mut params = ParamStore::new(device);
         match config.stage {
             Stage::Vae => {
                 params.add_init("vae.", &vae_shapes(&config.vae)?, init_seed(config.seed, 1))?;
+            }
+            Stage::Unet if sources.init_from.is_some() => {
+                let dir = sources.init_from.as_deref().unwrap();
+                let parts = pretrained(dir, device)?;
+                check_configs(&config, &parts, config.unet.as_ref(), "init-from", dir)?;
+                params.add_from_weights(
+                    "text_encoder.",
+                    &text_encoder_shapes(config.text_encoder.as_ref().unwrap())?,
+                    &parts.text_encoder,
+                )?;
+                params.add_from_weights(
+                    "unet.",
+                    &unet_shapes(config.unet.as_ref().unwrap())?,
+                    &parts.unet,
+                )?;
+            }
+            Stage::Lcm | Stage::LcmLora => {
+                let dir = teacher_dir(sources)?;
+                let parts = pretrained(dir, device)?;
+                let d = config.distill.as_ref().unwrap();
+                let student =
+                    student_unet_config(&parts.unet_config, config.stage == Stage::Lcm, d);
+                check_configs(&config, &parts, Some(&student), "teacher", dir)?;
+                let shapes = expected_shapes(&config)?;
+                if config.stage == Stage::Lcm {
+                    // The teacher's weights, and a fresh guidance embedding (`cond_proj`).
+                    let (known, new): (BTreeMap<_, _>, BTreeMap<_, _>) = shapes
+                        .into_iter()
+                        .map(|(k, v)| (k.strip_prefix("unet.").unwrap().to_string(), v))
+                        .partition(|(k, _)| parts.unet.contains(k));
+                    params.add_from_weights("unet.", &known, &parts.unet)?;
+                    params.add_init("unet.", &new, init_seed(config.seed, 6))?;
+                } else {
+                    params.add_init("", &shapes, init_seed(config.seed, 6))?;
+                }
             }
             Stage::Unet => {
                 let (te, unet) = (config.text_encoder.as_ref(), config.unet.as_ref());
@@ -358,10 +512,17 @@ impl Trainer {
         config.validate()?;
         let (tokenizer, tokenizer_dir) = match config.stage {
             Stage::Vae => (None, None),
-            Stage::Unet => {
-                let dir = sources.tokenizer_dir.clone().ok_or_else(|| {
-                    Error::invalid("tokenizer", "the unet stage needs a CLIP tokenizer folder")
-                })?;
+            Stage::Unet | Stage::Lcm | Stage::LcmLora => {
+                let dir = match (&sources.tokenizer_dir, config.stage) {
+                    (Some(d), _) => d.clone(),
+                    (None, Stage::Unet) => {
+                        return Err(Error::invalid(
+                            "tokenizer",
+                            "the unet stage needs a CLIP tokenizer folder",
+                        ))
+                    }
+                    (None, _) => teacher_dir(sources)?.join("tokenizer"),
+                };
                 (Some(ClipTokenizer::from_dir(&dir)?), Some(dir))
             }
         };
@@ -384,6 +545,20 @@ impl Trainer {
                 })?;
                 Some(Self::frozen_vae(&config, dir, &data, device)?)
             }
+            Stage::Lcm | Stage::LcmLora => {
+                let dir = sources.vae_dir.as_deref().unwrap_or(teacher_dir(sources)?);
+                Some(Self::frozen_vae(&config, dir, &data, device)?)
+            }
+        };
+        let distill = match config.stage {
+            Stage::Lcm | Stage::LcmLora => Some(Self::distill_state(
+                &config,
+                teacher_dir(sources)?,
+                &params,
+                &data,
+                device,
+            )?),
+            _ => None,
         };
         let opt = AdamW::new(config.optim.clone(), &params)?;
         Ok(Self {
@@ -396,6 +571,7 @@ impl Trainer {
             tokenizer,
             tokenizer_dir,
             vae,
+            distill,
             alphas_cumprod: alphas_cumprod(&sd_noise_schedule())?,
             device: device.clone(),
         })
@@ -451,6 +627,7 @@ impl Trainer {
         match self.config.stage {
             Stage::Vae => self.vae_loss(),
             Stage::Unet => self.unet_loss(),
+            Stage::Lcm | Stage::LcmLora => self.distill_loss(),
         }
     }
 
@@ -472,7 +649,6 @@ impl Trainer {
 
     fn unet_loss(&mut self) -> Result<Tensor> {
         let b = self.config.batch_size;
-        let frozen = self.vae.as_ref().expect("unet stage has a VAE");
         let batch = self
             .data
             .batch(b, self.config.caption_dropout, &mut self.rng)?;
@@ -481,11 +657,8 @@ impl Trainer {
             b,
             &self.device,
         )?;
-        let mean = frozen.mean.index_select(&idx, 0)?;
-        let std = frozen.std.index_select(&idx, 0)?;
-        let shape = mean.dims().to_vec();
-        let post_noise = self.rng.randn(&shape, &self.device)?;
-        let z0 = ((mean + (std * post_noise)?)? * self.config.vae.scaling_factor)?;
+        let z0 = self.sample_latents(&idx)?;
+        let shape = z0.dims().to_vec();
         let noise = self.rng.randn(&shape, &self.device)?;
         let timesteps: Vec<usize> = (0..b).map(|_| self.rng.below(1000)).collect();
         let (sa, sb): (Vec<f32>, Vec<f32>) = timesteps
@@ -510,6 +683,110 @@ impl Trainer {
         Ok((pred - noise)?.sqr()?.mean_all()?)
     }
 
+    /// `z₀ = scaling_factor · (μ + σ ε')` for the dataset rows `idx`, from the frozen VAE's posteriors.
+    fn sample_latents(&mut self, idx: &Tensor) -> Result<Tensor> {
+        let frozen = self.vae.as_ref().expect("this stage has a frozen VAE");
+        let mean = frozen.mean.index_select(idx, 0)?;
+        let std = frozen.std.index_select(idx, 0)?;
+        let post_noise = self.rng.randn(mean.dims(), &self.device)?;
+        Ok(((mean + (std * post_noise)?)? * self.config.vae.scaling_factor)?)
+    }
+
+    /// The frozen teacher of a distillation run (its UNet, the dataset's prompt embeddings, the solver)
+    /// and the initial target network (the EMA starts as the student).
+    fn distill_state(
+        config: &TrainConfig,
+        dir: &Path,
+        params: &ParamStore,
+        data: &WorldData,
+        device: &Device,
+    ) -> Result<DistillState> {
+        let parts = pretrained(dir, device)?;
+        let d = config.distill.as_ref().unwrap();
+        let teacher = Teacher::new(&parts, data, d.num_ddim_timesteps, device)?;
+        let lora_modules = match config.stage {
+            Stage::LcmLora => lora_modules(&unet_shapes(&parts.unet_config)?, d.lora_rank),
+            _ => BTreeMap::new(),
+        };
+        let ema = match config.stage {
+            Stage::Lcm => params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach().copy().unwrap()))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        Ok(DistillState {
+            teacher,
+            teacher_dir: dir.to_path_buf(),
+            teacher_unet: parts.unet,
+            lora_modules,
+            ema,
+        })
+    }
+
+    /// The LCD loss of one batch (see [`super::distill`]). The draws, in order: the batch rows, the
+    /// posterior noise, per sample the solver index and `w`, then the forward noise.
+    fn distill_loss(&mut self) -> Result<Tensor> {
+        let b = self.config.batch_size;
+        let batch = self.data.batch(b, 0.0, &mut self.rng)?;
+        let idx = Tensor::from_vec(
+            batch.rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            b,
+            &self.device,
+        )?;
+        let z0 = self.sample_latents(&idx)?;
+        let d = self.config.distill.clone().unwrap();
+        let state = self.distill.as_ref().unwrap();
+        let n = state.teacher.solver.timesteps.len();
+        let mut index = Vec::with_capacity(b);
+        let mut w = Vec::with_capacity(b);
+        for _ in 0..b {
+            index.push(self.rng.below(n));
+            w.push((d.w_min + (d.w_max - d.w_min) * self.rng.uniform()) as f32);
+        }
+        let noise = self.rng.randn(z0.dims(), &self.device)?;
+        let unet_cfg = self.config.unet.as_ref().unwrap();
+        let (student, target, w_dim) = match self.config.stage {
+            Stage::Lcm => {
+                let student =
+                    UNet2DConditionModel::new(unet_cfg, &self.params.weights().pp("unet"))?;
+                let index = state
+                    .ema
+                    .iter()
+                    .map(|(k, t)| {
+                        (
+                            k.strip_prefix("unet.").unwrap_or(k).to_string(),
+                            crate::weights::TensorSource::Owned(t.clone()),
+                        )
+                    })
+                    .collect();
+                let ema = Weights::from_sources(Vec::new(), index, DType::F32, &self.device);
+                let target = UNet2DConditionModel::new(unet_cfg, &ema)?;
+                (student, target, unet_cfg.time_cond_proj_dim)
+            }
+            _ => {
+                let with = |detach| -> Result<UNet2DConditionModel> {
+                    let branches = lora_branches(&self.params, &state.lora_modules, &d, detach)?;
+                    UNet2DConditionModel::new(
+                        unet_cfg,
+                        &state.teacher_unet.with_lora_branches(branches),
+                    )
+                };
+                (with(false)?, with(true)?, None)
+            }
+        };
+        DistillBatch {
+            teacher: &state.teacher,
+            cfg: &d,
+            z0,
+            rows: batch.rows,
+            index,
+            w,
+            noise,
+        }
+        .loss(&student, &target, w_dim)
+    }
+
     /// One optimisation step: a batch, the loss, its gradients, an AdamW update. Returns the loss. A loss
     /// that is not finite stops the run with an error (nothing is updated).
     pub fn train_step(&mut self) -> Result<f32> {
@@ -526,6 +803,11 @@ impl Trainer {
         }
         let grads = loss.backward()?;
         self.opt.step(&self.params, &grads)?;
+        if self.config.stage == Stage::Lcm {
+            let decay = self.config.distill.as_ref().unwrap().ema_decay;
+            let state = self.distill.as_mut().unwrap();
+            super::distill::ema_update(&mut state.ema, &self.params, decay)?;
+        }
         self.step += 1;
         Ok(value)
     }

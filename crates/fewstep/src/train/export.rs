@@ -1,14 +1,19 @@
 //! Writing a trained model as a diffusers folder, the layout `StableDiffusionPipeline.save_pretrained`
 //! writes and [`crate::pipeline::StableDiffusion::load_dir`] reads.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::DType;
 use serde_json::{json, Value};
 
 use super::diffusion::{Stage, Trainer};
-use super::params::write_atomic;
+use crate::files::write_atomic;
+use crate::weights::safetensors::write_safetensors;
 use crate::{Error, Result};
+
+/// The LCM-LoRA file an `lcm-lora` run writes in its output folder (diffusers' name).
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 
 /// diffusers version the configs claim (the pinned reference).
 const DIFFUSERS_VERSION: &str = "0.42.1";
@@ -51,7 +56,28 @@ pub fn scheduler_config() -> Value {
     })
 }
 
-fn model_index() -> Value {
+/// LCMScheduler's config over SD's schedule (diffusers' LCM defaults: 50 original steps, timestep
+/// scaling 10).
+fn lcm_scheduler_config() -> Value {
+    json!({
+        "_class_name": "LCMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": false,
+        "num_train_timesteps": 1000,
+        "original_inference_steps": 50,
+        "prediction_type": "epsilon",
+        "set_alpha_to_one": true,
+        "steps_offset": 1,
+        "timestep_scaling": 10.0,
+        "timestep_spacing": "leading",
+        "trained_betas": null
+    })
+}
+
+fn model_index(scheduler: &str) -> Value {
     json!({
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -59,7 +85,7 @@ fn model_index() -> Value {
         "image_encoder": [null, null],
         "requires_safety_checker": false,
         "safety_checker": [null, null],
-        "scheduler": ["diffusers", "PNDMScheduler"],
+        "scheduler": ["diffusers", scheduler],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -141,7 +167,46 @@ pub fn export(trainer: &Trainer, out: &Path) -> Result<()> {
             let sched = out.join("scheduler");
             mkdir(&sched)?;
             write_json(&sched.join("scheduler_config.json"), &scheduler_config())?;
-            write_json(&out.join("model_index.json"), &model_index())?;
+            write_json(&out.join("model_index.json"), &model_index("PNDMScheduler"))?;
+        }
+        Stage::Lcm => {
+            // The target network (EMA), as the LCM scripts publish it, in the teacher's pipeline.
+            let state = trainer.distill.as_ref().unwrap();
+            let unet_dir = out.join("unet");
+            mkdir(&unet_dir)?;
+            write_json(
+                &unet_dir.join("config.json"),
+                &diffusers_config("UNet2DConditionModel", cfg.unet.as_ref().unwrap()),
+            )?;
+            let ema: Vec<(String, candle_core::Tensor)> = state
+                .ema
+                .iter()
+                .map(|(k, t)| (k.strip_prefix("unet.").unwrap_or(k).to_string(), t.clone()))
+                .collect();
+            write_safetensors(
+                &unet_dir.join("diffusion_pytorch_model.safetensors"),
+                &ema,
+                &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+            )?;
+            for part in ["text_encoder", "tokenizer", "vae"] {
+                copy_dir_files(&state.teacher_dir.join(part), &out.join(part))?;
+            }
+            let sched = out.join("scheduler");
+            mkdir(&sched)?;
+            write_json(
+                &sched.join("scheduler_config.json"),
+                &lcm_scheduler_config(),
+            )?;
+            write_json(&out.join("model_index.json"), &model_index("LCMScheduler"))?;
+        }
+        Stage::LcmLora => {
+            let state = trainer.distill.as_ref().unwrap();
+            super::distill::export_lora_kohya(
+                &trainer.params,
+                &state.lora_modules,
+                cfg.distill.as_ref().unwrap(),
+                &out.join(LORA_FILE),
+            )?;
         }
     }
     Ok(())

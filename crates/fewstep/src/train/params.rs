@@ -6,8 +6,7 @@
 //! [`discover_shapes`]), so nothing here restates the architectures.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -15,6 +14,7 @@ use super::data::TrainRng;
 use crate::config::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
 use crate::models::clip::ClipTextModel;
 use crate::models::{AutoencoderKL, UNet2DConditionModel};
+use crate::weights::safetensors::write_safetensors;
 use crate::weights::{SafetensorsFile, TensorSource, Weights};
 use crate::{Error, Result};
 
@@ -75,7 +75,9 @@ pub fn text_encoder_shapes(cfg: &ClipTextConfig) -> Result<BTreeMap<String, Vec<
 ///   `U(−1/√fan_in, 1/√fan_in)`, `fan_in = in·k·k`;
 /// - their biases: `U(−1/√fan_in, 1/√fan_in)` with the weight's `fan_in`;
 /// - norm scales (1-D `weight`): 1; norm shifts (1-D `bias` without a matrix beside it): 0;
-/// - CLIP's token and position embeddings: `N(0, 0.02²)` (transformers' `initializer_range`).
+/// - CLIP's token and position embeddings: `N(0, 0.02²)` (transformers' `initializer_range`);
+/// - LoRA: `lora_down` as a linear/conv weight, `lora_up` zeros (peft's default: the adapter starts as
+///   the identity).
 fn init_values(
     name: &str,
     shape: &[usize],
@@ -91,6 +93,9 @@ fn init_values(
     };
     if name.ends_with("token_embedding.weight") || name.ends_with("position_embedding.weight") {
         return (0..n).map(|_| (0.02 * rng.normal()) as f32).collect();
+    }
+    if name.ends_with("lora_up.weight") {
+        return vec![0.0; n];
     }
     if shape.len() >= 2 {
         return uniform_fan(shape[1..].iter().product(), rng);
@@ -235,174 +240,5 @@ impl ParamStore {
                 .insert(format!("{prefix}{k}"), Var::from_tensor(&t)?);
         }
         Ok(())
-    }
-}
-
-fn dtype_name(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "F32",
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        DType::F64 => "F64",
-        DType::U8 => "U8",
-        DType::U32 => "U32",
-        DType::I64 => "I64",
-        other => {
-            return Err(Error::invalid(
-                "dtype",
-                format!("{other:?} cannot be written to .safetensors here"),
-            ))
-        }
-    })
-}
-
-/// The little-endian bytes of a tensor.
-fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let t = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => t
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => t
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F64 => t
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::U8 => t.to_vec1::<u8>()?,
-        DType::U32 => t
-            .to_vec1::<u32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I64 => t
-            .to_vec1::<i64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        other => {
-            return Err(Error::invalid(
-                "dtype",
-                format!("{other:?} cannot be written to .safetensors here"),
-            ))
-        }
-    })
-}
-
-/// The temporary file a write of `path` goes through: `path` + `.tmp`, in the same folder (so the final
-/// rename stays on one filesystem).
-pub fn temp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
-/// Writes `bytes` to `path` atomically: to [`temp_path`] first, flushed and synced, then renamed over
-/// `path`. On any failure (disk full, read-only or missing folder) the temporary file is removed and a
-/// previous `path` is left untouched.
-pub fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        {
-            let mut w = std::io::BufWriter::new(&mut f);
-            write(&mut w)?;
-            w.flush()?;
-        }
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
-
-/// Writes tensors as a `.safetensors` file (header keys sorted, data in that order, header padded with
-/// spaces to a multiple of 8 bytes), atomically through [`write_atomic`].
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).unwrap(),
-        );
-    }
-    let mut blobs = Vec::with_capacity(sorted.len());
-    let mut offset = 0usize;
-    for (name, t) in sorted {
-        let bytes = tensor_bytes(t)?;
-        header.insert(
-            name.clone(),
-            serde_json::json!({
-                "dtype": dtype_name(t.dtype())?,
-                "shape": t.dims(),
-                "data_offsets": [offset, offset + bytes.len()],
-            }),
-        );
-        offset += bytes.len();
-        blobs.push(bytes);
-    }
-    let mut head = serde_json::to_string(&header).unwrap().into_bytes();
-    while !head.len().is_multiple_of(8) {
-        head.push(b' ');
-    }
-    write_atomic(path, |w| {
-        w.write_all(&(head.len() as u64).to_le_bytes())?;
-        w.write_all(&head)?;
-        for b in &blobs {
-            w.write_all(b)?;
-        }
-        Ok(())
-    })
-}
-
-/// The `__metadata__` of a `.safetensors` file (empty if it has none).
-pub fn read_safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
-    use std::io::Read;
-    let bad = |reason: String| Error::Safetensors {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100_000_000 {
-        return Err(bad(format!("header of {len} bytes")));
-    }
-    let mut head = vec![0u8; len as usize];
-    f.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&head).map_err(|e| bad(format!("header: {e}")))?;
-    match v.get("__metadata__") {
-        None => Ok(BTreeMap::new()),
-        Some(m) => serde_json::from_value(m.clone()).map_err(|e| bad(format!("metadata: {e}"))),
     }
 }

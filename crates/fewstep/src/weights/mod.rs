@@ -1,6 +1,7 @@
 //! Model weights: validated, memory-mapped `.safetensors` files, and [`Weights`], a prefix-scoped view that
 //! hands each model the tensors it asks for with the shape it expects.
 
+pub mod convert;
 pub mod diffusers;
 pub mod hub;
 pub mod parts;

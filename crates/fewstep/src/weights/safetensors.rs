@@ -2,14 +2,16 @@
 //! length `n`, `n` bytes of JSON mapping each tensor name to `{dtype, shape, data_offsets: [begin, end]}`
 //! (offsets relative to the byte after the header), then the data. Every offset and size is checked
 //! before any tensor is read, so a truncated or corrupt file gives an error naming the file and the tensor.
+//! [`write_safetensors`] writes the same format.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use serde_json::Value;
 
+use crate::files::write_atomic;
 use crate::{Error, Result};
 
 /// Where one tensor lives in the file.
@@ -207,4 +209,111 @@ fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
         );
     }
     Ok((tensors, metadata))
+}
+
+fn dtype_name(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F64 => "F64",
+        DType::U8 => "U8",
+        DType::U32 => "U32",
+        DType::I64 => "I64",
+        other => {
+            return Err(Error::invalid(
+                "dtype",
+                format!("{other:?} cannot be written to .safetensors here"),
+            ))
+        }
+    })
+}
+
+/// The little-endian bytes of a tensor.
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U8 => t.to_vec1::<u8>()?,
+        DType::U32 => t
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => t
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => {
+            return Err(Error::invalid(
+                "dtype",
+                format!("{other:?} cannot be written to .safetensors here"),
+            ))
+        }
+    })
+}
+
+/// Writes tensors as a `.safetensors` file (header keys sorted, data in that order, header padded with
+/// spaces to a multiple of 8 bytes), atomically through [`write_atomic`].
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap(),
+        );
+    }
+    let mut blobs = Vec::with_capacity(sorted.len());
+    let mut offset = 0usize;
+    for (name, t) in sorted {
+        let bytes = tensor_bytes(t)?;
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": dtype_name(t.dtype())?,
+                "shape": t.dims(),
+                "data_offsets": [offset, offset + bytes.len()],
+            }),
+        );
+        offset += bytes.len();
+        blobs.push(bytes);
+    }
+    let mut head = serde_json::to_string(&header).unwrap().into_bytes();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    write_atomic(path, |w| {
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for b in &blobs {
+            w.write_all(b)?;
+        }
+        Ok(())
+    })
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the model parity tests: fixture paths, loading, relative error.
 #![allow(dead_code)]
 
+pub mod training;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -2,9 +2,9 @@
 //! self-attention block, `BasicTransformerBlock` with its GEGLU feed-forward, and `Transformer2DModel`
 //! (the spatial transformer of the UNet's cross-attention blocks).
 
+use crate::models::nn::GroupNorm;
 use crate::models::nn::Linear;
 use candle_core::{DType, Tensor};
-use candle_nn::GroupNorm;
 
 use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear, LayerNorm};
 use crate::weights::Weights;

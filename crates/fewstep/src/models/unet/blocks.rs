@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use super::attention::{Transformer2DModel, TransformerConfig};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::models::nn::{apply, conv2d};
+use crate::models::nn::{apply, conv2d, upsample_nearest2x};
 use crate::weights::Weights;
 use crate::Result;
 
@@ -55,7 +55,11 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
-        let x = x.upsample_nearest2d(oh, ow)?;
+        let x = if (oh, ow) == (2 * h, 2 * w) {
+            upsample_nearest2x(x)?
+        } else {
+            x.upsample_nearest2d(oh, ow)?
+        };
         apply(&self.conv, &x)
     }
 }

@@ -7,8 +7,8 @@ pub mod embeddings;
 pub mod resnet;
 
 use crate::models::nn::Conv2d;
+use crate::models::nn::GroupNorm;
 use candle_core::{DType, Tensor};
-use candle_nn::GroupNorm;
 
 use self::blocks::{AttnConfig, DownBlock, MidBlockCrossAttn, StageConfig, UpBlock};
 pub use self::embeddings::guidance_scale_embedding;

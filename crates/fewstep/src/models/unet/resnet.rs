@@ -1,9 +1,9 @@
 //! diffusers' `ResnetBlock2D` (with `time_embedding_norm = "default"`), shared by the UNet (with a
 //! timestep embedding) and the VAE (without one), and the activation functions the configs name.
 
+use crate::models::nn::GroupNorm;
 use crate::models::nn::{Conv2d, Linear};
 use candle_core::Tensor;
-use candle_nn::GroupNorm;
 
 use crate::models::nn::{apply, conv2d, group_norm, linear};
 use crate::weights::Weights;

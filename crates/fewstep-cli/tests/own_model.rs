@@ -1,0 +1,251 @@
+//! fewstep's own model end to end: the shipped default draws what it is asked, `fewstep convert` stores a
+//! model in f16 that gives the same picture, and `fewstep train --init-from` fine-tunes a trained model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fewstep::image::{read_png, RgbImage};
+use fewstep::world::COLOURS;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+
+fn fewstep(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The world colour nearest to the mean of the pixels `(x, y)` with `keep(x, y)`, as fractions of the side.
+fn nearest_colour(img: &RgbImage, keep: impl Fn(f32, f32) -> bool) -> &'static str {
+    let (mut sum, mut n) = ([0f32; 3], 0f32);
+    for y in 0..img.height {
+        for x in 0..img.width {
+            let (fx, fy) = (
+                (x as f32 + 0.5) / img.width as f32,
+                (y as f32 + 0.5) / img.height as f32,
+            );
+            if keep(fx, fy) {
+                for (s, v) in sum.iter_mut().zip(img.pixel(x, y)) {
+                    *s += v as f32;
+                }
+                n += 1.0;
+            }
+        }
+    }
+    let mean = sum.map(|s| s / n);
+    COLOURS
+        .iter()
+        .min_by(|a, b| {
+            let d = |c: &[u8; 3]| -> f32 {
+                c.iter()
+                    .zip(&mean)
+                    .map(|(&c, m)| (c as f32 - m).powi(2))
+                    .sum()
+            };
+            d(&a.rgb).total_cmp(&d(&b.rgb))
+        })
+        .unwrap()
+        .name
+}
+
+/// The README's command: no --model, so the shipped base model (DDIM 25 steps, guidance 7.5). The centre of
+/// the picture is the shape's colour and the border the background's, for a few colour pairs.
+#[test]
+fn the_default_model_draws_the_colours_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (shape_colour, background)) in
+        [("red", "blue"), ("yellow", "purple"), ("white", "green")]
+            .into_iter()
+            .enumerate()
+    {
+        let out = dir.path().join(format!("{i}.png"));
+        let prompt = format!("a large {shape_colour} circle on a {background} background");
+        ok(fewstep(&[
+            "generate",
+            &prompt,
+            "--seed",
+            "0",
+            "--output",
+            out.to_str().unwrap(),
+        ]));
+        let img = read_png(&out).unwrap();
+        assert_eq!((img.width, img.height), (32, 32));
+        let centre = nearest_colour(&img, |x, y| (x - 0.5).abs() < 0.1 && (y - 0.5).abs() < 0.1);
+        let border = nearest_colour(&img, |x, y| x.min(y).min(1.0 - x).min(1.0 - y) < 0.1);
+        assert_eq!((centre, border), (shape_colour, background), "{prompt}");
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &to);
+        } else {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}
+
+fn max_pixel_difference(a: &Path, b: &Path) -> u8 {
+    let (a, b) = (read_png(a).unwrap(), read_png(b).unwrap());
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+/// `fewstep convert` writes every weight in f16 (half the bytes), leaves out files that are not part of the
+/// pipeline, and the f16 model's picture is within 3/255 of the f32 one.
+#[test]
+fn convert_to_f16_halves_the_weights_and_keeps_the_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("f32");
+    copy_dir(&PathBuf::from(FIXTURES).join("tiny-sd"), &src);
+    std::fs::write(src.join("checkpoint.safetensors"), b"not part of the model").unwrap();
+    let dst = dir.path().join("f16");
+    ok(fewstep(&[
+        "convert",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]));
+    assert!(!dst.join("checkpoint.safetensors").exists());
+    let unet = "unet/diffusion_pytorch_model.safetensors";
+    let (a, b) = (
+        std::fs::metadata(src.join(unet)).unwrap().len(),
+        std::fs::metadata(dst.join(unet)).unwrap().len(),
+    );
+    assert!(b < a * 6 / 10, "{a} bytes → {b}");
+    let file = fewstep::weights::SafetensorsFile::open(dst.join(unet)).unwrap();
+    assert!(file
+        .tensors()
+        .values()
+        .all(|t| t.dtype == candle_core::DType::F16));
+    let mut pngs = Vec::new();
+    for m in [&src, &dst] {
+        let out = dir
+            .path()
+            .join(format!("{}.png", m.file_name().unwrap().to_str().unwrap()));
+        ok(fewstep(&[
+            "generate",
+            "a red circle",
+            "--model",
+            m.to_str().unwrap(),
+            "--seed",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ]));
+        pngs.push(out);
+    }
+    assert!(max_pixel_difference(&pngs[0], &pngs[1]) <= 3);
+    let err = fewstep(&[
+        "convert",
+        src.join("unet").to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("model_index.json"));
+}
+
+/// Trains tiny base models for a few steps, then fine-tunes on the outline style from the base with
+/// --init-from: the fine-tune starts from the base's weights (two small steps away from them), and a folder
+/// without a UNet is refused.
+#[test]
+fn init_from_fine_tunes_a_trained_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let common = [
+        "--preset",
+        "tiny",
+        "--dataset-size",
+        "16",
+        "--batch-size",
+        "4",
+    ];
+    let run = |extra: &[&str]| {
+        let mut a = vec!["train"];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        ok(fewstep(&a))
+    };
+    run(&["--stage", "vae", "--steps", "2", "--out", &d("vae")]);
+    run(&[
+        "--stage",
+        "unet",
+        "--steps",
+        "3",
+        "--vae",
+        &d("vae"),
+        "--out",
+        &d("base"),
+    ]);
+    run(&[
+        "--stage",
+        "unet",
+        "--steps",
+        "2",
+        "--style",
+        "outline",
+        "--init-from",
+        &d("base"),
+        "--out",
+        &d("fine"),
+    ]);
+    let base = fewstep::weights::SafetensorsFile::open(format!(
+        "{}/unet/diffusion_pytorch_model.safetensors",
+        d("base")
+    ))
+    .unwrap();
+    let fine = fewstep::weights::SafetensorsFile::open(format!(
+        "{}/unet/diffusion_pytorch_model.safetensors",
+        d("fine")
+    ))
+    .unwrap();
+    // Two small AdamW steps from the base: every tensor close to the base's, none equal to a fresh init's.
+    let key = "conv_in.weight";
+    let (a, b) = (
+        base.load(key, &candle_core::Device::Cpu).unwrap(),
+        fine.load(key, &candle_core::Device::Cpu).unwrap(),
+    );
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff > 0.0 && diff < 1e-3, "max |fine − base| = {diff}");
+    // A folder without a trained UNet (the VAE stage's) is refused, naming what is missing.
+    let err = fewstep(&[
+        "train",
+        "--stage",
+        "unet",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--init-from",
+        &d("vae"),
+        "--out",
+        &d("bad"),
+    ]);
+    assert!(!err.status.success());
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert!(msg.contains("unet") && msg.lines().count() == 1, "{msg}");
+}

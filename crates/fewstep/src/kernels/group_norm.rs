@@ -1,0 +1,166 @@
+//! GroupNorm with a hand-derived backward pass (candle's is a chain of broadcasts whose gradients are
+//! strided reductions over the batch and pixel axes, the slowest CPU path of a training step).
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `y = (x − μ_g) / √(σ²_g + ε) · γ_c + β_c` over `[B, C, …]`, with `μ_g`, `σ²_g` the mean and (biased)
+/// variance of each group of `C/G` channels of each sample.
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+}
+
+/// The shape `(B, C, HW)` of a `[B, C, …]` tensor.
+fn bchw(shape: &Shape) -> candle_core::Result<(usize, usize, usize)> {
+    let d = shape.dims();
+    if d.len() < 3 {
+        bail!("group_norm: input rank must be at least 3 (got {d:?})");
+    }
+    Ok((d[0], d[1], d[2..].iter().product()))
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("group_norm: only f32 tensors")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("group_norm: inputs must be contiguous"),
+    }
+}
+
+/// Mean and `1/√(σ² + ε)` of one group's values.
+fn moments(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let (_, c, hw) = bchw(xl.shape())?;
+        let cg = c / self.groups;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(cg * hw)
+            .zip(x.par_chunks(cg * hw))
+            .enumerate()
+            .for_each(|(bg, (y, x))| {
+                let (mean, rstd) = moments(x, self.eps);
+                let c0 = (bg % self.groups) * cg;
+                for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                    let (g, b) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - mean) * g + b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    /// With `x̂ = (x − μ)·r`, `r = 1/√(σ² + ε)`, and `dx̂ = dy·γ`:
+    /// `dβ_c = Σ_{b,p} dy`, `dγ_c = Σ_{b,p} dy·x̂`, `dx = r·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂))`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, c, hw) = bchw(x.shape())?;
+        let cg = c / self.groups;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let dyv = dy.flatten_all()?.to_vec1::<f32>()?;
+        let gv = gamma.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; xv.len()];
+        // Per (sample, group): dx, and the per-channel partial sums of dy and dy·x̂.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(cg * hw)
+            .zip(xv.par_chunks(cg * hw).zip(dyv.par_chunks(cg * hw)))
+            .enumerate()
+            .map(|(bg, (dx, (x, dy)))| {
+                let (mean, rstd) = moments(x, self.eps);
+                let c0 = (bg % self.groups) * cg;
+                let n = (cg * hw) as f64;
+                let (mut s1, mut s2) = (0f64, 0f64);
+                let (mut dbeta, mut dgamma) = (vec![0f32; cg], vec![0f32; cg]);
+                for ci in 0..cg {
+                    let g = gv[c0 + ci];
+                    let (mut db, mut dg) = (0f64, 0f64);
+                    for p in ci * hw..(ci + 1) * hw {
+                        let xh = ((x[p] - mean) * rstd) as f64;
+                        let d = dy[p] as f64;
+                        db += d;
+                        dg += d * xh;
+                        s1 += d * g as f64;
+                        s2 += d * g as f64 * xh;
+                    }
+                    dbeta[ci] = db as f32;
+                    dgamma[ci] = dg as f32;
+                }
+                let (m1, m2) = (s1 / n, s2 / n);
+                for ci in 0..cg {
+                    let g = gv[c0 + ci] as f64;
+                    for p in ci * hw..(ci + 1) * hw {
+                        let xh = ((x[p] - mean) * rstd) as f64;
+                        dx[p] = (rstd as f64 * (dy[p] as f64 * g - m1 - xh * m2)) as f32;
+                    }
+                }
+                (dbeta, dgamma)
+            })
+            .collect();
+        let (mut dbeta, mut dgamma) = (vec![0f32; c], vec![0f32; c]);
+        for (bg, (db, dg)) in partial.iter().enumerate() {
+            let c0 = (bg % self.groups) * cg;
+            for ci in 0..cg {
+                dbeta[c0 + ci] += db[ci];
+                dgamma[c0 + ci] += dg[ci];
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dgamma, c, dev)?),
+            Some(Tensor::from_vec(dbeta, c, dev)?),
+        ))
+    }
+}
+
+/// GroupNorm of `x: [B, C, …]` (f32, CPU) with `groups` groups, affine `weight`/`bias: [C]`,
+/// differentiable in all three.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let c = x.dim(1)?;
+    if groups == 0 || c % groups != 0 || weight.dims() != [c] || bias.dims() != [c] {
+        bail!(
+            "group_norm: {c} channels, {groups} groups, weight {:?}, bias {:?}",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        GroupNormOp { groups, eps },
+    )
+}
