@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod files;
 pub mod image;
 pub mod kernels;

@@ -349,13 +349,16 @@ impl Scene {
     }
 }
 
+/// `n` random scenes in `style`, the same for the same `seed` (the scenes of [`dataset`]).
+pub fn scenes(seed: u64, n: usize, style: Style) -> Vec<Scene> {
+    let mut rng = SceneRng::new(seed);
+    (0..n).map(|_| Scene::random(&mut rng, style)).collect()
+}
+
 /// `n` captioned images of `side`×`side` in `style`, the same for the same `seed`.
 pub fn dataset(seed: u64, n: usize, side: usize, style: Style) -> Vec<(RgbImage, String)> {
-    let mut rng = SceneRng::new(seed);
-    (0..n)
-        .map(|_| {
-            let scene = Scene::random(&mut rng, style);
-            (scene.render(side), scene.caption())
-        })
+    scenes(seed, n, style)
+        .into_iter()
+        .map(|scene| (scene.render(side), scene.caption()))
         .collect()
 }

@@ -5,7 +5,6 @@ mod common;
 
 use common::training::{mean, tiny_vae, unet_config, unet_sources, vae_config};
 
-
 use candle_core::{DType, Device, Tensor};
 use fewstep::files::temp_path;
 use fewstep::pipeline::StableDiffusion;

@@ -53,12 +53,44 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = self.base.forward(x)?;
+        let mut y = linear_forward(&self.base, x)?;
         for b in &self.lora {
-            y = (y + b.up.forward(&b.down.forward(x)?)?)?;
+            y = (y + linear_forward(&b.up, &linear_forward(&b.down, x)?)?)?;
         }
         Ok(y)
     }
+}
+
+/// Whether a layer runs its training path: autograd tracks the input or the parameter, on the CPU in f32.
+fn training_path(x: &Tensor, param: &Tensor) -> bool {
+    (x.track_op() || param.track_op()) && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// `v: [C]` repeated over `n` rows, `[n, C]`, as the product `1ₙ · vᵀ`: under autograd its gradient is
+/// the matrix product `1ₙᵀ · g` (a broadcast's gradient is a reduction over the leading axes, candle's
+/// slowest CPU path).
+fn rows_of(v: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    let c = v.elem_count();
+    Tensor::ones((n, 1), v.dtype(), v.device())?.matmul(&v.reshape((1, c))?)
+}
+
+/// candle's linear layer, or under autograd on the CPU in f32 `x Wᵀ + 1·bᵀ` over the flattened rows
+/// (see [`rows_of`]).
+fn linear_forward(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    if !training_path(x, layer.weight()) {
+        return layer.forward(x);
+    }
+    let dims = x.dims().to_vec();
+    let (inner, n) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
+    let out = layer.weight().dim(0)?;
+    let y = x.reshape((n, inner))?.matmul(&layer.weight().t()?)?;
+    let y = match layer.bias() {
+        Some(b) => (y + rows_of(b, n)?)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = out;
+    y.reshape(out_dims)
 }
 
 /// `y = x Wᵀ + b` with `W: [out, in]`.
@@ -121,18 +153,21 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let base = &self.base;
-        let trained = x.track_op() || base.weight().track_op();
-        let mut y = if trained && x.device().is_cpu() && x.dtype() == DType::F32 {
-            let cfg = base.config();
-            conv2d_unfolded(x, base.weight(), base.bias(), cfg.stride, cfg.padding)?
-        } else {
-            base.forward(x)?
-        };
+        let mut y = conv_forward(&self.base, x)?;
         for b in &self.lora {
-            y = (y + b.up.forward(&b.down.forward(x)?)?)?;
+            y = (y + conv_forward(&b.up, &conv_forward(&b.down, x)?)?)?;
         }
         Ok(y)
+    }
+}
+
+/// candle's convolution, or [`conv2d_unfolded`] under autograd on the CPU in f32 (training).
+fn conv_forward(conv: &candle_nn::Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
+    if training_path(x, conv.weight()) {
+        let cfg = conv.config();
+        conv2d_unfolded(x, conv.weight(), conv.bias(), cfg.stride, cfg.padding)
+    } else {
+        conv.forward(x)
     }
 }
 
@@ -271,8 +306,7 @@ pub struct GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let trained = x.track_op() || self.weight.track_op() || self.bias.track_op();
-        if trained && x.device().is_cpu() && x.dtype() == DType::F32 {
+        if training_path(x, &self.weight) || training_path(x, &self.bias) {
             crate::kernels::group_norm::group_norm(
                 x,
                 &self.weight,
@@ -302,7 +336,8 @@ pub fn layer_norm(w: &Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
 ///
 /// At inference it runs candle's fused kernel, which has no backward pass (gradients would silently stop
 /// there); when the input or the parameters are tracked by autograd (training: the weights are `Var`s), it
-/// runs the same formula out of differentiable tensor operations instead.
+/// runs the same formula out of differentiable tensor operations instead, the affine part through
+/// [`rows_of`] on the CPU.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     fused: candle_nn::LayerNorm,
@@ -313,11 +348,25 @@ pub struct LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
-            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
-        } else {
-            self.fused.forward(x)
+        if !(x.track_op() || self.weight.track_op() || self.bias.track_op()) {
+            return self.fused.forward(x);
         }
+        let dims = x.dims().to_vec();
+        let c = dims[dims.len() - 1];
+        let n = x.elem_count() / c;
+        let x = x.reshape((n, c))?;
+        let mean = x.mean_keepdim(1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = if training_path(&normed, &self.weight) {
+            ((normed * rows_of(&self.weight, n)?)? + rows_of(&self.bias, n)?)?
+        } else {
+            normed
+                .broadcast_mul(&self.weight)?
+                .broadcast_add(&self.bias)?
+        };
+        y.reshape(dims)
     }
 }
 
@@ -509,6 +558,66 @@ mod tests {
                     max_diff(a, r)
                 );
             }
+        }
+    }
+    /// The training paths of Linear (3-D input) and LayerNorm, values and gradients, equal candle's.
+    #[test]
+    fn linear_and_layer_norm_training_paths_match_candle() {
+        let x = Var::from_tensor(&randn(&[2, 5, 6], 1)).unwrap();
+        let w = Var::from_tensor(&randn(&[4, 6], 2)).unwrap();
+        let b = Var::from_tensor(&randn(&[4], 3)).unwrap();
+        let reference = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()))
+            .forward(&x)
+            .unwrap();
+        let ours = Linear {
+            base: candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone())),
+            lora: Vec::new(),
+        }
+        .forward(&x)
+        .unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-5);
+        let probe = randn(&[2, 5, 4], 4);
+        let g_ref = (reference * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ours = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            assert!(max_diff(g_ours.get(v).unwrap(), g_ref.get(v).unwrap()) < 1e-4);
+        }
+        let lw = Var::from_tensor(&randn(&[6], 5)).unwrap();
+        let lb = Var::from_tensor(&randn(&[6], 6)).unwrap();
+        let reference = candle_nn::ops::layer_norm_slow(&x, &lw, &lb, 1e-5).unwrap();
+        let ln = LayerNorm {
+            fused: candle_nn::LayerNorm::new(lw.as_tensor().clone(), lb.as_tensor().clone(), 1e-5),
+            weight: lw.as_tensor().clone(),
+            bias: lb.as_tensor().clone(),
+            eps: 1e-5,
+        };
+        let ours = ln.forward(&x).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-5);
+        let probe = randn(&[2, 5, 6], 7);
+        let g_ref = (reference * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ours = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &lw, &lb] {
+            assert!(max_diff(g_ours.get(v).unwrap(), g_ref.get(v).unwrap()) < 1e-4);
         }
     }
 }

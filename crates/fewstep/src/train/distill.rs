@@ -17,17 +17,17 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::lcd::{consistency, guided, predicted_x0, DdimSolver, LcdLoss};
-use super::params::ParamStore;
 use super::data::WorldData;
 use super::diffusion::sd_noise_schedule;
+use super::lcd::{consistency, guided, predicted_x0, DdimSolver, LcdLoss};
+use super::params::ParamStore;
 use crate::config::UNet2DConditionConfig;
-use crate::models::clip::ClipTextModel;
-use crate::schedulers::betas::alphas_cumprod;
-use crate::weights::parts::ModelParts;
 use crate::lora::LoraBranch;
+use crate::models::clip::ClipTextModel;
 use crate::models::unet::embeddings::guidance_scale_embedding;
 use crate::models::UNet2DConditionModel;
+use crate::schedulers::betas::alphas_cumprod;
+use crate::weights::parts::ModelParts;
 use crate::weights::safetensors::write_safetensors;
 use crate::{Error, Result};
 
