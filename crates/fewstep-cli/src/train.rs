@@ -102,6 +102,9 @@ pub struct Args {
     /// are the starting weights, its configs the run's, its VAE the default --vae.
     #[arg(long)]
     init_from: Option<PathBuf>,
+    /// With --init-from: train the UNet alone, keeping the model's text encoder unchanged.
+    #[arg(long, requires = "init_from")]
+    freeze_text_encoder: bool,
     /// UNet stage: a CLIP tokenizer folder (vocab.json + merges.txt, or tokenizer.json).
     #[arg(long, default_value = DEFAULT_TOKENIZER)]
     tokenizer: PathBuf,
@@ -138,6 +141,7 @@ fn config(args: &Args) -> Result<TrainConfig> {
     c.kl_weight = args.kl_weight;
     c.caption_dropout = args.caption_dropout;
     c.checkpoint_every = args.checkpoint_every;
+    c.freeze_text_encoder = args.freeze_text_encoder;
     if stage == Stage::Unet {
         if let Some(init) = &args.init_from {
             c.unet = Some(fewstep::config::load_json(&init.join("unet/config.json"))?);

@@ -163,8 +163,8 @@ fn convert_to_f16_halves_the_weights_and_keeps_the_picture() {
 }
 
 /// Trains tiny base models for a few steps, then fine-tunes on the outline style from the base with
-/// --init-from: the fine-tune starts from the base's weights (two small steps away from them), and a folder
-/// without a UNet is refused.
+/// --init-from: the fine-tune starts from the base's weights (two small steps away from them),
+/// --freeze-text-encoder keeps the base's text encoder, and a folder without a UNet is refused.
 #[test]
 fn init_from_fine_tunes_a_trained_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -231,6 +231,28 @@ fn init_from_fine_tunes_a_trained_model() {
         .to_scalar()
         .unwrap();
     assert!(diff > 0.0 && diff < 1e-3, "max |fine − base| = {diff}");
+    // --freeze-text-encoder: the fine-tune's text encoder file is the base's, byte for byte.
+    run(&[
+        "--stage",
+        "unet",
+        "--steps",
+        "2",
+        "--style",
+        "outline",
+        "--init-from",
+        &d("base"),
+        "--freeze-text-encoder",
+        "--out",
+        &d("frozen"),
+    ]);
+    let te = "text_encoder/model.safetensors";
+    let (a, b) = (
+        std::fs::read(format!("{}/{te}", d("base"))).unwrap(),
+        std::fs::read(format!("{}/{te}", d("frozen"))).unwrap(),
+    );
+    assert!(a == b, "the frozen text encoder changed");
+    let fine_te = std::fs::read(format!("{}/{te}", d("fine"))).unwrap();
+    assert!(a != fine_te, "without the flag the text encoder trains too");
     // A folder without a trained UNet (the VAE stage's) is refused, naming what is missing.
     let err = fewstep(&[
         "train",

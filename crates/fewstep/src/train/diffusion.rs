@@ -106,6 +106,10 @@ pub struct TrainConfig {
     /// Distillation stages only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
+    /// UNet stage fine-tuning ([`Sources::init_from`]): keep the text encoder as it is and train the UNet
+    /// alone (the fine-tune then shares the base's text encoder file).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_text_encoder: bool,
 }
 
 /// Named model sizes.
@@ -216,6 +220,7 @@ impl TrainConfig {
             unet: (stage == Stage::Unet).then(|| preset.unet()),
             text_encoder: (stage == Stage::Unet).then(|| preset.text_encoder()),
             distill: None,
+            freeze_text_encoder: false,
         }
     }
 
@@ -329,6 +334,8 @@ pub struct Trainer {
     vae: Option<FrozenVae>,
     /// Distillation stages: the frozen teacher and the target network's state.
     pub distill: Option<DistillState>,
+    /// A fine-tune with [`TrainConfig::freeze_text_encoder`]: the frozen text encoder and its folder.
+    frozen_text_encoder: Option<(ClipTextModel, PathBuf)>,
     alphas_cumprod: Vec<f32>,
     device: Device,
 }
@@ -358,15 +365,19 @@ pub fn expected_shapes(
     }
     Ok(match config.stage {
         Stage::Vae => prefixed("vae.", vae_shapes(&config.vae)?).collect(),
-        Stage::Unet => prefixed(
-            "text_encoder.",
-            text_encoder_shapes(config.text_encoder.as_ref().unwrap())?,
-        )
-        .chain(prefixed(
-            "unet.",
-            unet_shapes(config.unet.as_ref().unwrap())?,
-        ))
-        .collect(),
+        Stage::Unet => {
+            let te = if config.freeze_text_encoder {
+                std::collections::BTreeMap::new()
+            } else {
+                text_encoder_shapes(config.text_encoder.as_ref().unwrap())?
+            };
+            prefixed("text_encoder.", te)
+                .chain(prefixed(
+                    "unet.",
+                    unet_shapes(config.unet.as_ref().unwrap())?,
+                ))
+                .collect()
+        }
         Stage::Lcm => prefixed("unet.", unet_shapes(config.unet.as_ref().unwrap())?).collect(),
         Stage::LcmLora => {
             let rank = config.distill.as_ref().unwrap().lora_rank;
@@ -454,11 +465,13 @@ impl Trainer {
                 let dir = sources.init_from.as_deref().unwrap();
                 let parts = pretrained(dir, device)?;
                 check_configs(&config, &parts, config.unet.as_ref(), "init-from", dir)?;
-                params.add_from_weights(
-                    "text_encoder.",
-                    &text_encoder_shapes(config.text_encoder.as_ref().unwrap())?,
-                    &parts.text_encoder,
-                )?;
+                if !config.freeze_text_encoder {
+                    params.add_from_weights(
+                        "text_encoder.",
+                        &text_encoder_shapes(config.text_encoder.as_ref().unwrap())?,
+                        &parts.text_encoder,
+                    )?;
+                }
                 params.add_from_weights(
                     "unet.",
                     &unet_shapes(config.unet.as_ref().unwrap())?,
@@ -484,6 +497,12 @@ impl Trainer {
                 } else {
                     params.add_init("", &shapes, init_seed(config.seed, 6))?;
                 }
+            }
+            Stage::Unet if config.freeze_text_encoder => {
+                return Err(Error::invalid(
+                    "freeze text encoder",
+                    "only a fine-tune (--init-from) can keep its text encoder frozen",
+                ))
             }
             Stage::Unet => {
                 let (te, unet) = (config.text_encoder.as_ref(), config.unet.as_ref());
@@ -560,6 +579,20 @@ impl Trainer {
             )?),
             _ => None,
         };
+        let frozen_text_encoder = match (config.freeze_text_encoder, &sources.init_from) {
+            (false, _) => None,
+            (true, Some(dir)) => {
+                let parts = pretrained(dir, device)?;
+                let te = ClipTextModel::new(&parts.text_encoder_config, &parts.text_encoder)?;
+                Some((te, dir.join("text_encoder")))
+            }
+            (true, None) => {
+                return Err(Error::invalid(
+                    "freeze text encoder",
+                    "only a fine-tune (--init-from) can keep its text encoder frozen",
+                ))
+            }
+        };
         let opt = AdamW::new(config.optim.clone(), &params)?;
         Ok(Self {
             rng: TrainRng::new(init_seed(config.seed, 4)),
@@ -572,6 +605,7 @@ impl Trainer {
             tokenizer_dir,
             vae,
             distill,
+            frozen_text_encoder,
             alphas_cumprod: alphas_cumprod(&sd_noise_schedule())?,
             device: device.clone(),
         })
@@ -672,10 +706,17 @@ impl Trainer {
         let sb = Tensor::from_vec(sb, (b, 1, 1, 1), &self.device)?;
         let zt = (z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
         let w = self.params.weights();
-        let te = ClipTextModel::new(
-            self.config.text_encoder.as_ref().unwrap(),
-            &w.pp("text_encoder"),
-        )?;
+        let trained_te;
+        let te = match &self.frozen_text_encoder {
+            Some((te, _)) => te,
+            None => {
+                trained_te = ClipTextModel::new(
+                    self.config.text_encoder.as_ref().unwrap(),
+                    &w.pp("text_encoder"),
+                )?;
+                &trained_te
+            }
+        };
         let unet = UNet2DConditionModel::new(self.config.unet.as_ref().unwrap(), &w.pp("unet"))?;
         let context = te.encode(&batch.ids, None)?;
         let ts: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
@@ -848,6 +889,11 @@ impl Trainer {
 
     pub(crate) fn tokenizer_dir(&self) -> Option<&Path> {
         self.tokenizer_dir.as_deref()
+    }
+
+    /// The frozen text encoder's folder of a fine-tune that keeps it.
+    pub(crate) fn frozen_text_encoder_dir(&self) -> Option<&Path> {
+        self.frozen_text_encoder.as_ref().map(|(_, d)| d.as_path())
     }
 
     pub(crate) fn frozen_vae_dir(&self) -> Option<&Path> {

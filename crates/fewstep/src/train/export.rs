@@ -146,18 +146,24 @@ pub fn export(trainer: &Trainer, out: &Path) -> Result<()> {
                 DType::F32,
             )?;
             let te_dir = out.join("text_encoder");
-            mkdir(&te_dir)?;
-            let mut te_cfg = serde_json::to_value(cfg.text_encoder.as_ref().unwrap()).unwrap();
-            let obj = te_cfg.as_object_mut().unwrap();
-            obj.insert("architectures".into(), json!(["CLIPTextModel"]));
-            obj.insert("model_type".into(), json!("clip_text_model"));
-            obj.insert("torch_dtype".into(), json!("float32"));
-            write_json(&te_dir.join("config.json"), &te_cfg)?;
-            trainer.params.save_component(
-                "text_encoder.",
-                &te_dir.join("model.safetensors"),
-                DType::F32,
-            )?;
+            match trainer.frozen_text_encoder_dir() {
+                Some(dir) => copy_dir_files(dir, &te_dir)?,
+                None => {
+                    mkdir(&te_dir)?;
+                    let te = cfg.text_encoder.as_ref().unwrap();
+                    let mut te_cfg = serde_json::to_value(te).unwrap();
+                    let obj = te_cfg.as_object_mut().unwrap();
+                    obj.insert("architectures".into(), json!(["CLIPTextModel"]));
+                    obj.insert("model_type".into(), json!("clip_text_model"));
+                    obj.insert("torch_dtype".into(), json!("float32"));
+                    write_json(&te_dir.join("config.json"), &te_cfg)?;
+                    trainer.params.save_component(
+                        "text_encoder.",
+                        &te_dir.join("model.safetensors"),
+                        DType::F32,
+                    )?;
+                }
+            }
             if let Some(tok) = trainer.tokenizer_dir() {
                 copy_dir_files(tok, &out.join("tokenizer"))?;
             }
