@@ -17,6 +17,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// (docs/training.md).
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/default/base");
 
+/// The default model's guidance scale: its pictures are best at 2–4 (docs/training.md); 7.5 washes
+/// them out.
+const DEFAULT_MODEL_GUIDANCE: f64 = 3.0;
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum SchedulerArg {
     Lcm,
@@ -85,7 +89,8 @@ pub struct Args {
     /// Number of UNet calls (default 4 for LCM, 25 for the other schedulers).
     #[arg(long)]
     steps: Option<usize>,
-    /// Guidance scale (default 1.0 for LCM, 8.5 for a full LCM model, 7.5 for the other schedulers).
+    /// Guidance scale (default 1.0 for LCM, 8.5 for a full LCM model, 7.5 for the other schedulers; 3.0
+    /// for the default model).
     #[arg(long)]
     guidance: Option<f64>,
     /// Seed (random and printed when not given).
@@ -159,9 +164,10 @@ pub fn run(args: Args) -> Result<()> {
         DTypeArg::F16 => DType::F16,
         DTypeArg::Bf16 => DType::BF16,
     };
-    let default_scheduler = match args.model {
-        Some(_) => SchedulerArg::Lcm,
-        None => SchedulerArg::Ddim,
+    let default_model = args.model.is_none();
+    let default_scheduler = match default_model {
+        false => SchedulerArg::Lcm,
+        true => SchedulerArg::Ddim,
     };
     let model_spec = args.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let mut parts = ModelParts::open(&model_spec, dtype, &Device::Cpu)?;
@@ -197,9 +203,10 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         25
     });
-    req.guidance = args
-        .guidance
-        .unwrap_or_else(|| model.default_guidance(scheduler));
+    req.guidance = args.guidance.unwrap_or_else(|| match default_model {
+        true => DEFAULT_MODEL_GUIDANCE,
+        false => model.default_guidance(scheduler),
+    });
     req.num_images = args.num_images;
     req.clip_skip = args.clip_skip;
     if let Some(path) = &args.init_image {

@@ -96,8 +96,11 @@ fn vae_flag_and_single_file_model() {
     };
     let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
     let vae = format!("{FIXTURES}/tiny-sd/vae/diffusion_pytorch_model.safetensors");
-    for (extra, out) in [(vec![], &a), (vec!["--vae", vae.as_str()], &b)] {
-        let res = run(&extra, out);
+    let tiny = format!("{FIXTURES}/tiny-sd");
+    let model = ["--model", tiny.as_str()];
+    let with_vae = ["--model", tiny.as_str(), "--vae", vae.as_str()];
+    for (extra, out) in [(&model[..], &a), (&with_vae[..], &b)] {
+        let res = run(extra, out);
         assert!(
             res.status.success(),
             "{}",
@@ -141,6 +144,8 @@ fn generate_with_loras_and_prompt_tags() {
         .args([
             "generate",
             "a red circle <lora:style:0.8>",
+            "--model",
+            &format!("{FIXTURES}/tiny-sd"),
             "--seed",
             "0",
             "--width",
@@ -177,6 +182,8 @@ fn generate_with_loras_and_prompt_tags() {
             .args([
                 "generate",
                 "a red circle",
+                "--model",
+                &format!("{FIXTURES}/tiny-sd"),
                 "--seed",
                 "0",
                 "--width",

@@ -5,7 +5,7 @@
 //!     cargo run --release -p fewstep --example world_grid -- MODEL_DIR OUT.png [COUNT] [COLS] [STYLE]
 //!
 //! Prompts: the captions of `world::dataset(2026, COUNT, 32, STYLE)` (STYLE `filled` or `outline`);
-//! each image DDIM 25 steps, guidance 7.5, seed = its index.
+//! each image DDIM 25 steps, guidance 3 (the default model's), seed = its index.
 
 use std::path::Path;
 
@@ -54,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut req = model.request(caption, i as u64);
         req.scheduler = SchedulerKind::Ddim;
         req.steps = 25;
-        req.guidance = 7.5;
+        req.guidance = 3.0;
         let out = model.generate(&req, &mut |_, _| {})?;
         let generated = &tensor_to_images(&out.decoded)?[0];
         let (x0, y0) = ((i % cols) * cell_w, (i / cols) * cell_h);

@@ -11,7 +11,7 @@ fn labels_are_what_the_scene_holds() {
     for scene in scenes(3, 50, Style::Outline) {
         let l = Labels::of(&scene);
         assert!(l.outline);
-        assert_eq!(l.shapes.iter().filter(|&&x| x).count() >= 1, true);
+        assert!(l.shapes.iter().any(|&x| x));
         assert!(l.shapes.iter().filter(|&&x| x).count() <= scene.objects.len());
         assert!(l.adheres(&l));
         let mut wrong = l.clone();
