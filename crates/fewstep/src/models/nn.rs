@@ -420,6 +420,17 @@ mod tests {
             .unwrap()
     }
 
+    /// Per variable, the largest difference between the gradients of `Σ probe ⊙ ours` and
+    /// `Σ probe ⊙ reference` (`probe` random, drawn from `seed`).
+    fn grad_diffs(ours: Tensor, reference: Tensor, vars: &[&Var], seed: u64) -> Vec<f32> {
+        let probe = randn(reference.dims(), seed);
+        let grads = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g_ours, g_ref) = (grads(ours), grads(reference));
+        vars.iter()
+            .map(|v| max_diff(g_ours.get(v).unwrap(), g_ref.get(v).unwrap()))
+            .collect()
+    }
+
     /// The unfolded convolution and its gradients equal candle's convolution on awkward sizes: odd sides,
     /// stride 2 with and without padding, 1×1 kernels.
     #[test]
@@ -446,26 +457,9 @@ mod tests {
             let ours = conv2d_unfolded(&x, &wt, Some(&bias), s, p).unwrap();
             assert_eq!(ours.dims(), reference.dims(), "case {i}");
             assert!(max_diff(&ours, &reference) < 1e-5, "case {i} forward");
-            let probe = randn(reference.dims(), seed + 3);
-            let g_ref = (reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_ours = (ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("x", &x), ("weight", &wt), ("bias", &bias)] {
-                let (a, r) = (g_ours.get(v).unwrap(), g_ref.get(v).unwrap());
-                assert!(
-                    max_diff(a, r) < 1e-4,
-                    "case {i} grad {name}: {}",
-                    max_diff(a, r)
-                );
+            let diffs = grad_diffs(ours, reference, &[&x, &wt, &bias], seed + 3);
+            for (name, d) in ["x", "weight", "bias"].iter().zip(diffs) {
+                assert!(d < 1e-4, "case {i} grad {name}: {d}");
             }
         }
     }
@@ -476,20 +470,7 @@ mod tests {
         let reference = x.upsample_nearest2d(10, 8).unwrap();
         let ours = upsample_nearest2x(&x).unwrap();
         assert_eq!(max_diff(&ours, &reference), 0.0);
-        let probe = randn(&[2, 3, 10, 8], 8);
-        let g_ref = (reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ours = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(max_diff(g_ours.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-5);
+        assert!(grad_diffs(ours, reference, &[&x], 8)[0] < 1e-5);
     }
     /// The GroupNorm training kernel and its gradients equal candle's GroupNorm (uneven channel counts
     /// per group, a non-square image, a 3-D input).
@@ -537,26 +518,9 @@ mod tests {
             .forward(&x)
             .unwrap();
             assert!(max_diff(&ours, &reference) < 1e-5, "case {i} forward");
-            let probe = randn(&shape, seed + 3);
-            let g_ref = (reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_ours = (ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
-                let (a, r) = (g_ours.get(v).unwrap(), g_ref.get(v).unwrap());
-                assert!(
-                    max_diff(a, r) < 1e-4,
-                    "case {i} grad {name}: {}",
-                    max_diff(a, r)
-                );
+            let diffs = grad_diffs(ours, reference, &[&x, &weight, &bias], seed + 3);
+            for (name, d) in ["x", "weight", "bias"].iter().zip(diffs) {
+                assert!(d < 1e-4, "case {i} grad {name}: {d}");
             }
         }
     }
@@ -576,21 +540,8 @@ mod tests {
         .forward(&x)
         .unwrap();
         assert!(max_diff(&ours, &reference) < 1e-5);
-        let probe = randn(&[2, 5, 4], 4);
-        let g_ref = (reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ours = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            assert!(max_diff(g_ours.get(v).unwrap(), g_ref.get(v).unwrap()) < 1e-4);
+        for d in grad_diffs(ours, reference, &[&x, &w, &b], 4) {
+            assert!(d < 1e-4);
         }
         let lw = Var::from_tensor(&randn(&[6], 5)).unwrap();
         let lb = Var::from_tensor(&randn(&[6], 6)).unwrap();
@@ -603,21 +554,8 @@ mod tests {
         };
         let ours = ln.forward(&x).unwrap();
         assert!(max_diff(&ours, &reference) < 1e-5);
-        let probe = randn(&[2, 5, 6], 7);
-        let g_ref = (reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ours = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &lw, &lb] {
-            assert!(max_diff(g_ours.get(v).unwrap(), g_ref.get(v).unwrap()) < 1e-4);
+        for d in grad_diffs(ours, reference, &[&x, &lw, &lb], 7) {
+            assert!(d < 1e-4);
         }
     }
 }

@@ -86,6 +86,8 @@ pub struct Batch {
     pub images: Tensor,
     pub ids: Tensor,
     pub rows: Vec<usize>,
+    /// `rows` as a u32 tensor, for `index_select` on per-row data.
+    pub index: Tensor,
     pub dropped: Vec<bool>,
 }
 
@@ -168,6 +170,7 @@ impl WorldData {
             images,
             ids,
             rows,
+            index: idx,
             dropped,
         })
     }

@@ -26,6 +26,7 @@ use super::distill::{
     lora_branches, lora_modules, lora_param_names, student_unet_config, DistillBatch,
     DistillConfig, Teacher,
 };
+use super::lcd::per_sample;
 use super::optim::{AdamW, AdamWConfig};
 use super::params::{text_encoder_shapes, unet_shapes, vae_shapes, ParamStore};
 use crate::config::{
@@ -352,6 +353,15 @@ pub fn sd_noise_schedule() -> NoiseSchedule {
     }
 }
 
+/// The forward diffusion `z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε` per sample, `alphas` the `ᾱ_t` of each sample
+/// (diffusers' `add_noise` with a timestep per sample).
+pub fn add_noise(z0: &Tensor, noise: &Tensor, alphas: &[f32]) -> Result<Tensor> {
+    let dev = z0.device();
+    let sa = per_sample(alphas.iter().map(|a| a.sqrt()).collect(), dev)?;
+    let sb = per_sample(alphas.iter().map(|a| (1.0 - a).sqrt()).collect(), dev)?;
+    Ok((z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?)
+}
+
 /// Every trainable tensor of a run, with its component prefix (`vae.`, `text_encoder.`, `unet.`).
 pub fn expected_shapes(
     config: &TrainConfig,
@@ -416,9 +426,33 @@ fn teacher_dir(sources: &Sources) -> Result<&Path> {
     })
 }
 
+/// Checks a config of this run (`ours`, the component `name`) equals the one read from `dir` (`theirs`);
+/// the error names `what`, the folder and the first differing field with both values.
+fn ensure_same_config(
+    what: &str,
+    name: &str,
+    ours: &impl Serialize,
+    theirs: &impl Serialize,
+    dir: &Path,
+) -> Result<()> {
+    let (ours, theirs) = (
+        serde_json::to_value(ours).unwrap(),
+        serde_json::to_value(theirs).unwrap(),
+    );
+    match first_difference(&ours, &theirs, name) {
+        Some((field, a, b)) => Err(Error::invalid(
+            what,
+            format!(
+                "{}: `{field}` is {b} there but {a} in this run's config",
+                dir.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks the run's text encoder config equals the folder's and its UNet config equals `unet` (the
-/// folder's, or the student made from it); the error names `what`, the folder and the first differing
-/// field.
+/// folder's, or the student made from it).
 fn check_configs(
     config: &TrainConfig,
     parts: &crate::weights::parts::ModelParts,
@@ -426,29 +460,14 @@ fn check_configs(
     what: &str,
     dir: &Path,
 ) -> Result<()> {
-    for (name, ours, theirs) in [
-        (
-            "unet",
-            serde_json::to_value(&config.unet).unwrap(),
-            serde_json::to_value(unet).unwrap(),
-        ),
-        (
-            "text_encoder",
-            serde_json::to_value(&config.text_encoder).unwrap(),
-            serde_json::to_value(&parts.text_encoder_config).unwrap(),
-        ),
-    ] {
-        if let Some((field, a, b)) = first_difference(&ours, &theirs, name) {
-            return Err(Error::invalid(
-                what,
-                format!(
-                    "{}: `{field}` is {b} there but {a} in this run's config",
-                    dir.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
+    ensure_same_config(what, "unet", &config.unet, &unet, dir)?;
+    ensure_same_config(
+        what,
+        "text_encoder",
+        &config.text_encoder,
+        &Some(&parts.text_encoder_config),
+        dir,
+    )
 }
 
 impl Trainer {
@@ -620,17 +639,7 @@ impl Trainer {
     ) -> Result<FrozenVae> {
         let dir = vae_component_dir(dir);
         let cfg: AutoencoderKLConfig = load_json(&dir.join("config.json"))?;
-        let ours = serde_json::to_value(&config.vae).unwrap();
-        let theirs = serde_json::to_value(&cfg).unwrap();
-        if let Some((field, a, b)) = first_difference(&ours, &theirs, "vae") {
-            return Err(Error::invalid(
-                "vae",
-                format!(
-                    "{}: `{field}` is {b} there but {a} in this run's config",
-                    dir.display()
-                ),
-            ));
-        }
+        ensure_same_config("vae", "vae", &config.vae, &cfg, &dir)?;
         let files = crate::weights::diffusers::DiffusersFolder::open(dir.parent().unwrap_or(&dir))
             .ok()
             .and_then(|f| f.component("vae", None).ok())
@@ -686,25 +695,12 @@ impl Trainer {
         let batch = self
             .data
             .batch(b, self.config.caption_dropout, &mut self.rng)?;
-        let idx = Tensor::from_vec(
-            batch.rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            b,
-            &self.device,
-        )?;
-        let z0 = self.sample_latents(&idx)?;
+        let z0 = self.sample_latents(&batch.index)?;
         let shape = z0.dims().to_vec();
         let noise = self.rng.randn(&shape, &self.device)?;
         let timesteps: Vec<usize> = (0..b).map(|_| self.rng.below(1000)).collect();
-        let (sa, sb): (Vec<f32>, Vec<f32>) = timesteps
-            .iter()
-            .map(|&t| {
-                let a = self.alphas_cumprod[t];
-                (a.sqrt(), (1.0 - a).sqrt())
-            })
-            .unzip();
-        let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &self.device)?;
-        let sb = Tensor::from_vec(sb, (b, 1, 1, 1), &self.device)?;
-        let zt = (z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
+        let alphas: Vec<f32> = timesteps.iter().map(|&t| self.alphas_cumprod[t]).collect();
+        let zt = add_noise(&z0, &noise, &alphas)?;
         let w = self.params.weights();
         let trained_te;
         let te = match &self.frozen_text_encoder {
@@ -770,12 +766,7 @@ impl Trainer {
     fn distill_loss(&mut self) -> Result<Tensor> {
         let b = self.config.batch_size;
         let batch = self.data.batch(b, 0.0, &mut self.rng)?;
-        let idx = Tensor::from_vec(
-            batch.rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            b,
-            &self.device,
-        )?;
-        let z0 = self.sample_latents(&idx)?;
+        let z0 = self.sample_latents(&batch.index)?;
         let d = self.config.distill.clone().unwrap();
         let state = self.distill.as_ref().unwrap();
         let n = state.teacher.solver.timesteps.len();
@@ -820,7 +811,7 @@ impl Trainer {
             teacher: &state.teacher,
             cfg: &d,
             z0,
-            rows: batch.rows,
+            rows: batch.index,
             index,
             w,
             noise,

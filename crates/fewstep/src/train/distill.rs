@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::data::WorldData;
-use super::diffusion::sd_noise_schedule;
+use super::diffusion::{add_noise, sd_noise_schedule};
 use super::lcd::{consistency, guided, predicted_x0, DdimSolver, LcdLoss};
 use super::params::ParamStore;
 use crate::config::UNet2DConditionConfig;
@@ -271,9 +271,9 @@ pub struct Teacher {
 pub struct DistillBatch<'a> {
     pub teacher: &'a Teacher,
     pub cfg: &'a DistillConfig,
-    /// `z₀` (scaled latents) `[B, C, h, w]`, and the dataset rows they came from.
+    /// `z₀` (scaled latents) `[B, C, h, w]`, and the dataset rows they came from (u32 `[B]`).
     pub z0: Tensor,
-    pub rows: Vec<usize>,
+    pub rows: Tensor,
     /// Per sample: the solver index, `w`, the noise.
     pub index: Vec<usize>,
     pub w: Vec<f32>,
@@ -300,20 +300,9 @@ impl DistillBatch<'_> {
             .collect();
         let a_t: Vec<f32> = t.iter().map(|&t| teacher.alphas_cumprod[t]).collect();
         let a_s: Vec<f32> = s.iter().map(|&s| teacher.alphas_cumprod[s]).collect();
-        let sqrt = |v: &[f32], f: fn(f32) -> f32| -> Result<Tensor> {
-            super::lcd::per_sample(v.iter().map(|&a| f(a)).collect(), dev)
-        };
-        let x_t = (self.z0.broadcast_mul(&sqrt(&a_t, |a| a.sqrt())?)?
-            + self
-                .noise
-                .broadcast_mul(&sqrt(&a_t, |a| (1.0 - a).sqrt())?)?)?;
-        let idx = Tensor::from_vec(
-            self.rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            self.rows.len(),
-            dev,
-        )?;
-        let context = teacher.contexts.index_select(&idx, 0)?;
-        let b = self.rows.len();
+        let x_t = add_noise(&self.z0, &self.noise, &a_t)?;
+        let context = teacher.contexts.index_select(&self.rows, 0)?;
+        let b = self.z0.dim(0)?;
         let uncond = teacher
             .uncond
             .broadcast_as((b, teacher.uncond.dim(1)?, teacher.uncond.dim(2)?))?
