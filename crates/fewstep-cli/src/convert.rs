@@ -1,4 +1,5 @@
-//! `fewstep convert`: rewrites a diffusers pipeline folder's weights in another storage dtype.
+//! `fewstep convert`: rewrites a diffusers pipeline folder's weights, or one `.safetensors` file (a LoRA),
+//! in another storage dtype.
 
 use std::path::PathBuf;
 
@@ -15,9 +16,9 @@ pub enum DtypeArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A diffusers pipeline folder (with model_index.json).
+    /// A diffusers pipeline folder (with model_index.json), or one .safetensors file.
     input: PathBuf,
-    /// The folder to write (created if missing).
+    /// The folder to write (created if missing), or the file for a file input.
     output: PathBuf,
     #[arg(long, value_enum, default_value = "f16")]
     dtype: DtypeArg,
@@ -29,6 +30,12 @@ pub fn run(args: Args) -> Result<()> {
         DtypeArg::Bf16 => DType::BF16,
         DtypeArg::F32 => DType::F32,
     };
+    if args.input.is_file() {
+        let n = fewstep::weights::convert::convert_file(&args.input, &args.output, dtype)?;
+        eprintln!("{n} tensors as {dtype:?}");
+        println!("{}", args.output.display());
+        return Ok(());
+    }
     let r = fewstep::weights::convert::convert_pipeline_folder(&args.input, &args.output, dtype)?;
     eprintln!(
         "{} tensors in {} files as {dtype:?}, {} other files copied",

@@ -10,7 +10,7 @@ use fewstep::train::distill::{student_unet_config, DistillConfig};
 use fewstep::train::lcd::LcdLoss;
 use fewstep::train::{Preset, Sources, Stage, TrainConfig};
 
-use crate::train::{run_to_end, DeviceArg, StyleArg};
+use crate::train::{run_to_end, RunArgs};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum VariantArg {
@@ -34,17 +34,8 @@ pub struct Args {
     teacher: PathBuf,
     #[arg(long, value_enum)]
     variant: VariantArg,
-    /// Output folder: the checkpoint and, at the end, the LCM folder or the LoRA file.
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = 1000)]
-    steps: usize,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
-    #[arg(long, default_value_t = 0)]
-    warmup_steps: usize,
+    #[command(flatten)]
+    run: RunArgs,
     /// Guidance w (scale − 1) drawn from [w-min, w-max].
     #[arg(long, default_value_t = 3.0)]
     w_min: f64,
@@ -69,23 +60,10 @@ pub struct Args {
     /// LoRA alpha (default: the rank, scale 1).
     #[arg(long)]
     lora_alpha: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 1000)]
-    dataset_size: usize,
-    #[arg(long, value_enum, default_value = "filled")]
-    style: StyleArg,
-    #[arg(long, default_value_t = 100)]
-    checkpoint_every: usize,
-    /// Continue from OUT/checkpoint.safetensors (same configuration; --steps may be larger).
-    #[arg(long)]
-    resume: bool,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = crate::train::device(args.device)?;
+    let device = crate::train::device(args.run.device)?;
     let stage = match args.variant {
         VariantArg::Lcm => Stage::Lcm,
         VariantArg::LcmLora => Stage::LcmLora,
@@ -112,18 +90,11 @@ pub fn run(args: Args) -> Result<()> {
     let teacher_unet = load_json(&t.join("unet/config.json"))?;
     c.unet = Some(student_unet_config(&teacher_unet, stage == Stage::Lcm, &d));
     c.distill = Some(d);
-    c.steps = args.steps;
-    c.batch_size = args.batch_size;
-    c.optim.lr = args.lr;
-    c.optim.warmup_steps = args.warmup_steps;
-    c.seed = args.seed;
-    c.dataset_size = args.dataset_size;
-    c.style = args.style.into();
-    c.checkpoint_every = args.checkpoint_every;
+    args.run.apply(&mut c);
     c.validate()?;
     let sources = Sources {
         teacher: Some(t.clone()),
         ..Sources::default()
     };
-    run_to_end(c, &sources, &args.out, args.resume, &device)
+    run_to_end(c, &sources, &args.run.out, args.run.resume, &device)
 }

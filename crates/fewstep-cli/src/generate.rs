@@ -17,8 +17,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// (docs/training.md).
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/default/base");
 
-/// The default model's guidance scale: its pictures are best at 2–4 (docs/training.md); 7.5 washes
-/// them out.
+/// The LCM-LoRA distilled from the default model (docs/quality.md), applied to it unless `--no-lcm`.
+pub const DEFAULT_LCM_LORA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../models/default/lcm-lora/pytorch_lora_weights.safetensors"
+);
+
+/// The default model's guidance scale without its LCM-LoRA: its pictures are best at 2–4
+/// (docs/training.md); 7.5 washes them out.
 const DEFAULT_MODEL_GUIDANCE: f64 = 3.0;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -71,7 +77,9 @@ pub struct Args {
     /// checkpoint (.safetensors in the original Stable Diffusion layout).
     #[arg(long)]
     model: Option<String>,
-    /// A VAE file replacing the model's (.safetensors, original layout as sd-vae-ft-mse, or diffusers').
+    /// A VAE file replacing the model's (.safetensors, original layout as sd-vae-ft-mse, or diffusers'),
+    /// or a TAESD (diffusers' AutoencoderTiny file, or the original taesd_decoder.safetensors): a fast
+    /// decoder of the same latents.
     #[arg(long)]
     vae: Option<PathBuf>,
     /// A LoRA to apply, PATH[:WEIGHT] (weight 1 by default); repeatable. Any published layout (kohya,
@@ -86,11 +94,14 @@ pub struct Args {
     lora_mode: LoraModeArg,
     #[arg(long, default_value = "")]
     negative_prompt: String,
+    /// The default model without its LCM-LoRA: the teacher, DDIM 25 steps, guidance 3.
+    #[arg(long, conflicts_with = "model")]
+    no_lcm: bool,
     /// Number of UNet calls (default 4 for LCM, 25 for the other schedulers).
     #[arg(long)]
     steps: Option<usize>,
     /// Guidance scale (default 1.0 for LCM, 8.5 for a full LCM model, 7.5 for the other schedulers; 3.0
-    /// for the default model).
+    /// for the default model with --no-lcm).
     #[arg(long)]
     guidance: Option<f64>,
     /// Seed (random and printed when not given).
@@ -100,7 +111,7 @@ pub struct Args {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// Default lcm; ddim for the default model (no --model), which has no LCM-LoRA yet.
+    /// Default lcm; ddim for the default model with --no-lcm.
     #[arg(long, value_enum)]
     scheduler: Option<SchedulerArg>,
     #[arg(long, default_value_t = 1)]
@@ -164,34 +175,30 @@ pub fn run(args: Args) -> Result<()> {
         DTypeArg::F16 => DType::F16,
         DTypeArg::Bf16 => DType::BF16,
     };
-    let default_model = args.model.is_none();
-    let default_scheduler = match default_model {
+    // The default model runs with its LCM-LoRA (LCM, 4 steps, guidance 1) unless --no-lcm asks for the
+    // teacher (DDIM 25, guidance 3).
+    let teacher_default = args.model.is_none() && args.no_lcm;
+    if args.model.is_none() && !args.no_lcm {
+        lora_specs.insert(
+            0,
+            LoraSpec {
+                path: PathBuf::from(DEFAULT_LCM_LORA),
+                weight: 1.0,
+            },
+        );
+    }
+    let default_scheduler = match teacher_default {
         false => SchedulerArg::Lcm,
         true => SchedulerArg::Ddim,
     };
     let model_spec = args.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let mut parts = ModelParts::open(&model_spec, dtype, &Device::Cpu)?;
-    if let Some(vae) = &args.vae {
-        parts = parts.with_vae_file(vae)?;
-    }
-    let mut lora_list: Vec<String> = Vec::new();
-    if !lora_specs.is_empty() {
-        let (with_loras, report) =
-            apply_specs(&parts, &lora_specs, args.lora_mode == LoraModeArg::Runtime)?;
-        parts = with_loras;
-        for r in &report.loras {
-            eprintln!(
-                "lora {}: weight {}, {} UNet and {} text-encoder modules",
-                r.name, r.weight, r.unet, r.text_encoder
-            );
-        }
-        lora_list = report
-            .loras
-            .iter()
-            .map(|r| format!("{}:{}", r.name, r.weight))
-            .collect();
-    }
-    let model = StableDiffusion::from_parts(&parts, &Device::Cpu)?;
+    let (model, lora_list) = load_model(
+        &model_spec,
+        args.vae.as_deref(),
+        &lora_specs,
+        args.lora_mode == LoraModeArg::Runtime,
+        dtype,
+    )?;
 
     let scheduler: SchedulerKind = args.scheduler.unwrap_or(default_scheduler).into();
     let seed = args.seed.unwrap_or_else(rand_seed);
@@ -203,7 +210,7 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         25
     });
-    req.guidance = args.guidance.unwrap_or_else(|| match default_model {
+    req.guidance = args.guidance.unwrap_or_else(|| match teacher_default {
         true => DEFAULT_MODEL_GUIDANCE,
         false => model.default_guidance(scheduler),
     });
@@ -248,6 +255,41 @@ pub fn run(args: Args) -> Result<()> {
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// Loads a model (folder, hub id or single file) on the CPU with an optional replacement VAE and LoRAs
+/// applied (fused, or beside the weights with `runtime`); returns it with the LoRAs as `name:weight`.
+pub fn load_model(
+    spec: &str,
+    vae: Option<&Path>,
+    loras: &[LoraSpec],
+    runtime: bool,
+    dtype: DType,
+) -> Result<(StableDiffusion, Vec<String>)> {
+    let mut parts = ModelParts::open(spec, dtype, &Device::Cpu)?;
+    if let Some(vae) = vae {
+        parts = parts.with_vae_file(vae)?;
+    }
+    let mut lora_list: Vec<String> = Vec::new();
+    if !loras.is_empty() {
+        let (with_loras, report) = apply_specs(&parts, loras, runtime)?;
+        parts = with_loras;
+        for r in &report.loras {
+            eprintln!(
+                "lora {}: weight {}, {} UNet and {} text-encoder modules",
+                r.name, r.weight, r.unet, r.text_encoder
+            );
+        }
+        lora_list = report
+            .loras
+            .iter()
+            .map(|r| format!("{}:{}", r.name, r.weight))
+            .collect();
+    }
+    Ok((
+        StableDiffusion::from_parts(&parts, &Device::Cpu)?,
+        lora_list,
+    ))
 }
 
 /// A seed from the clock and the process id, for runs that give none.

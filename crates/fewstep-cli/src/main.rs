@@ -2,6 +2,7 @@
 
 mod convert;
 mod distill;
+mod eval;
 mod generate;
 mod train;
 
@@ -26,6 +27,11 @@ enum Command {
     Train(train::Args),
     /// Distill a trained model into a full LCM or an LCM-LoRA (latent consistency distillation).
     Distill(distill::Args),
+    /// Train the world classifier that `fewstep eval` measures with.
+    TrainClassifier(eval::ClassifierArgs),
+    /// Generate pictures of world captions and score them: FID on the classifier's features, prompt
+    /// adherence, outline share, time per picture.
+    Eval(eval::EvalArgs),
     /// Copy a diffusers pipeline folder with its weights stored in another dtype (f16 by default).
     Convert(convert::Args),
 }
@@ -44,6 +50,8 @@ fn main() {
         Command::Train(args) => train::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Distill(args) => distill::run(args),
+        Command::TrainClassifier(args) => eval::train_classifier(args),
+        Command::Eval(args) => eval::eval(args),
     };
     if let Err(e) = result {
         // One line: the error chain, without any backtrace a dependency attached.

@@ -56,15 +56,12 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// The options every training run has (`train` and `distill`).
 #[derive(clap::Args)]
-pub struct Args {
-    #[arg(long, value_enum)]
-    stage: StageArg,
-    /// Output folder: the checkpoint and, at the end, the model (diffusers layout).
+pub struct RunArgs {
+    /// Output folder: the checkpoint and, at the end, the result (a model folder or a LoRA file).
     #[arg(long)]
-    out: PathBuf,
-    #[arg(long, value_enum, default_value = "small")]
-    preset: PresetArg,
+    pub out: PathBuf,
     /// Total optimisation steps (a resumed run may raise it).
     #[arg(long, default_value_t = 1000)]
     steps: usize,
@@ -73,14 +70,9 @@ pub struct Args {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
-    #[arg(long, default_value_t = 1e-2)]
-    weight_decay: f64,
     /// Linear learning-rate warm-up over this many steps.
     #[arg(long, default_value_t = 0)]
     warmup_steps: usize,
-    /// Clip the gradients' global norm (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
     /// Seeds the dataset, the initial weights and the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -89,6 +81,44 @@ pub struct Args {
     dataset_size: usize,
     #[arg(long, value_enum, default_value = "filled")]
     style: StyleArg,
+    /// Write OUT/checkpoint.safetensors every this many steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// Continue from OUT/checkpoint.safetensors (same configuration; --steps may be larger).
+    #[arg(long)]
+    pub resume: bool,
+    /// cpu; cuda needs a build with a CUDA feature, which this build does not have.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+impl RunArgs {
+    /// Sets these options in a run's configuration.
+    pub fn apply(&self, c: &mut TrainConfig) {
+        c.steps = self.steps;
+        c.batch_size = self.batch_size;
+        c.optim.lr = self.lr;
+        c.optim.warmup_steps = self.warmup_steps;
+        c.seed = self.seed;
+        c.dataset_size = self.dataset_size;
+        c.style = self.style.into();
+        c.checkpoint_every = self.checkpoint_every;
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, value_enum)]
+    stage: StageArg,
+    #[command(flatten)]
+    run: RunArgs,
+    #[arg(long, value_enum, default_value = "small")]
+    preset: PresetArg,
+    #[arg(long, default_value_t = 1e-2)]
+    weight_decay: f64,
+    /// Clip the gradients' global norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
     /// VAE stage: weight of the KL term.
     #[arg(long, default_value_t = 1e-6)]
     kl_weight: f64,
@@ -108,15 +138,6 @@ pub struct Args {
     /// UNet stage: a CLIP tokenizer folder (vocab.json + merges.txt, or tokenizer.json).
     #[arg(long, default_value = DEFAULT_TOKENIZER)]
     tokenizer: PathBuf,
-    /// Write OUT/checkpoint.safetensors every this many steps (and at the end).
-    #[arg(long, default_value_t = 100)]
-    checkpoint_every: usize,
-    /// Continue from OUT/checkpoint.safetensors (same configuration; --steps may be larger).
-    #[arg(long)]
-    resume: bool,
-    /// cpu; cuda needs a build with a CUDA feature, which this build does not have.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
 }
 
 fn config(args: &Args) -> Result<TrainConfig> {
@@ -129,18 +150,11 @@ fn config(args: &Args) -> Result<TrainConfig> {
         PresetArg::Small => Preset::Small,
     };
     let mut c = TrainConfig::preset(stage, preset);
-    c.steps = args.steps;
-    c.batch_size = args.batch_size;
-    c.optim.lr = args.lr;
+    args.run.apply(&mut c);
     c.optim.weight_decay = args.weight_decay;
-    c.optim.warmup_steps = args.warmup_steps;
     c.optim.max_grad_norm = (args.max_grad_norm > 0.0).then_some(args.max_grad_norm);
-    c.seed = args.seed;
-    c.dataset_size = args.dataset_size;
-    c.style = args.style.into();
     c.kl_weight = args.kl_weight;
     c.caption_dropout = args.caption_dropout;
-    c.checkpoint_every = args.checkpoint_every;
     c.freeze_text_encoder = args.freeze_text_encoder;
     if stage == Stage::Unet {
         if let Some(init) = &args.init_from {
@@ -161,7 +175,7 @@ fn config(args: &Args) -> Result<TrainConfig> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = device(args.device)?;
+    let device = device(args.run.device)?;
     let cfg = config(&args)?;
     let sources = Sources {
         tokenizer_dir: Some(args.tokenizer.clone()),
@@ -169,7 +183,7 @@ pub fn run(args: Args) -> Result<()> {
         init_from: args.init_from.clone(),
         teacher: None,
     };
-    run_to_end(cfg, &sources, &args.out, args.resume, &device)
+    run_to_end(cfg, &sources, &args.run.out, args.run.resume, &device)
 }
 
 /// The `--device` choice as a candle device.

@@ -58,12 +58,11 @@ fn nearest_colour(img: &RgbImage, keep: impl Fn(f32, f32) -> bool) -> &'static s
         .name
 }
 
-/// The README's command: no --model, so the shipped base model (DDIM 25 steps, guidance 3). Over eight
-/// colour pairs the border of the picture is the background asked for, every time, and something of
+/// The shipped base model alone (`--no-lcm`: DDIM 25 steps, guidance 3). Over eight colour pairs the border of the picture is the background asked for, every time, and something of
 /// another colour is drawn in the centre at least six times (the shapes' own colours are the model's weak
 /// point, docs/training.md).
 #[test]
-fn the_default_model_draws_the_background_asked_for() {
+fn the_default_model_without_lcm_draws_the_background_asked_for() {
     let dir = tempfile::tempdir().unwrap();
     let pairs = [
         ("red", "blue"),
@@ -82,6 +81,7 @@ fn the_default_model_draws_the_background_asked_for() {
         ok(fewstep(&[
             "generate",
             &prompt,
+            "--no-lcm",
             "--seed",
             "0",
             "--output",
@@ -95,6 +95,77 @@ fn the_default_model_draws_the_background_asked_for() {
         drawn += (centre != background) as usize;
     }
     assert!(drawn >= 6, "a shape drawn in {drawn} of 8 pictures");
+}
+
+/// The default model's two modes are exactly their spelled-out commands: no flag = the base with
+/// `models/default/lcm-lora`, LCM 4 steps, guidance 1; `--no-lcm` = the base alone, DDIM 25, guidance 3.
+/// The two pictures differ, and `--no-lcm` with another `--model` is refused.
+#[test]
+fn the_default_model_runs_with_its_lcm_lora_unless_no_lcm() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    let base = models.join("base");
+    let lora = models.join("lcm-lora/pytorch_lora_weights.safetensors");
+    let prompt = "a large white star on a purple background";
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "generate",
+            prompt,
+            "--seed",
+            "3",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ok(fewstep(&args));
+        out
+    };
+    let default = run("default.png", &[]);
+    let spelled = run(
+        "spelled.png",
+        &[
+            "--model",
+            base.to_str().unwrap(),
+            "--lora",
+            lora.to_str().unwrap(),
+            "--scheduler",
+            "lcm",
+            "--steps",
+            "4",
+            "--guidance",
+            "1",
+        ],
+    );
+    assert_eq!(max_pixel_difference(&default, &spelled), 0);
+    let teacher = run("teacher.png", &["--no-lcm"]);
+    let teacher_spelled = run(
+        "teacher-spelled.png",
+        &[
+            "--model",
+            base.to_str().unwrap(),
+            "--scheduler",
+            "ddim",
+            "--steps",
+            "25",
+            "--guidance",
+            "3",
+        ],
+    );
+    assert_eq!(max_pixel_difference(&teacher, &teacher_spelled), 0);
+    assert!(max_pixel_difference(&default, &teacher) > 10);
+    let out = dir.path().join("x.png");
+    let err = fewstep(&[
+        "generate",
+        prompt,
+        "--no-lcm",
+        "--model",
+        base.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("--no-lcm"));
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -171,6 +242,53 @@ fn convert_to_f16_halves_the_weights_and_keeps_the_picture() {
     ]);
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("model_index.json"));
+}
+
+/// `fewstep convert FILE.safetensors OUT.safetensors` stores a LoRA's tensors in f16: every key kept, each
+/// value its f32 original rounded to f16 (relative error ≤ 2⁻¹¹); converting onto itself is refused.
+#[test]
+fn convert_stores_a_lora_file_in_f16() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = PathBuf::from(FIXTURES).join("lora/kohya_diffusers.safetensors");
+    let dst = dir.path().join("lora16.safetensors");
+    ok(fewstep(&[
+        "convert",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]));
+    let dev = candle_core::Device::Cpu;
+    let (a, b) = (
+        candle_core::safetensors::load(&src, &dev).unwrap(),
+        candle_core::safetensors::load(&dst, &dev).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let h = &b[name];
+        assert_eq!(h.dtype(), candle_core::DType::F16, "{name}");
+        let (x, y) = (
+            t.to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            h.to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        for (x, y) in x.iter().zip(&y) {
+            assert!(
+                (x - y).abs() <= x.abs() * 4.9e-4 + 1e-7,
+                "{name}: {x} → {y}"
+            );
+        }
+    }
+    let err = fewstep(&["convert", dst.to_str().unwrap(), dst.to_str().unwrap()]);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("input file"));
 }
 
 /// Trains tiny base models for a few steps, then fine-tunes on the outline style from the base with

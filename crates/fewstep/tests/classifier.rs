@@ -3,7 +3,8 @@
 
 use candle_core::Device;
 use fewstep::eval::classifier::{ClassifierConfig, ClassifierTrainer, Labels};
-use fewstep::image::images_to_tensor;
+use fewstep::eval::score::{classify, score, Reference};
+use fewstep::image::{images_to_tensor, RgbImage};
 use fewstep::world::{scenes, Style};
 
 #[test]
@@ -54,4 +55,39 @@ fn a_short_training_learns_the_background() {
         / n;
     eprintln!("held-out background accuracy {bg:.2}");
     assert!(bg > 0.9, "background accuracy {bg}");
+
+    // The scores built on it: real pictures are nearer real ones than flat grey pictures are, and the
+    // adherence counts agreement with the asked labels.
+    let reference = Reference::measure(&net, Style::Filled, 77, 200, 32, &Device::Cpu).unwrap();
+    let real = &imgs[..100];
+    let (_, found) = classify(&net, real, &Device::Cpu).unwrap();
+    let real_scores = score(&net, &reference, real, &found, &Device::Cpu).unwrap();
+    let mut grey = RgbImage::new(32, 32);
+    grey.data.fill(128);
+    let greys = vec![grey; 100];
+    let grey_scores = score(&net, &reference, &greys, &found, &Device::Cpu).unwrap();
+    eprintln!(
+        "FID real {:.3}, grey {:.3}",
+        real_scores.fid, grey_scores.fid
+    );
+    assert!(real_scores.fid < 0.5 * grey_scores.fid);
+    assert_eq!(
+        real_scores.adherence, 1.0,
+        "a picture adheres to its own reading"
+    );
+    let shifted: Vec<Labels> = found
+        .iter()
+        .map(|l| Labels {
+            background: (l.background + 1) % 10,
+            ..l.clone()
+        })
+        .collect();
+    let off = score(&net, &reference, real, &shifted, &Device::Cpu).unwrap();
+    assert_eq!(off.adherence, 0.0, "every background asked is wrong");
+    assert_eq!(off.outline_share, real_scores.outline_share);
+    assert!(score(&net, &reference, real, &found[..10], &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("captions"));
 }

@@ -130,3 +130,36 @@ fn img2img_full_lcm() {
 fn img2img_lcm_lora_recipe() {
     check_case("img2img_sd");
 }
+
+/// A list of prompts is one batch, as diffusers' `pipe(prompt=[…])`: prompt p's pictures are rows
+/// `p·num_images ..`, and as the noise of the batch is one draw, the first prompt's pictures are those
+/// of a generation of that prompt alone (DDIM with CFG: deterministic after the first draw).
+#[test]
+fn a_list_of_prompts_is_one_batch_in_order() {
+    let model =
+        StableDiffusion::load_dir(&fixtures().join("tiny-sd"), DType::F32, &Device::Cpu).unwrap();
+    let mut req = model.request("a red circle", 7);
+    req.scheduler = SchedulerKind::Ddim;
+    req.steps = 3;
+    req.guidance = 3.0;
+    req.num_images = 2;
+    let alone = model.generate(&req, &mut |_, _| {}).unwrap();
+    let prompts = ["a red circle".to_string(), "a blue star".to_string()];
+    let both = model
+        .generate_prompts(&prompts, &req, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(both.latents.dims()[0], 4);
+    let first = both.latents.narrow(0, 0, 2).unwrap();
+    let same = max_abs(&(&first - &alone.latents).unwrap());
+    assert!(
+        same < 1e-4,
+        "first prompt's rows differ from its own run by {same}"
+    );
+    let other = max_abs(&(both.latents.narrow(0, 2, 2).unwrap() - &alone.latents).unwrap());
+    assert!(other > 1e-2, "the second prompt changed nothing ({other})");
+    let err = model
+        .generate_prompts(&[], &req, &mut |_, _| {})
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("prompts"), "{err}");
+}

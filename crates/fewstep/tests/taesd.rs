@@ -131,3 +131,63 @@ fn diffusers_layout_matches_autoencoder_tiny() {
             .unwrap();
     assert!(rel < 1e-4, "decoded relative error {rel}");
 }
+
+/// `--vae` with a TAESD file: the pipeline's latents are those of the model's own VAE run (decoding is
+/// the last step), and its picture is `2·taesd_decoder(latents) − 1`; img2img encodes with TAESD's
+/// encoder. An original encoder file alone is refused, naming what to give instead.
+#[test]
+fn taesd_decodes_in_the_pipeline() {
+    use fewstep::pipeline::StableDiffusion;
+    use fewstep::weights::parts::ModelParts;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let taesd_file = fixtures.join("taesd-tiny/diffusion_pytorch_model.safetensors");
+    let model_dir = fixtures.join("tiny-sd");
+    let open = || ModelParts::open(model_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let kl = StableDiffusion::from_parts(&open(), &Device::Cpu).unwrap();
+    let tiny =
+        StableDiffusion::from_parts(&open().with_vae_file(&taesd_file).unwrap(), &Device::Cpu)
+            .unwrap();
+    let req = kl.request("a red circle", 5);
+    let a = kl.generate(&req, &mut |_, _| {}).unwrap();
+    let b = tiny.generate(&req, &mut |_, _| {}).unwrap();
+    assert!(max_abs_diff(&a.latents, &b.latents) < 1e-6);
+    let taesd = AutoencoderTiny::from_diffusers(
+        &Weights::from_files(&[&taesd_file], DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let want = ((taesd.decoder.as_ref().unwrap().forward(&b.latents).unwrap() * 2.0).unwrap()
+        - 1.0)
+        .unwrap();
+    assert!(max_abs_diff(&b.decoded, &want) < 1e-5);
+    assert!(
+        max_abs_diff(&a.decoded, &b.decoded) > 1e-3,
+        "TAESD was not used"
+    );
+
+    let mut img2img = req.clone();
+    img2img.init_image = Some(fewstep::image::tensor_to_images(&a.decoded).unwrap()[0].clone());
+    img2img.strength = 0.5;
+    let c = tiny.generate(&img2img, &mut |_, _| {}).unwrap();
+    assert!(c
+        .decoded
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let encoder_only = dir.path().join("taesd_encoder.safetensors");
+    let t = Tensor::zeros((16, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("0.weight".to_string(), t)]),
+        &encoder_only,
+    )
+    .unwrap();
+    let err =
+        StableDiffusion::from_parts(&open().with_vae_file(&encoder_only).unwrap(), &Device::Cpu)
+            .err()
+            .unwrap();
+    assert!(err.to_string().contains("taesd_decoder"), "{err}");
+}

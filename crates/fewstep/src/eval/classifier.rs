@@ -2,9 +2,10 @@
 //! penultimate features feed the Fréchet distance, and its predictions judge whether a picture shows
 //! what its caption asks for.
 //!
-//! Architecture (input `[B, 3, S, S]` in [−1, 1]): four 3×3 convolutions with SiLU, the last three with
-//! stride 2 (`3 → 32 → 64 → 64 → 128` channels), a global mean over the pixels (the 128 features), and a
-//! linear head to 26 logits: 4 shapes and 10 colours *present* (multi-label, sigmoid), the background
+//! Architecture (input `[B, 3, S, S]` in [−1, 1]): five 3×3 convolutions with SiLU, the 2nd to 4th with
+//! stride 2 (`3 → 32 → 64 → 128 → 128 → 128` channels; at 32×32 the last one sees the whole picture), a
+//! global maximum over the pixels (the 128 features: "is this anywhere", which a mean would dilute for
+//! small shapes), and a linear head to 26 logits: 4 shapes and 10 colours *present* (multi-label, sigmoid), the background
 //! colour (10-way softmax) and the style (filled / outline). Loss: binary cross-entropy on the presence
 //! labels plus cross-entropy on background and style.
 
@@ -24,7 +25,8 @@ use crate::{Error, Result};
 
 /// Feature width (the penultimate layer).
 pub const FEATURES: usize = 128;
-const CHANNELS: [usize; 4] = [32, 64, 64, 128];
+const CHANNELS: [usize; 5] = [32, 64, 128, 128, 128];
+const STRIDES: [usize; 5] = [1, 2, 2, 2, 1];
 const N_SHAPES: usize = 4;
 const N_COLOURS: usize = 10;
 const LOGITS: usize = N_SHAPES + 2 * N_COLOURS + 2;
@@ -106,8 +108,14 @@ impl WorldClassifier {
         let mut convs = Vec::new();
         let mut cin = 3;
         for (i, &c) in CHANNELS.iter().enumerate() {
-            let stride = if i == 0 { 1 } else { 2 };
-            convs.push(conv2d(&w.pp(format!("convs.{i}")), cin, c, 3, stride, 1)?);
+            convs.push(conv2d(
+                &w.pp(format!("convs.{i}")),
+                cin,
+                c,
+                3,
+                STRIDES[i],
+                1,
+            )?);
             cin = c;
         }
         Ok(Self {
@@ -136,7 +144,7 @@ impl WorldClassifier {
         for c in &self.convs {
             x = c.forward(&x)?.silu()?;
         }
-        Ok(x.flatten_from(2)?.mean(D::Minus1)?)
+        Ok(x.flatten_from(2)?.max(D::Minus1)?)
     }
 
     /// The 26 logits of the features.
@@ -147,7 +155,12 @@ impl WorldClassifier {
     /// The labels read from images `[B, 3, S, S]`: presence where the logit is positive, argmax for
     /// background and style.
     pub fn predict(&self, images: &Tensor) -> Result<Vec<Labels>> {
-        let logits = self.logits(&self.features(images)?)?;
+        self.predict_features(&self.features(images)?)
+    }
+
+    /// The labels read from features `[B, 128]` (see [`Self::predict`]).
+    pub fn predict_features(&self, features: &Tensor) -> Result<Vec<Labels>> {
+        let logits = self.logits(features)?;
         let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         Ok(rows
             .iter()
@@ -283,5 +296,32 @@ impl ClassifierTrainer {
     /// Writes the weights as `.safetensors`.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         self.params.save_component("", path, DType::F32)
+    }
+}
+
+/// Per-head accuracy of a classifier on pictures of known scenes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accuracy {
+    /// Share of scenes whose four shape-presence bits are all right.
+    pub shapes: f64,
+    /// Share of scenes whose ten colour-presence bits are all right.
+    pub colours: f64,
+    pub background: f64,
+    pub style: f64,
+}
+
+impl Accuracy {
+    /// Compares predictions with the true labels, head by head.
+    pub fn of(truth: &[Labels], predicted: &[Labels]) -> Self {
+        let n = truth.len().max(1) as f64;
+        let share = |f: &dyn Fn(&Labels, &Labels) -> bool| {
+            truth.iter().zip(predicted).filter(|(t, p)| f(t, p)).count() as f64 / n
+        };
+        Self {
+            shapes: share(&|t, p| t.shapes == p.shapes),
+            colours: share(&|t, p| t.colours == p.colours),
+            background: share(&|t, p| t.background == p.background),
+            style: share(&|t, p| t.outline == p.outline),
+        }
     }
 }

@@ -243,6 +243,53 @@ impl AutoencoderTiny {
     }
 }
 
+/// How a TAESD file lays out its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaesdLayout {
+    /// diffusers' `AutoencoderTiny`: `encoder.layers.N.*` and `decoder.layers.N.*`.
+    Diffusers,
+    /// The original `taesd_decoder.safetensors`: `1.weight`, `3.conv.0.weight`, … (index 0 is the clamp).
+    OriginalDecoder,
+    /// The original `taesd_encoder.safetensors`: `0.weight`, `1.conv.0.weight`, …
+    OriginalEncoder,
+}
+
+impl TaesdLayout {
+    /// The layout of a file with these keys, or None when they are not a TAESD's.
+    pub fn detect<'a>(keys: impl IntoIterator<Item = &'a String>) -> Option<Self> {
+        let keys: Vec<&String> = keys.into_iter().collect();
+        if keys.iter().any(|k| k.starts_with("decoder.layers.")) {
+            return Some(Self::Diffusers);
+        }
+        let numbered = !keys.is_empty()
+            && keys.iter().all(|k| {
+                k.split_once('.')
+                    .is_some_and(|(head, _)| head.parse::<usize>().is_ok())
+            });
+        match (numbered, keys.iter().any(|k| *k == "0.weight")) {
+            (false, _) => None,
+            (true, true) => Some(Self::OriginalEncoder),
+            (true, false) => Some(Self::OriginalDecoder),
+        }
+    }
+}
+
+impl AutoencoderTiny {
+    /// A TAESD from one file's weights in `layout`: both sides from diffusers' layout, the decoder alone
+    /// from an original decoder file. An original encoder file cannot decode and is refused.
+    pub fn from_layout(w: &Weights, layout: TaesdLayout) -> Result<Self> {
+        match layout {
+            TaesdLayout::Diffusers => Self::from_diffusers(w),
+            TaesdLayout::OriginalDecoder => Self::from_original(None, Some(w)),
+            TaesdLayout::OriginalEncoder => Err(Error::invalid(
+                "vae",
+                "this TAESD file is an encoder (its first key is `0.weight`); give the decoder \
+                 (taesd_decoder.safetensors) or diffusers' AutoencoderTiny file",
+            )),
+        }
+    }
+}
+
 /// The original decoder's keys renamed to diffusers' indices (`N.…` → `N−1.…`).
 fn shift_indices(w: &Weights) -> Weights {
     let renamed = w

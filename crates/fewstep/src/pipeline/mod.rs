@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::SchedulerConfig;
 use crate::image::RgbImage;
 use crate::models::clip::ClipTextModel;
+use crate::models::taesd::AutoencoderTiny;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::rng::TorchGenerator;
@@ -32,6 +33,8 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
+    /// A TAESD that decodes (and encodes, where it has an encoder) in place of `vae`.
+    pub taesd: Option<AutoencoderTiny>,
     pub scheduler_config: SchedulerConfig,
     dtype: DType,
     device: Device,
@@ -76,11 +79,29 @@ impl StableDiffusion {
                 "bf16 has no matrix product on candle's CPU backend; use f32 or f16 on CPU",
             ));
         }
+        let taesd = parts
+            .taesd
+            .as_ref()
+            .map(|(w, layout)| AutoencoderTiny::from_layout(w, *layout))
+            .transpose()?;
+        let latent = parts.unet_config.in_channels;
+        if let Some(d) = taesd.as_ref().and_then(|t| t.decoder.as_ref()) {
+            if d.latent_channels() != latent {
+                return Err(Error::invalid(
+                    "vae",
+                    format!(
+                        "the TAESD decodes {} latent channels, the UNet makes {latent}",
+                        d.latent_channels()
+                    ),
+                ));
+            }
+        }
         let model = Self {
             tokenizer: parts.tokenizer.clone(),
             text_encoder: ClipTextModel::new(&parts.text_encoder_config, &parts.text_encoder)?,
             unet: UNet2DConditionModel::new(&parts.unet_config, &parts.unet)?,
             vae: AutoencoderKL::new(&parts.vae_config, &parts.vae)?,
+            taesd,
             scheduler_config: parts.scheduler_config.clone(),
             dtype,
             device: device.clone(),
@@ -200,7 +221,23 @@ impl StableDiffusion {
 
     /// Runs one generation. `on_step(i, n)` is called after each of the `n` UNet steps.
     pub fn generate(&self, req: &Request, on_step: &mut dyn FnMut(usize, usize)) -> Result<Output> {
+        self.generate_prompts(std::slice::from_ref(&req.prompt), req, on_step)
+    }
+
+    /// Runs one batched generation of several prompts, as diffusers' pipelines do with a list of
+    /// prompts: the batch is `prompts.len() × num_images`, prompt `p`'s images are rows
+    /// `p·num_images ..`, the negative prompt is shared, and the initial noise of the whole batch is
+    /// drawn in one call from the generator seeded with `req.seed` (`req.prompt` is not used).
+    pub fn generate_prompts(
+        &self,
+        prompts: &[String],
+        req: &Request,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Output> {
         self.validate(req)?;
+        if prompts.is_empty() {
+            return Err(Error::invalid("prompts", "give at least one prompt"));
+        }
         let strength = if req.init_image.is_some() {
             req.strength
         } else {
@@ -217,10 +254,16 @@ impl StableDiffusion {
             },
         )?;
         let guidance = Guidance::for_model(req.guidance, self.unet.config().time_cond_proj_dim);
-        let batch = req.num_images;
-        let cond = self
-            .encode_prompt(&req.prompt, req.clip_skip)?
-            .repeat((batch, 1, 1))?;
+        let batch = prompts.len() * req.num_images;
+        let cond = prompts
+            .iter()
+            .map(|p| {
+                self.encode_prompt(p, req.clip_skip)?
+                    .repeat((req.num_images, 1, 1))
+                    .map_err(Error::from)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cond = Tensor::cat(&cond, 0)?;
         let context = if guidance.is_cfg() {
             let uncond = self
                 .encode_prompt(&req.negative_prompt, req.clip_skip)?
@@ -231,7 +274,7 @@ impl StableDiffusion {
         };
         let mut rng = TorchGenerator::new(req.seed);
         let mut latents = match &req.init_image {
-            None => txt2img::initial_latents(self, req, scheduler.as_ref(), &mut rng)?,
+            None => txt2img::initial_latents(self, req, batch, scheduler.as_ref(), &mut rng)?,
             Some(image) => {
                 img2img::initial_latents(self, image, batch, scheduler.as_ref(), &mut rng)?
             }
@@ -258,8 +301,16 @@ impl StableDiffusion {
         Ok(Output { decoded, latents })
     }
 
-    /// Latents → image in [-1, 1]: `vae.decode(z / scaling_factor + shift_factor)`, in f32.
+    /// Latents → image in [-1, 1]: `vae.decode(z / scaling_factor + shift_factor)`, in f32; with a TAESD,
+    /// `2·taesd(z) − 1` (TAESD works on the UNet's latents as they are, diffusers' `AutoencoderTiny` with
+    /// scaling factor 1, and returns [0, 1]).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        if let Some(d) = self.taesd.as_ref().and_then(|t| t.decoder.as_ref()) {
+            let x = d
+                .forward(&latents.to_dtype(self.dtype)?)?
+                .to_dtype(DType::F32)?;
+            return Ok(((x * 2.0)? - 1.0)?);
+        }
         let cfg = self.vae.config();
         let z = ((latents / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
         Ok(self

@@ -12,12 +12,13 @@ use crate::Result;
 pub fn initial_latents(
     model: &StableDiffusion,
     req: &Request,
+    batch: usize,
     scheduler: &dyn Scheduler,
     rng: &mut TorchGenerator,
 ) -> Result<Tensor> {
     let f = model.vae_scale_factor();
     let shape = [
-        req.num_images,
+        batch,
         model.unet.config().in_channels,
         req.height / f,
         req.width / f,

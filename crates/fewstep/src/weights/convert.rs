@@ -1,5 +1,5 @@
 //! Storage-dtype conversion of a diffusers pipeline folder (what diffusers does with
-//! `from_pretrained(..., torch_dtype=torch.float16).save_pretrained(...)`).
+//! `from_pretrained(..., torch_dtype=torch.float16).save_pretrained(...)`) or of one `.safetensors` file.
 
 use std::path::Path;
 
@@ -26,12 +26,7 @@ pub struct ConvertReport {
 /// every `.safetensors` file stored as `dtype` (integer tensors unchanged, metadata kept). Each file is
 /// written atomically. `dst` must not be `src`.
 pub fn convert_pipeline_folder(src: &Path, dst: &Path, dtype: DType) -> Result<ConvertReport> {
-    if !dtype.is_float() {
-        return Err(Error::invalid(
-            "dtype",
-            format!("{dtype:?} is not a floating-point type"),
-        ));
-    }
+    check_float(dtype)?;
     let index = src.join("model_index.json");
     if !index.is_file() {
         return Err(Error::Missing {
@@ -60,6 +55,52 @@ pub fn convert_pipeline_folder(src: &Path, dst: &Path, dtype: DType) -> Result<C
         }
     }
     Ok(report)
+}
+
+/// Rewrites one `.safetensors` file (a LoRA, a single-file checkpoint, a component's weights) with every
+/// floating-point tensor stored as `dtype`, integer tensors and metadata unchanged, atomically. Returns
+/// the number of tensors converted. `dst` must not be `src`.
+pub fn convert_file(src: &Path, dst: &Path, dtype: DType) -> Result<usize> {
+    check_float(dtype)?;
+    if same_place(src, dst) {
+        return Err(Error::invalid(
+            "output",
+            format!("{} is the input file", dst.display()),
+        ));
+    }
+    let file = SafetensorsFile::open(src)?;
+    let mut names: Vec<&String> = file.tensors().keys().collect();
+    names.sort();
+    let mut converted = 0;
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let t = file.load(name, &Device::Cpu)?;
+        let t = if t.dtype().is_float() {
+            converted += 1;
+            t.to_dtype(dtype)?
+        } else {
+            t
+        };
+        tensors.push((name.clone(), t));
+    }
+    let meta = file
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    write_safetensors(dst, &tensors, &meta)?;
+    Ok(converted)
+}
+
+fn check_float(dtype: DType) -> Result<()> {
+    if dtype.is_float() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "dtype",
+            format!("{dtype:?} is not a floating-point type"),
+        ))
+    }
 }
 
 fn same_place(a: &Path, b: &Path) -> bool {
@@ -94,26 +135,7 @@ fn convert_tree(src: &Path, dst: &Path, dtype: DType, report: &mut ConvertReport
         if path.is_dir() {
             convert_tree(&path, &target, dtype, report)?;
         } else if path.extension().is_some_and(|e| e == "safetensors") {
-            let file = SafetensorsFile::open(&path)?;
-            let mut names: Vec<&String> = file.tensors().keys().collect();
-            names.sort();
-            let mut tensors = Vec::with_capacity(names.len());
-            for name in names {
-                let t = file.load(name, &Device::Cpu)?;
-                let t = if t.dtype().is_float() {
-                    report.tensors += 1;
-                    t.to_dtype(dtype)?
-                } else {
-                    t
-                };
-                tensors.push((name.clone(), t));
-            }
-            let meta = file
-                .metadata()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            write_safetensors(&target, &tensors, &meta)?;
+            report.tensors += convert_file(&path, &target, dtype)?;
             report.weight_files += 1;
         } else if path.is_file() {
             copy_file(&path, &target)?;

@@ -9,6 +9,7 @@ use super::Weights;
 use crate::config::{
     load_json, AutoencoderKLConfig, ClipTextConfig, SchedulerConfig, UNet2DConditionConfig,
 };
+use crate::models::taesd::TaesdLayout;
 use crate::tokenizer::ClipTokenizer;
 use crate::Result;
 
@@ -22,6 +23,9 @@ pub struct ModelParts {
     pub unet: Weights,
     pub vae_config: AutoencoderKLConfig,
     pub vae: Weights,
+    /// A TAESD given with `--vae`, with its key layout: it decodes (and, where it has an encoder, encodes)
+    /// in place of the VAE.
+    pub taesd: Option<(Weights, TaesdLayout)>,
     pub scheduler_config: SchedulerConfig,
 }
 
@@ -45,9 +49,16 @@ impl ModelParts {
         Self::from_folder(&DiffusersFolder::open(dir)?, dtype, device)
     }
 
-    /// Replaces the VAE with the one in `path` (see [`super::single_file::load_vae_file_like`]; the
-    /// current VAE's config supplies what the shapes cannot tell).
+    /// Replaces the VAE with the one in `path`: a TAESD (either layout, [`TaesdLayout::detect`]) or a
+    /// KL autoencoder (see [`super::single_file::load_vae_file_like`]; the current VAE's config supplies
+    /// what the shapes cannot tell).
     pub fn with_vae_file(mut self, path: &std::path::Path) -> Result<Self> {
+        let layout = TaesdLayout::detect(super::SafetensorsFile::open(path)?.tensors().keys());
+        if let Some(layout) = layout {
+            let w = Weights::from_files(&[path], self.vae.dtype(), self.vae.device())?;
+            self.taesd = Some((w, layout));
+            return Ok(self);
+        }
         let (config, weights) = super::single_file::load_vae_file_like(
             path,
             Some(&self.vae_config),
@@ -80,6 +91,7 @@ impl ModelParts {
             unet,
             vae_config: load_json(&vae_cfg)?,
             vae,
+            taesd: None,
             scheduler_config: load_json(&folder.scheduler_config()?)?,
         })
     }

@@ -927,6 +927,7 @@ pub fn load_single_file_with(
         unet,
         vae_config,
         vae,
+        taesd: None,
         scheduler_config,
     })
 }
