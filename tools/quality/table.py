@@ -20,13 +20,14 @@ for n in (1, 2, 4, 8):
     labels[f"lcm-{n}"] = f"full LCM, {n} step{'s' if n > 1 else ''} (w-embedding, scale 3)"
     labels[f"lcm-lora-{n}"] = f"base + LCM-LoRA, {n} step{'s' if n > 1 else ''} (guidance 1)"
 
-print("| row | pictures | reference style | FID ↓ | adherence ↑ | outline share | s / picture |")
-print("|---|---|---|---|---|---|---|")
+print("| row | pictures | reference style | FID ↓ | adherence ↑ | background ↑ | outline share | s / picture |")
+print("|---|---|---|---|---|---|---|---|")
 for k in order:
     if k in rows:
         r = rows[k]
+        bg = f"{r['background']:.3f}" if "background" in r else "—"
         print(f"| {labels[k]} | {r['count']} | {r['style']} | {r['fid']:.2f} | {r['adherence']:.3f} "
-              f"| {r['outline_share']:.3f} | {r['seconds_per_image']:.4f} |")
+              f"| {bg} | {r['outline_share']:.3f} | {r['seconds_per_image']:.4f} |")
 
 
 def check(name, value, limit, op="<="):

@@ -88,7 +88,7 @@ fn a_classifier_then_an_eval_row() {
     assert_eq!(row["scheduler"], "lcm");
     let fid = row["fid"].as_f64().unwrap();
     assert!(fid.is_finite() && fid >= 0.0, "fid {fid}");
-    for k in ["adherence", "outline_share"] {
+    for k in ["adherence", "background", "outline_share"] {
         let v = row[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{k}: {v}");
     }

@@ -84,6 +84,7 @@ fn a_short_training_learns_the_background() {
         .collect();
     let off = score(&net, &reference, real, &shifted, &Device::Cpu).unwrap();
     assert_eq!(off.adherence, 0.0, "every background asked is wrong");
+    assert_eq!((real_scores.background, off.background), (1.0, 0.0));
     assert_eq!(off.outline_share, real_scores.outline_share);
     assert!(score(&net, &reference, real, &found[..10], &Device::Cpu)
         .err()

@@ -3,7 +3,8 @@
 //! - **FID**: the Fréchet distance between the classifier's penultimate features of the generated
 //!   pictures and of real pictures of the same style ([`super::frechet`]);
 //! - **adherence**: the share of pictures in which the classifier finds every shape and colour its caption
-//!   names and the caption's background ([`Labels::adheres`]);
+//!   names and the caption's background ([`Labels::adheres`]); **background**: the share with the caption's
+//!   background alone (what a model that cannot yet draw the shapes gets right);
 //! - **outline share**: the share the classifier judges drawn in the outline style.
 
 use candle_core::{DType, Device};
@@ -75,6 +76,7 @@ pub struct Scores {
     pub count: usize,
     pub fid: f64,
     pub adherence: f64,
+    pub background: f64,
     pub outline_share: f64,
 }
 
@@ -106,11 +108,17 @@ pub fn score(
         .zip(&found)
         .filter(|(a, f)| a.adheres(f))
         .count();
+    let background = asked
+        .iter()
+        .zip(&found)
+        .filter(|(a, f)| a.background == f.background)
+        .count();
     let outline = found.iter().filter(|f| f.outline).count();
     Ok(Scores {
         count: images.len(),
         fid: frechet_distance(&mean, &cov, &reference.mean, &reference.cov),
         adherence: adhering as f64 / n,
+        background: background as f64 / n,
         outline_share: outline as f64 / n,
     })
 }
