@@ -220,3 +220,35 @@ fn generate_with_loras_and_prompt_tags() {
         "{err}"
     );
 }
+
+/// `--vae` takes a TAESD file (diffusers' AutoencoderTiny layout, detected from its keys): the picture is
+/// written at the model's size and differs from the model's own VAE's for the same seed.
+#[test]
+fn vae_flag_takes_a_taesd_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("{FIXTURES}/tiny-sd");
+    let taesd = format!("{FIXTURES}/taesd-tiny/diffusion_pytorch_model.safetensors");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["generate", "a red circle", "--model", &model, "--seed", "2"];
+        args.extend_from_slice(extra);
+        args.extend(["-o", out.to_str().unwrap()]);
+        let o = Command::new(env!("CARGO_BIN_EXE_fewstep"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_png(&out).unwrap()
+    };
+    let kl = run("kl.png", &[]);
+    let tiny = run("taesd.png", &["--vae", &taesd]);
+    assert_eq!((tiny.width, tiny.height), (kl.width, kl.height));
+    let max = kl
+        .data
+        .iter()
+        .zip(&tiny.data)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(max > 2, "TAESD gave the KL VAE's picture");
+}
