@@ -1,9 +1,12 @@
 //! Bad inputs give a one-line error naming the file, key or field, a non-zero exit, and no output file.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
+use common::copy_dir;
 
 const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd");
 
@@ -13,19 +16,6 @@ fn tiny_copy() -> (tempfile::TempDir, PathBuf) {
     let dst = tmp.path().join("model");
     copy_dir(Path::new(TINY), &dst);
     (tmp, dst)
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
 }
 
 /// Runs `fewstep generate` with `args` on `model`, expects failure, and returns the error line.

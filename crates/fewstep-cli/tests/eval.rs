@@ -2,27 +2,15 @@
 //! scores in range, the JSON file equals what is printed, the sample grid has the pictures; bad inputs
 //! are refused with what was expected.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{fewstep, ok, FIXTURES};
 use serde_json::Value;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-
-fn fewstep(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn stdout_json(out: std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&ok(out)).unwrap()
 }
 
 fn stderr(out: &std::process::Output) -> String {

@@ -1,12 +1,13 @@
 //! `fewstep generate` end to end: the PNG it writes is diffusers' picture for the same settings, and it
 //! carries the parameters that reproduce it.
 
+mod common;
+
 use std::process::Command;
 
 use candle_core::Device;
+use common::FIXTURES;
 use fewstep::image::{read_parameters, read_png};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
 
 #[test]
 fn cli_reproduces_diffusers_lcm_image_with_parameters() {
@@ -233,22 +234,12 @@ fn vae_flag_takes_a_taesd_file() {
         let mut args = vec!["generate", "a red circle", "--model", &model, "--seed", "2"];
         args.extend_from_slice(extra);
         args.extend(["-o", out.to_str().unwrap()]);
-        let o = Command::new(env!("CARGO_BIN_EXE_fewstep"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        common::ok(common::fewstep(&args));
         read_png(&out).unwrap()
     };
     let kl = run("kl.png", &[]);
     let tiny = run("taesd.png", &["--vae", &taesd]);
     assert_eq!((tiny.width, tiny.height), (kl.width, kl.height));
-    let max = kl
-        .data
-        .iter()
-        .zip(&tiny.data)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let max = common::max_image_difference(&kl, &tiny);
     assert!(max > 2, "TAESD gave the KL VAE's picture");
 }

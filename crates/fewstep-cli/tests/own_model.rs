@@ -1,29 +1,13 @@
 //! fewstep's own model end to end: the shipped default draws what it is asked, `fewstep convert` stores a
 //! model in f16 that gives the same picture, and `fewstep train --init-from` fine-tunes a trained model.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::PathBuf;
+
+use common::{copy_dir, fewstep, max_pixel_difference, ok, FIXTURES};
 use fewstep::image::{read_png, RgbImage};
 use fewstep::world::COLOURS;
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-
-fn fewstep(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The world colour nearest to the mean of the pixels `(x, y)` with `keep(x, y)`, as fractions of the side.
 fn nearest_colour(img: &RgbImage, keep: impl Fn(f32, f32) -> bool) -> &'static str {
@@ -168,29 +152,6 @@ fn the_default_model_runs_with_its_lcm_lora_unless_no_lcm() {
     assert!(String::from_utf8_lossy(&err.stderr).contains("--no-lcm"));
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let to = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &to);
-        } else {
-            std::fs::copy(&p, &to).unwrap();
-        }
-    }
-}
-
-fn max_pixel_difference(a: &Path, b: &Path) -> u8 {
-    let (a, b) = (read_png(a).unwrap(), read_png(b).unwrap());
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap()
-}
-
 /// `fewstep convert` writes every weight in f16 (half the bytes), leaves out files that are not part of the
 /// pipeline, and the f16 model's picture is within 3/255 of the f32 one.
 #[test]
@@ -323,18 +284,25 @@ fn init_from_fine_tunes_a_trained_model() {
         "--out",
         &d("base"),
     ]);
-    run(&[
-        "--stage",
-        "unet",
-        "--steps",
-        "2",
-        "--style",
-        "outline",
-        "--init-from",
-        &d("base"),
-        "--out",
-        &d("fine"),
-    ]);
+    // Two outline-style steps from the base, into OUT.
+    let fine_tune = |out: &str, extra: &[&str]| {
+        let base = d("base");
+        let mut a = vec![
+            "--stage",
+            "unet",
+            "--steps",
+            "2",
+            "--style",
+            "outline",
+            "--init-from",
+            &base,
+            "--out",
+            out,
+        ];
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    fine_tune(&d("fine"), &[]);
     let base = fewstep::weights::SafetensorsFile::open(format!(
         "{}/unet/diffusion_pytorch_model.safetensors",
         d("base")
@@ -361,19 +329,7 @@ fn init_from_fine_tunes_a_trained_model() {
         .unwrap();
     assert!(diff > 0.0 && diff < 1e-3, "max |fine − base| = {diff}");
     // --freeze-text-encoder: the fine-tune's text encoder file is the base's, byte for byte.
-    run(&[
-        "--stage",
-        "unet",
-        "--steps",
-        "2",
-        "--style",
-        "outline",
-        "--init-from",
-        &d("base"),
-        "--freeze-text-encoder",
-        "--out",
-        &d("frozen"),
-    ]);
+    fine_tune(&d("frozen"), &["--freeze-text-encoder"]);
     let te = "text_encoder/model.safetensors";
     let (a, b) = (
         std::fs::read(format!("{}/{te}", d("base"))).unwrap(),
