@@ -5,7 +5,8 @@
 
 Layout as runwayml/stable-diffusion-v1-5 (fp32 safetensors, no safety checker):
   model_index.json, unet/, vae/, text_encoder/ (keys prefixed `text_model.` as the real folder),
-  tokenizer/ (copied from /work/shared/tokenizers/clip or $CLIP_TOKENIZER_DIR), scheduler/ (SD1.5 PNDM config).
+  tokenizer/ (copied from /work/shared/tokenizers/clip or $CLIP_TOKENIZER_DIR), scheduler/ (SD1.5 PNDM config),
+  and beside them taesd/ (an AutoencoderTiny with madebyollin/taesd's configuration, for `fewstep bench --taesd`).
 Weights: every parameter re-drawn by make_fixtures.reinit (no zero-initialised layers).
 `--tiny` swaps in the tiny-sd shapes, for a quick self-test of this script (a few seconds).
 Full size: UNet ~860M params (3.4 GB), text encoder 123M (0.5 GB), VAE 84M (0.3 GB).
@@ -80,7 +81,13 @@ def main():
         mf.add_text_model_prefix(f)
     _, info = CLIPTextModel.from_pretrained(str(out / "text_encoder"), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    n = {k: sum(p.numel() for p in m.parameters()) for k, m in (("unet", unet), ("text_encoder", te), ("vae", vae))}
+    # madebyollin/taesd's configuration (AutoencoderTiny's defaults), beside the pipeline: `--vae OUT/taesd/…`.
+    from diffusers import AutoencoderTiny
+    taesd = AutoencoderTiny().eval()
+    mf.reinit(taesd, a.seed + 4)
+    taesd.save_pretrained(str(out / "taesd"), safe_serialization=True)
+    n = {k: sum(p.numel() for p in m.parameters())
+         for k, m in (("unet", unet), ("text_encoder", te), ("vae", vae), ("taesd", taesd))}
     print(f"done: parameters {n}")
 
 

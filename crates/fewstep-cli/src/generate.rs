@@ -54,6 +54,16 @@ pub enum DTypeArg {
     Bf16,
 }
 
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LoraModeArg {
     Fuse,
@@ -170,11 +180,7 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let dtype = match args.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = DType::from(args.dtype);
     // The default model runs with its LCM-LoRA (LCM, 4 steps, guidance 1) unless --no-lcm asks for the
     // teacher (DDIM 25, guidance 3).
     let teacher_default = args.model.is_none() && args.no_lcm;

@@ -1,5 +1,6 @@
 //! The `fewstep` command line.
 
+mod bench;
 mod convert;
 mod distill;
 mod eval;
@@ -32,6 +33,8 @@ enum Command {
     /// Generate pictures of world captions and score them: FID on the classifier's features, prompt
     /// adherence, outline share, time per picture.
     Eval(eval::EvalArgs),
+    /// Time text encoding, a UNet step, VAE and TAESD decoding and a whole LCM picture on this machine.
+    Bench(bench::Args),
     /// Copy a diffusers pipeline folder with its weights stored in another dtype (f16 by default).
     Convert(convert::Args),
 }
@@ -49,6 +52,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Distill(args) => distill::run(args),
         Command::TrainClassifier(args) => eval::train_classifier(args),
         Command::Eval(args) => eval::eval(args),

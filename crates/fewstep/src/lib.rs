@@ -5,6 +5,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod files;
+pub mod flops;
 pub mod image;
 pub mod kernels;
 pub mod lora;

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
 use crate::config::ClipTextConfig;
+use crate::kernels::attention::scaled_dot_product_attention;
 use crate::models::nn;
 use crate::models::nn::LayerNorm;
 use crate::weights::Weights;
@@ -86,20 +87,17 @@ impl ClipAttention {
     /// `x: [B, L, D]`, `mask: [L, L]` (f32, 0 or −∞) → `[B, L, D]`. Scores and softmax in f32.
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
-        let dtype = x.dtype();
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, l, self.heads, self.head_dim))?
                 .transpose(1, 2)?
-                .contiguous()?)
+                .contiguous()?
+                .reshape((b * self.heads, l, self.head_dim))?)
         };
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let scores = (scores * self.scale)?.broadcast_add(mask)?;
-        let probs = crate::models::nn::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs
-            .matmul(&v)?
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, Some(mask), false)?
+            .reshape((b, self.heads, l, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, l, d))?;

@@ -9,6 +9,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::Conv2dConfig;
 
 use crate::kernels::unfold::unfold;
+use crate::kernels::winograd;
 use crate::lora::LoraBranch;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -53,6 +54,8 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (out, inner) = self.base.weight().dims2()?;
+        crate::flops::add(crate::flops::matmul(x.elem_count() / inner, inner, out));
         let mut y = linear_forward(&self.base, x)?;
         for b in &self.lora {
             y = (y + linear_forward(&b.up, &linear_forward(&b.down, x)?)?)?;
@@ -154,6 +157,8 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut y = conv_forward(&self.base, x)?;
+        let (_, c, kh, kw) = self.base.weight().dims4()?;
+        crate::flops::add(crate::flops::matmul(y.elem_count(), c * kh * kw, 1));
         for b in &self.lora {
             y = (y + conv_forward(&b.up, &conv_forward(&b.down, x)?)?)?;
         }
@@ -161,14 +166,37 @@ impl Module for Conv2d {
     }
 }
 
-/// candle's convolution, or [`conv2d_unfolded`] under autograd on the CPU in f32 (training).
+/// Images with fewer pixels than this run candle's convolution: with few 2×2 tiles, transforming the
+/// weights costs more than Winograd saves.
+const WINOGRAD_MIN_PIXELS: usize = 256;
+
+/// The convolution of a layer: candle's on other devices; on the CPU (where candle re-lays the whole
+/// weight out at every call) 3×3 stride-1 padding-1 convolutions of images of at least
+/// [`WINOGRAD_MIN_PIXELS`] by [`winograd::conv3x3`] in inference, the others by [`conv2d_unfolded`] —
+/// in f32 whatever the model's dtype (this CPU path has no faster half-precision product).
 fn conv_forward(conv: &candle_nn::Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
-    if training_path(x, conv.weight()) {
-        let cfg = conv.config();
-        conv2d_unfolded(x, conv.weight(), conv.bias(), cfg.stride, cfg.padding)
-    } else {
-        conv.forward(x)
+    let cfg = conv.config();
+    if !x.device().is_cpu() || cfg.dilation != 1 || cfg.groups != 1 {
+        return conv.forward(x);
     }
+    let (_, _, kh, kw) = conv.weight().dims4()?;
+    let (_, _, h, w) = x.dims4()?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let winograd = (kh, kw, cfg.stride, cfg.padding) == (3, 3, 1, 1)
+        && h * w >= WINOGRAD_MIN_PIXELS
+        && !training_path(x, conv.weight());
+    let y = match conv.bias() {
+        Some(bias) if winograd => winograd::conv3x3(&f32(x)?, &f32(conv.weight())?, &f32(bias)?)?,
+        _ if kh == kw => conv2d_unfolded(
+            &f32(x)?,
+            &f32(conv.weight())?,
+            conv.bias().map(f32).transpose()?.as_ref(),
+            cfg.stride,
+            cfg.padding,
+        )?,
+        _ => return conv.forward(x),
+    };
+    y.to_dtype(x.dtype())
 }
 
 /// A convolution as one matrix product over explicit patches (im2col):

@@ -4,7 +4,9 @@
 
 use crate::models::nn::GroupNorm;
 use crate::models::nn::Linear;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
+
+use crate::kernels::attention::scaled_dot_product_attention;
 
 use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear, LayerNorm};
 use crate::weights::Weights;
@@ -90,19 +92,11 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let ctx = context.unwrap_or(x);
-        let dtype = x.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q = self.split_heads(&apply(&self.to_q, x)?)?;
         let k = self.split_heads(&apply(&self.to_k, ctx)?)?;
         let v = self.split_heads(&apply(&self.to_v, ctx)?)?;
-        let (q, k) = if self.upcast && dtype != DType::F32 {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q, k)
-        };
-        let scores = (q * scale)?.matmul(&k.t()?)?;
-        let probs = crate::models::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
-        let o = probs.to_dtype(dtype)?.matmul(&v)?;
+        let o = scaled_dot_product_attention(&q, &k, &v, scale, None, self.upcast)?;
         let o = o
             .reshape((b, self.heads, n, self.head_dim))?
             .transpose(1, 2)?
