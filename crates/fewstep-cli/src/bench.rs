@@ -183,7 +183,10 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         args.stages.clone()
     };
-    if args.taesd.is_none() && stages.iter().any(|s| matches!(s, Stage::Taesd | Stage::ImageTaesd))
+    if args.taesd.is_none()
+        && stages
+            .iter()
+            .any(|s| matches!(s, Stage::Taesd | Stage::ImageTaesd))
     {
         bail!("invalid stage: the TAESD stages need --taesd FILE");
     }
@@ -219,16 +222,19 @@ pub fn run(args: Args) -> Result<()> {
         .map(|r| r.gflop_per_s);
     for &d in &args.dtypes {
         let dtype = DType::from(d);
+        // The parts (and the memory maps of their files) are dropped once the models are built: the
+        // peak memory is that of the models.
         let parts = ModelParts::open(&args.model, dtype, &Device::Cpu)
             .with_context(|| format!("loading {}", args.model))?;
         let model = StableDiffusion::from_parts(&parts, &Device::Cpu)?;
         let with_taesd = match &args.taesd {
             Some(path) => Some(StableDiffusion::from_parts(
-                &parts.with_vae_file(path)?,
+                &parts.clone().with_vae_file(path)?,
                 &Device::Cpu,
             )?),
             None => None,
         };
+        drop(parts);
         for &size in &args.sizes {
             for &stage in &stages {
                 let (times, flops, peak_rss) =
@@ -313,7 +319,11 @@ fn time_stage(
             measure(repeats, || m.decode(&latents).map(drop))
         }
         Stage::Image | Stage::ImageTaesd => {
-            let m = if stage == Stage::Image { model } else { taesd()? };
+            let m = if stage == Stage::Image {
+                model
+            } else {
+                taesd()?
+            };
             let mut req = m.request(prompt, 0);
             req.scheduler = SchedulerKind::Lcm;
             req.steps = 4;

@@ -167,9 +167,3 @@ fn unknown_model_path() {
     let e = fails(Path::new("/no/such/model/folder"), &[]);
     assert!(e.contains("/no/such/model/folder"), "{e}");
 }
-
-#[test]
-fn bf16_on_cpu_is_refused_up_front() {
-    let e = fails(Path::new(TINY), &["--dtype", "bf16"]);
-    assert!(e.contains("dtype") && e.contains("bf16"), "{e}");
-}

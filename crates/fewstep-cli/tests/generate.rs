@@ -243,3 +243,44 @@ fn vae_flag_takes_a_taesd_file() {
     let max = common::max_image_difference(&kl, &tiny);
     assert!(max > 2, "TAESD gave the KL VAE's picture");
 }
+
+/// bf16 runs on the CPU (weights stored in bf16, convolutions and matrix products accumulated in f32):
+/// the picture is the f32 one up to bf16's 8-bit mantissa — a few levels of 255, not another picture.
+#[test]
+fn bf16_on_cpu_gives_the_f32_picture_within_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("{FIXTURES}/tiny-sd");
+    let run = |dtype: &str| {
+        let out = dir.path().join(format!("{dtype}.png"));
+        common::ok(common::fewstep(&[
+            "generate",
+            "a red circle on a blue background",
+            "--model",
+            &model,
+            "--seed",
+            "0",
+            "--dtype",
+            dtype,
+            "-o",
+            out.to_str().unwrap(),
+        ]));
+        read_png(&out).unwrap()
+    };
+    let (full, half) = (run("f32"), run("bf16"));
+    let max = common::max_image_difference(&full, &half);
+    let mean = full
+        .data
+        .iter()
+        .zip(&half.data)
+        .map(|(&a, &b)| (a as f64 - b as f64).abs())
+        .sum::<f64>()
+        / full.data.len() as f64;
+    assert!(
+        max <= 16 && mean < 2.0,
+        "bf16 vs f32: max {max}, mean {mean:.2} of 255"
+    );
+    assert!(
+        max > 0,
+        "bf16 gave the f32 picture bit for bit: was it run in f32?"
+    );
+}

@@ -95,7 +95,11 @@ mod tests {
     fn blocked_attention_matches_the_formula_at_awkward_sizes() {
         // 3 heads × 1000 queries × 700 keys: 249 rows a block, the last block shorter.
         for (n, lq, lk, d, dv) in [(3, 1000, 700, 13, 7), (2, 5, 77, 8, 8), (1, 333, 1, 3, 5)] {
-            let (q, k, v) = (test_input(&[n, lq, d], 1), test_input(&[n, lk, d], 2), test_input(&[n, lk, dv], 3));
+            let (q, k, v) = (
+                test_input(&[n, lq, d], 1),
+                test_input(&[n, lk, d], 2),
+                test_input(&[n, lk, dv], 3),
+            );
             let scale = 1.0 / (d as f64).sqrt();
             let got = scaled_dot_product_attention(&q, &k, &v, scale, None, false).unwrap();
             assert_eq!(got.dims(), &[n, lq, dv]);
@@ -108,10 +112,20 @@ mod tests {
     fn a_causal_mask_is_applied_per_block() {
         let (n, l, d) = (2, 600, 4);
         let mask: Vec<f32> = (0..l * l)
-            .map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 })
+            .map(|i| {
+                if i % l > i / l {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (l, l), &Device::Cpu).unwrap();
-        let (q, k, v) = (test_input(&[n, l, d], 4), test_input(&[n, l, d], 5), test_input(&[n, l, d], 6));
+        let (q, k, v) = (
+            test_input(&[n, l, d], 4),
+            test_input(&[n, l, d], 5),
+            test_input(&[n, l, d], 6),
+        );
         let got = scaled_dot_product_attention(&q, &k, &v, 0.5, Some(&mask), false).unwrap();
         let want = reference(&q, &k, &v, 0.5, Some(&mask));
         assert!(max_diff(&got, &want) < 1e-5);

@@ -279,7 +279,12 @@ mod tests {
     #[test]
     fn matches_candle_conv_at_awkward_sizes() {
         // Odd sizes (cropped edge tiles), one channel, a batch of two, a 1-pixel image.
-        for (b, c, o, h, w) in [(2, 5, 7, 9, 13), (1, 1, 3, 4, 4), (1, 33, 17, 31, 2), (1, 2, 2, 1, 1)] {
+        for (b, c, o, h, w) in [
+            (2, 5, 7, 9, 13),
+            (1, 1, 3, 4, 4),
+            (1, 33, 17, 31, 2),
+            (1, 2, 2, 1, 1),
+        ] {
             let x = test_input(&[b, c, h, w], 1);
             let g = test_input(&[o, c, 3, 3], 2);
             let bias = test_input(&[o], 3);

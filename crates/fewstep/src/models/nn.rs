@@ -320,9 +320,8 @@ pub fn group_norm(w: &Weights, groups: usize, channels: usize, eps: f64) -> Resu
 /// GroupNorm: `y = (x − μ_g) / √(σ²_g + eps) · weight_c + bias_c`, mean and variance over each group of
 /// `C/G` channels of each sample.
 ///
-/// candle's implementation, except under autograd on the CPU in f32 (training), where
-/// [`kernels::group_norm`](crate::kernels::group_norm) computes the same values with a direct backward
-/// pass.
+/// On the CPU [`kernels::group_norm`](crate::kernels::group_norm) computes it in one pass over each group
+/// (in f32 whatever the dtype), with a direct backward pass for training; other devices run candle's.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     candle: candle_nn::GroupNorm,
@@ -332,19 +331,39 @@ pub struct GroupNorm {
     eps: f64,
 }
 
+impl GroupNorm {
+    /// `silu(group_norm(x))`, the pair that opens every ResNet block: fused into one pass on the CPU
+    /// in inference.
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.device().is_cpu() || x.track_op() || self.weight.track_op() {
+            return candle_nn::ops::silu(&self.forward(x)?);
+        }
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        crate::kernels::group_norm::group_norm_silu(
+            &f32(x)?,
+            &f32(&self.weight)?,
+            &f32(&self.bias)?,
+            self.groups,
+            self.eps,
+        )?
+        .to_dtype(x.dtype())
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if training_path(x, &self.weight) || training_path(x, &self.bias) {
-            crate::kernels::group_norm::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-            )
-        } else {
-            self.candle.forward(x)
+        if !x.device().is_cpu() {
+            return self.candle.forward(x);
         }
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        crate::kernels::group_norm::group_norm(
+            &f32(x)?,
+            &f32(&self.weight)?,
+            &f32(&self.bias)?,
+            self.groups,
+            self.eps,
+        )?
+        .to_dtype(x.dtype())
     }
 }
 
@@ -552,6 +571,40 @@ mod tests {
             }
         }
     }
+    /// The fused inference GroupNorm+SiLU equals candle's GroupNorm then SiLU, in f32 and (through f32)
+    /// in bf16, at sizes that leave partial vector lanes and groups larger than a summation block.
+    #[test]
+    fn group_norm_silu_matches_candle() {
+        for (shape, groups) in [
+            (vec![2usize, 6, 5, 3], 3),
+            (vec![1, 4, 77, 61], 2),
+            (vec![1, 3, 1], 1),
+        ] {
+            let c = shape[1];
+            let x = (randn(&shape, 7) * 3.0).unwrap().affine(1.0, 0.5).unwrap();
+            let (weight, bias) = (randn(&[c], 8), randn(&[c], 9));
+            let norm = GroupNorm {
+                candle: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, groups, 1e-5)
+                    .unwrap(),
+                weight,
+                bias,
+                groups,
+                eps: 1e-5,
+            };
+            let reference = candle_nn::ops::silu(&norm.candle.forward(&x).unwrap()).unwrap();
+            assert!(
+                max_diff(&norm.forward_silu(&x).unwrap(), &reference) < 1e-5,
+                "{shape:?}"
+            );
+            let half = norm
+                .forward_silu(&x.to_dtype(DType::BF16).unwrap())
+                .unwrap();
+            assert_eq!(half.dtype(), DType::BF16);
+            let half = half.to_dtype(DType::F32).unwrap();
+            assert!(max_diff(&half, &reference) < 0.1, "{shape:?} bf16");
+        }
+    }
+
     /// The training paths of Linear (3-D input) and LayerNorm, values and gradients, equal candle's.
     #[test]
     fn linear_and_layer_norm_training_paths_match_candle() {

@@ -164,7 +164,7 @@ impl Encoder {
             }
         }
         let x = self.mid_block.forward(&x)?;
-        let x = self.act.forward(&apply(&self.conv_norm_out, &x)?)?;
+        let x = self.act.after_norm(&self.conv_norm_out, &x)?;
         apply(&self.conv_out, &x)
     }
 }
@@ -227,7 +227,7 @@ impl Decoder {
                 x = u.forward(&x, None)?;
             }
         }
-        let x = self.act.forward(&apply(&self.conv_norm_out, &x)?)?;
+        let x = self.act.after_norm(&self.conv_norm_out, &x)?;
         apply(&self.conv_out, &x)
     }
 }

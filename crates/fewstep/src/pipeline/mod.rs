@@ -69,16 +69,9 @@ pub struct Output {
 }
 
 impl StableDiffusion {
-    /// Builds the models from their parts. bf16 is refused on the CPU, where candle has no bf16 matrix
-    /// product.
+    /// Builds the models from their parts.
     pub fn from_parts(parts: &ModelParts, device: &Device) -> Result<Self> {
         let dtype = parts.unet.dtype();
-        if dtype == DType::BF16 && device.is_cpu() {
-            return Err(Error::invalid(
-                "dtype",
-                "bf16 has no matrix product on candle's CPU backend; use f32 or f16 on CPU",
-            ));
-        }
         let taesd = parts
             .taesd
             .as_ref()

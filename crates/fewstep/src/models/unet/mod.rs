@@ -407,7 +407,7 @@ impl UNet2DConditionModel {
             x = block.forward(&x, &temb, &context, &mut skips, size)?;
         }
 
-        let x = self.act.forward(&apply(&self.conv_norm_out, &x)?)?;
+        let x = self.act.after_norm(&self.conv_norm_out, &x)?;
         apply(&self.conv_out, &x)
     }
 }

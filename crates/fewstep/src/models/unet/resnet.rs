@@ -34,6 +34,13 @@ impl Activation {
             Activation::Silu => Ok(candle_nn::ops::silu(x)?),
         }
     }
+
+    /// `act(norm(x))`, fused where the kernels allow ([`GroupNorm::forward_silu`]).
+    pub fn after_norm(&self, norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Silu => Ok(norm.forward_silu(x)?),
+        }
+    }
 }
 
 /// Shape parameters of a [`ResnetBlock2D`].
@@ -97,13 +104,13 @@ impl ResnetBlock2D {
 
     /// `x: [B, C_in, H, W]`, `temb: [B, T]` → `[B, C_out, H, W]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.act.forward(&apply(&self.norm1, x)?)?;
+        let h = self.act.after_norm(&self.norm1, x)?;
         let mut h = apply(&self.conv1, &h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = apply(proj, &self.act.forward(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.act.forward(&apply(&self.norm2, &h)?)?;
+        let h = self.act.after_norm(&self.norm2, &h)?;
         let h = apply(&self.conv2, &h)?;
         let skip = match &self.conv_shortcut {
             Some(c) => apply(c, x)?,
