@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod group_norm;
+pub mod softmax;
 pub mod unfold;
 pub mod winograd;
 

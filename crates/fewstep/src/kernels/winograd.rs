@@ -120,11 +120,10 @@ fn transform_output(
         for i in 0..n {
             let at = |xi: usize| m[(xi * o + oc) * n + i];
             // s = Aᵀ M: 2×4.
-            let mut s = [[0f32; 4]; 2];
-            for q in 0..4 {
-                s[0][q] = at(q) + at(4 + q) + at(8 + q);
-                s[1][q] = at(4 + q) - at(8 + q) - at(12 + q);
-            }
+            let s: [[f32; 4]; 2] = [
+                std::array::from_fn(|q| at(q) + at(4 + q) + at(8 + q)),
+                std::array::from_fn(|q| at(4 + q) - at(8 + q) - at(12 + q)),
+            ];
             let t = first + i;
             let (oy, ox) = (2 * (t / tw), 2 * (t % tw));
             for (r, row) in s.iter().enumerate() {

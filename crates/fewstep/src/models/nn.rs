@@ -417,7 +417,8 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last dimension. At inference candle's fused kernel (no backward pass); under autograd
+/// Softmax over the last dimension. At inference [`kernels::softmax`](crate::kernels::softmax) on the
+/// CPU in f32, candle's fused kernel elsewhere (neither has a backward pass); under autograd
 /// `exp(x − max) / Σ exp(x − max)` from differentiable operations, the max detached (it cancels out of the
 /// value, so its gradient is zero).
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -425,6 +426,8 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    } else if x.device().is_cpu() && x.dtype() == DType::F32 {
+        crate::kernels::softmax::softmax_last_dim(x)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
