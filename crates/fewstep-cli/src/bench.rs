@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::ValueEnum;
+use fewstep::models::taesd::AutoencoderTiny;
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
 use fewstep::weights::parts::ModelParts;
@@ -223,22 +224,30 @@ pub fn run(args: Args) -> Result<()> {
     for &d in &args.dtypes {
         let dtype = DType::from(d);
         // The parts (and the memory maps of their files) are dropped once the models are built: the
-        // peak memory is that of the models.
+        // peak memory is that of the models. The TAESD is built on its own and lent to the model for
+        // the TAESD stages only.
         let parts = ModelParts::open(&args.model, dtype, &Device::Cpu)
             .with_context(|| format!("loading {}", args.model))?;
-        let model = StableDiffusion::from_parts(&parts, &Device::Cpu)?;
-        let with_taesd = match &args.taesd {
-            Some(path) => Some(StableDiffusion::from_parts(
-                &parts.clone().with_vae_file(path)?,
-                &Device::Cpu,
-            )?),
+        let mut model = StableDiffusion::from_parts(&parts, &Device::Cpu)?;
+        let mut tiny = match &args.taesd {
+            Some(path) => match &parts.clone().with_vae_file(path)?.taesd {
+                Some((w, layout)) => Some(AutoencoderTiny::from_layout(w, *layout)?),
+                None => bail!("invalid taesd: {} is not a TAESD", path.display()),
+            },
             None => None,
         };
         drop(parts);
         for &size in &args.sizes {
             for &stage in &stages {
-                let (times, flops, peak_rss) =
-                    time_stage(&model, with_taesd.as_ref(), stage, size, args.repeats)?;
+                let taesd_stage = matches!(stage, Stage::Taesd | Stage::ImageTaesd);
+                if taesd_stage {
+                    model.taesd = tiny.take();
+                }
+                let timed = time_stage(&model, stage, size, args.repeats);
+                if taesd_stage {
+                    tiny = model.taesd.take();
+                }
+                let (times, flops, peak_rss) = timed?;
                 let median_s = median(&times);
                 let rate = flops as f64 / median_s / 1e9;
                 let t = Timing {
@@ -277,10 +286,10 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Times one stage at one size: the inputs are made once, outside the timed runs.
+/// Times one stage at one size (the TAESD stages with `model.taesd` set): the inputs are made once,
+/// outside the timed runs.
 fn time_stage(
     model: &StableDiffusion,
-    with_taesd: Option<&StableDiffusion>,
     stage: Stage,
     size: usize,
     repeats: usize,
@@ -290,7 +299,6 @@ fn time_stage(
     let channels = model.unet.config().in_channels;
     let latents = Tensor::randn(0f32, 1.0, (1, channels, size / f, size / f), dev)?;
     let prompt = "a photograph of an astronaut riding a horse";
-    let taesd = || with_taesd.context("the TAESD stages need --taesd");
     match stage {
         Stage::Text => measure(repeats, || model.encode_prompt(prompt, None).map(drop)),
         Stage::Unet => {
@@ -314,23 +322,16 @@ fn time_stage(
                 .decode(&latents.to_dtype(model.dtype())?)
                 .map(drop)
         }),
-        Stage::Taesd => {
-            let m = taesd()?;
-            measure(repeats, || m.decode(&latents).map(drop))
-        }
+        // The model decodes with its TAESD when it has been lent one (the TAESD stages).
+        Stage::Taesd => measure(repeats, || model.decode(&latents).map(drop)),
         Stage::Image | Stage::ImageTaesd => {
-            let m = if stage == Stage::Image {
-                model
-            } else {
-                taesd()?
-            };
-            let mut req = m.request(prompt, 0);
+            let mut req = model.request(prompt, 0);
             req.scheduler = SchedulerKind::Lcm;
             req.steps = 4;
             req.guidance = 1.0;
             req.width = size;
             req.height = size;
-            measure(repeats, || m.generate(&req, &mut |_, _| {}).map(drop))
+            measure(repeats, || model.generate(&req, &mut |_, _| {}).map(drop))
         }
     }
 }

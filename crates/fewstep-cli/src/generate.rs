@@ -8,6 +8,7 @@ use clap::ValueEnum;
 use fewstep::image::{read_png, tensor_to_images, write_png};
 use fewstep::lora::apply::apply_specs;
 use fewstep::lora::{extract_prompt_loras, LoraSpec};
+use fewstep::models::vae::VaeTiling;
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
 use fewstep::weights::parts::ModelParts;
@@ -92,6 +93,10 @@ pub struct Args {
     /// decoder of the same latents.
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// Decode with the VAE tile by tile (diffusers' `enable_vae_tiling`: 512-pixel tiles blended over 128
+    /// pixels for SD), for pictures too large to decode whole in memory.
+    #[arg(long)]
+    vae_tiling: bool,
     /// A LoRA to apply, PATH[:WEIGHT] (weight 1 by default); repeatable. Any published layout (kohya,
     /// PEFT, diffusers), detected from its keys.
     #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
@@ -198,7 +203,7 @@ pub fn run(args: Args) -> Result<()> {
         true => SchedulerArg::Ddim,
     };
     let model_spec = args.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let (model, lora_list) = load_model(
+    let (mut model, lora_list) = load_model(
         &model_spec,
         args.vae.as_deref(),
         &lora_specs,
@@ -206,6 +211,9 @@ pub fn run(args: Args) -> Result<()> {
         dtype,
     )?;
 
+    if args.vae_tiling {
+        model.vae_tiling = Some(VaeTiling::for_config(model.vae.config()));
+    }
     let scheduler: SchedulerKind = args.scheduler.unwrap_or(default_scheduler).into();
     let seed = args.seed.unwrap_or_else(rand_seed);
     let mut req = model.request(&prompt, seed);

@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::{components, fixture, rel_err, weights, weights_file};
 use fewstep::config::{load_json, AutoencoderKLConfig};
-use fewstep::models::vae::AutoencoderKL;
+use fewstep::models::vae::{AutoencoderKL, VaeTiling};
 use fewstep::weights::Weights;
 
 const TOL: f64 = 1e-4;
@@ -81,4 +81,24 @@ fn missing_vae_key_is_named() {
         .unwrap()
         .to_string();
     assert!(err.contains("encoder.down_blocks.0.resnets.1"), "{err}");
+}
+
+/// Tiled decoding equals diffusers' `enable_tiling()` decode (tools/reference/make_vae_tiling_fixture.py):
+/// 3×2 tiles, the last row shorter than the blend, on latents whose whole decode differs visibly.
+#[test]
+fn tiled_decode_matches_diffusers() {
+    let refs =
+        candle_core::safetensors::load(fixture("reference/vae_tiling.safetensors"), &Device::Cpu)
+            .unwrap();
+    let vae = load("tiny-sd");
+    let tiling = VaeTiling::for_config(vae.config());
+    assert_eq!((tiling.latent_tile, tiling.sample_tile), (8, 64));
+    let tiled = vae.decode_tiled(&refs["z"], &tiling).unwrap();
+    let err = rel_err(&tiled, &refs["tiled"]);
+    assert!(err < TOL, "tiled: {err}");
+    assert!(rel_err(&refs["whole"], &refs["tiled"]) > 100.0 * TOL);
+    // Latents of one tile are decoded whole.
+    let z = refs["z"].narrow(2, 0, 8).unwrap().narrow(3, 0, 8).unwrap();
+    let one = vae.decode_tiled(&z, &tiling).unwrap();
+    assert_eq!(rel_err(&one, &vae.decode(&z).unwrap()), 0.0);
 }

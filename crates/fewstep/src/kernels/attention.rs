@@ -1,6 +1,6 @@
-//! Scaled dot-product attention, computed a block of queries at a time so that the score matrix is never
-//! held whole: at 512×512 the UNet's first self-attention has 8 heads × 4096 × 4096 scores (512 MiB in
-//! f32), a block of them stays in cache.
+//! Scaled dot-product attention, computed a head and a block of queries at a time so that the score
+//! matrix is never held whole: at 512×512 the UNet's first self-attention has 8 heads × 4096 × 4096
+//! scores (512 MiB in f32); a block of them stays in cache.
 
 use candle_core::{DType, Tensor};
 
@@ -10,8 +10,12 @@ const BLOCK_SCORES: usize = 1 << 19;
 /// `softmax(q kᵀ · scale + mask) v` per batch-head, with `q: [N, Lq, d]`, `k: [N, Lk, d]`,
 /// `v: [N, Lk, dv]`, an additive `mask` broadcast over `[N, Lq, Lk]` (f32: 0 or −∞) → `[N, Lq, dv]` in
 /// `v`'s dtype. The scores and the softmax are f32 whatever the dtype; with `upcast` the product `q kᵀ`
-/// is computed in f32 too (diffusers' `upcast_attention`). Rows of the result are independent, so the
-/// queries are taken in blocks of `BLOCK_SCORES / (N·Lk)` rows: the same numbers, a bounded score buffer.
+/// is computed in f32 too (diffusers' `upcast_attention`).
+///
+/// Rows of the result are independent: when the `N·Lq·Lk` scores exceed [`BLOCK_SCORES`], each head is
+/// taken alone (a mask must then be `[Lq, Lk]` or smaller) and its queries in blocks of
+/// `BLOCK_SCORES / Lk` rows — the same numbers with a bounded score buffer, and matrix products tall
+/// enough to run at full speed.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -28,35 +32,48 @@ pub fn scaled_dot_product_attention(
     } else {
         (q.clone(), k.clone())
     };
-    let kt = k.t()?;
-    let rows = (BLOCK_SCORES / (n * lk)).clamp(16, lq.max(16));
-    let block = |start: usize, len: usize| -> candle_core::Result<Tensor> {
-        let scores = (q.narrow(1, start, len)? * scale)?
-            .matmul(&kt)?
-            .to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(m) => {
-                let m = if m.rank() >= 2 && m.dim(m.rank() - 2)? == lq && len != lq {
-                    m.narrow(m.rank() - 2, start, len)?
-                } else {
-                    m.clone()
-                };
-                scores.broadcast_add(&m)?
-            }
-            None => scores,
-        };
-        crate::models::nn::softmax_last_dim(&scores)?
-            .to_dtype(v.dtype())?
-            .matmul(v)
-    };
-    if rows >= lq {
-        return block(0, lq);
+    if n * lq * lk <= BLOCK_SCORES || mask.is_some_and(|m| m.rank() > 2) {
+        return attend(&q, &k.t()?, v, scale, mask);
     }
-    let blocks = (0..lq)
-        .step_by(rows)
-        .map(|s| block(s, rows.min(lq - s)))
+    let rows = (BLOCK_SCORES / lk).clamp(16, lq);
+    let heads = (0..n)
+        .map(|h| {
+            let (q, kt, v) = (q.get(h)?, k.get(h)?.t()?, v.get(h)?);
+            let blocks = (0..lq)
+                .step_by(rows)
+                .map(|start| {
+                    let len = rows.min(lq - start);
+                    let m = mask
+                        .map(|m| match m.rank() {
+                            2 if m.dim(0)? == lq => m.narrow(0, start, len),
+                            _ => Ok(m.clone()),
+                        })
+                        .transpose()?;
+                    attend(&q.narrow(0, start, len)?, &kt, &v, scale, m.as_ref())
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&blocks, 0)
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::cat(&blocks, 1)
+    Tensor::stack(&heads, 0)
+}
+
+/// `softmax(q · kt · scale + mask) v` on whole matrices (`kt` the transposed keys), scores in f32.
+fn attend(
+    q: &Tensor,
+    kt: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let scores = (q * scale)?.matmul(kt)?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    crate::models::nn::softmax_last_dim(&scores)?
+        .to_dtype(v.dtype())?
+        .matmul(v)
 }
 
 #[cfg(test)]
@@ -110,7 +127,7 @@ mod tests {
 
     #[test]
     fn a_causal_mask_is_applied_per_block() {
-        let (n, l, d) = (2, 600, 4);
+        let (n, l, d) = (2, 1000, 4);
         let mask: Vec<f32> = (0..l * l)
             .map(|i| {
                 if i % l > i / l {

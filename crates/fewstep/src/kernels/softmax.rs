@@ -1,28 +1,32 @@
-//! Softmax over the last dimension for f32 on the CPU, with a polynomial `exp` the compiler vectorises
-//! (compiled for AVX2+FMA where the CPU has them, checked at run time): at 512×512 the UNet's attention
+//! Softmax over the last dimension for f32 on the CPU, with a polynomial `exp`: in AVX2+FMA intrinsics
+//! where the CPU has them (checked at run time), in portable scalar code elsewhere. At 512×512 the UNet's attention
 //! takes the exponential of a billion scores a step, where the C library's scalar `expf` costs more than
 //! the rest of the softmax.
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `eˣ` with a relative error below 3·10⁻⁷ (about 2 ulp) for `x < 88.7`: `x = n·ln2 + r` with `|r| ≤ ln2/2`,
+/// `eˣ` with a relative error below 3·10⁻⁷ (about 2 ulp) for `x < 88`: `x = n·ln2 + r` with `|r| ≤ ln2/2`,
 /// `eʳ` by its degree-6 Taylor polynomial (error below 2⁻²⁴ on that interval), times `2ⁿ` built in the
-/// exponent bits; below `−87.3` (where `eˣ` is subnormal) it returns 0, so `exp(−∞) = 0`.
+/// exponent bits; below `−87` (near where `eˣ` turns subnormal) it returns 0, so `exp(−∞) = 0`. The
+/// input is clamped first so no lane ever computes a subnormal product (each costs a hundred cycles).
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    let x = x.max(-87.3);
-    // Round to nearest by adding and removing 1.5·2²³ (no call to the library's `floorf`).
+    let below = x < -87.0;
+    let x = x.max(-87.0);
+    // Round to nearest by adding and removing 1.5·2²³: the sum's low mantissa bits hold `n`, so `2ⁿ` is
+    // built from them with integer operations (no float-to-int conversion, which would not vectorise).
     const ROUND: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     // ln2 split in a part exact in f32 and the remainder, so `x − n·ln2` loses no bits.
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x <= -87.3 {
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    if below {
         0.0
     } else {
         p * scale
@@ -66,12 +70,87 @@ fn softmax_row(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// The AVX2+FMA versions of [`exp`] and [`softmax_row`], eight lanes at a time.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2(data: &mut [f32], n: usize) {
-    // A plain loop, so that `softmax_row` is inlined here and compiled with these features.
-    for row in data.chunks_mut(n) {
-        softmax_row(row);
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    const ROUND: f32 = 12_582_912.0;
+
+    /// [`super::exp`] on eight lanes (the reduction and the polynomial with fused multiply-adds).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp8(x: __m256) -> __m256 {
+        let set = _mm256_set1_ps;
+        let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, set(-87.0));
+        let x = _mm256_max_ps(x, set(-87.0));
+        let t = _mm256_fmadd_ps(x, set(std::f32::consts::LOG2_E), set(ROUND));
+        let n = _mm256_sub_ps(t, set(ROUND));
+        let r = _mm256_fnmadd_ps(n, set(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, set(1.428_606_8e-6), r);
+        let mut p = set(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, set(c));
+        }
+        let bits = _mm256_sub_epi32(
+            _mm256_castps_si256(t),
+            _mm256_set1_epi32(ROUND.to_bits() as i32 - 127),
+        );
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits));
+        _mm256_andnot_ps(below, _mm256_mul_ps(p, scale))
+    }
+
+    /// The sum of the eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn sum8(v: __m256) -> f32 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes.iter().sum()
+    }
+
+    /// [`super::softmax_row`] with whole vectors, the last `len % 8` values one by one.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_row(row: &mut [f32]) {
+        let whole = row.len() / 8 * 8;
+        let (body, tail) = row.split_at_mut(whole);
+        let ptr = body.as_mut_ptr();
+        // SAFETY: every load and store below reads or writes eight values at `ptr + i`, `i + 8 ≤ whole`.
+        unsafe {
+            let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+            for i in (0..whole).step_by(8) {
+                m = _mm256_max_ps(m, _mm256_loadu_ps(ptr.add(i)));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let max = lanes
+                .iter()
+                .chain(tail.iter())
+                .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            if max == f32::NEG_INFINITY {
+                body.iter_mut()
+                    .chain(tail.iter_mut())
+                    .for_each(|v| *v = f32::NAN);
+                return;
+            }
+            let mx = _mm256_set1_ps(max);
+            let mut acc = _mm256_setzero_ps();
+            for i in (0..whole).step_by(8) {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(ptr.add(i)), mx));
+                _mm256_storeu_ps(ptr.add(i), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            let mut sum = sum8(acc);
+            for v in tail.iter_mut() {
+                *v = super::exp(*v - max);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            let iv = _mm256_set1_ps(inv);
+            for i in (0..whole).step_by(8) {
+                _mm256_storeu_ps(ptr.add(i), _mm256_mul_ps(_mm256_loadu_ps(ptr.add(i)), iv));
+            }
+            tail.iter_mut().for_each(|v| *v *= inv);
+        }
     }
 }
 
@@ -80,7 +159,9 @@ fn softmax_rows(data: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function was compiled for.
-        return unsafe { softmax_rows_avx2(data, n) };
+        return data
+            .chunks_mut(n)
+            .for_each(|row| unsafe { avx2::softmax_row(row) });
     }
     data.chunks_mut(n).for_each(softmax_row);
 }
@@ -129,6 +210,27 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst < 3e-7, "relative error {worst}");
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            use std::arch::x86_64::*;
+            let mut worst = 0f32;
+            for k in 0..1000 {
+                let xs: [f32; 8] = std::array::from_fn(|i| -100.0 + 0.0235 * (8 * k + i) as f32);
+                let mut got = [0f32; 8];
+                // SAFETY: the CPU has AVX2 and FMA; both arrays hold eight f32.
+                unsafe {
+                    _mm256_storeu_ps(got.as_mut_ptr(), avx2::exp8(_mm256_loadu_ps(xs.as_ptr())))
+                };
+                for (g, x) in got.iter().zip(xs) {
+                    let want = if x < -87.0 { 0.0 } else { x.exp() };
+                    assert!(want > 0.0 || *g == 0.0, "exp8({x}) = {g}");
+                    if want > 0.0 {
+                        worst = worst.max((g - want).abs() / want);
+                    }
+                }
+            }
+            assert!(worst < 3e-7, "AVX2 relative error {worst}");
+        }
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(-100.0), 0.0);
     }

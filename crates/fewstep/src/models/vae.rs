@@ -247,7 +247,7 @@ impl DiagonalGaussian {
     }
 }
 
-/// diffusers' `AutoencoderKL` (no tiling or slicing).
+/// diffusers' `AutoencoderKL`, with its tiled decoding ([`AutoencoderKL::decode_tiled`]).
 pub struct AutoencoderKL {
     config: AutoencoderKLConfig,
     encoder: Encoder,
@@ -301,6 +301,50 @@ fn validate(c: &AutoencoderKLConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// diffusers' VAE tiling (`enable_tiling`) for decoding pictures larger than the VAE was trained on in
+/// bounded memory: the latents are cut into tiles of `latent_tile` latents every
+/// `⌊latent_tile·(1 − overlap)⌋`, each tile is decoded alone, and each decoded tile is blended into the one
+/// above and the one to its left over `e = ⌊sample_tile·overlap⌋` pixels, then cropped to
+/// `sample_tile − e` pixels a side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VaeTiling {
+    pub latent_tile: usize,
+    pub sample_tile: usize,
+    pub overlap: f64,
+}
+
+impl VaeTiling {
+    /// diffusers' sizes for a VAE: tiles of `sample_size` pixels, `sample_size / 2^(stages − 1)` latents,
+    /// overlap 0.25 (for SD: 512 pixels, 64 latents, 128 blended pixels).
+    pub fn for_config(c: &AutoencoderKLConfig) -> Self {
+        Self {
+            latent_tile: c.sample_size / c.scale_factor(),
+            sample_tile: c.sample_size,
+            overlap: 0.25,
+        }
+    }
+}
+
+/// diffusers' `blend_v` (`dim` 2) and `blend_h` (`dim` 3): with `e = min(extent, a's and b's sizes)`, the
+/// first `e` lines of `b` become `a[−e + y]·(1 − y/e) + b[y]·(y/e)`.
+fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let (na, nb) = (a.dim(dim)?, b.dim(dim)?);
+    let e = extent.min(na).min(nb);
+    if e == 0 {
+        return Ok(b.clone());
+    }
+    let weights = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
+        let v: Vec<f32> = (0..e).map(|y| f(y as f64 / e as f64) as f32).collect();
+        let shape = if dim == 2 { (1, 1, e, 1) } else { (1, 1, 1, e) };
+        Ok(Tensor::from_vec(v, shape, b.device())?.to_dtype(b.dtype())?)
+    };
+    let head = (a
+        .narrow(dim, na - e, e)?
+        .broadcast_mul(&weights(&|t| 1.0 - t)?)?
+        + b.narrow(dim, 0, e)?.broadcast_mul(&weights(&|t| t)?)?)?;
+    Ok(Tensor::cat(&[head, b.narrow(dim, e, nb - e)?], dim)?)
 }
 
 impl AutoencoderKL {
@@ -362,5 +406,45 @@ impl AutoencoderKL {
             None => z,
         };
         self.decoder.forward(&z)
+    }
+
+    /// [`decode`](Self::decode) tile by tile ([`VaeTiling`]), as diffusers' `tiled_decode`: latents no
+    /// larger than a tile are decoded whole, as diffusers does. Only two rows of decoded tiles are held
+    /// at a time.
+    pub fn decode_tiled(&self, latents: &Tensor, tiling: &VaeTiling) -> Result<Tensor> {
+        let (_, _, h, w) = latents.dims4()?;
+        let t = tiling.latent_tile;
+        if h <= t && w <= t {
+            return self.decode(latents);
+        }
+        let stride = ((t as f64 * (1.0 - tiling.overlap)) as usize).max(1);
+        let extent = (tiling.sample_tile as f64 * tiling.overlap) as usize;
+        let limit = tiling.sample_tile - extent;
+        let crop = |x: &Tensor| -> Result<Tensor> {
+            let (_, _, th, tw) = x.dims4()?;
+            Ok(x.narrow(2, 0, limit.min(th))?.narrow(3, 0, limit.min(tw))?)
+        };
+        let mut above: Vec<Tensor> = Vec::new();
+        let mut rows = Vec::new();
+        for i in (0..h).step_by(stride) {
+            let mut row: Vec<Tensor> = Vec::new();
+            for (k, j) in (0..w).step_by(stride).enumerate() {
+                let z = latents
+                    .narrow(2, i, t.min(h - i))?
+                    .narrow(3, j, t.min(w - j))?;
+                let mut tile = self.decode(&z)?;
+                if let Some(a) = above.get(k) {
+                    tile = blend(a, &tile, extent, 2)?;
+                }
+                if let Some(l) = row.last() {
+                    tile = blend(l, &tile, extent, 3)?;
+                }
+                row.push(tile);
+            }
+            let crops = row.iter().map(crop).collect::<Result<Vec<_>>>()?;
+            rows.push(Tensor::cat(&crops, 3)?);
+            above = row;
+        }
+        Ok(Tensor::cat(&rows, 2)?)
     }
 }

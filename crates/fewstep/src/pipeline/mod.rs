@@ -17,7 +17,7 @@ use crate::image::RgbImage;
 use crate::models::clip::ClipTextModel;
 use crate::models::taesd::AutoencoderTiny;
 use crate::models::unet::UNet2DConditionModel;
-use crate::models::vae::AutoencoderKL;
+use crate::models::vae::{AutoencoderKL, VaeTiling};
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, ScheduleRequest, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
@@ -35,6 +35,8 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     /// A TAESD that decodes (and encodes, where it has an encoder) in place of `vae`.
     pub taesd: Option<AutoencoderTiny>,
+    /// Decode with the VAE tile by tile (diffusers' `enable_vae_tiling`); off by default.
+    pub vae_tiling: Option<VaeTiling>,
     pub scheduler_config: SchedulerConfig,
     dtype: DType,
     device: Device,
@@ -95,6 +97,7 @@ impl StableDiffusion {
             unet: UNet2DConditionModel::new(&parts.unet_config, &parts.unet)?,
             vae: AutoencoderKL::new(&parts.vae_config, &parts.vae)?,
             taesd,
+            vae_tiling: None,
             scheduler_config: parts.scheduler_config.clone(),
             dtype,
             device: device.clone(),
@@ -294,7 +297,8 @@ impl StableDiffusion {
         Ok(Output { decoded, latents })
     }
 
-    /// Latents → image in [-1, 1]: `vae.decode(z / scaling_factor + shift_factor)`, in f32; with a TAESD,
+    /// Latents → image in [-1, 1]: `vae.decode(z / scaling_factor + shift_factor)` (tiled with
+    /// `vae_tiling`), in f32; with a TAESD,
     /// `2·taesd(z) − 1` (TAESD works on the UNet's latents as they are, diffusers' `AutoencoderTiny` with
     /// scaling factor 1, and returns [0, 1]).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
@@ -306,10 +310,12 @@ impl StableDiffusion {
         }
         let cfg = self.vae.config();
         let z = ((latents / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
-        Ok(self
-            .vae
-            .decode(&z.to_dtype(self.dtype)?)?
-            .to_dtype(DType::F32)?)
+        let z = z.to_dtype(self.dtype)?;
+        let x = match &self.vae_tiling {
+            Some(tiling) => self.vae.decode_tiled(&z, tiling)?,
+            None => self.vae.decode(&z)?,
+        };
+        Ok(x.to_dtype(DType::F32)?)
     }
 
     /// The A1111-style `parameters` text that reproduces a generation.
