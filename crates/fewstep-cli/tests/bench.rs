@@ -6,11 +6,13 @@ mod common;
 use common::FIXTURES;
 use serde_json::Value;
 
-/// `torch.utils.flop_counter.FlopCounterMode` on diffusers' UNet of `tests/fixtures/tiny-sd`, one call at
-/// 64×64 (latents 8×8), batch 1, 77 tokens; and on its text encoder (77 tokens). Computed with
-/// `tools/reference/bench_torch.py tests/fixtures/tiny-sd --size 64 --dtype f32 --stage text --stage unet`.
-const TORCH_UNET_FLOP: f64 = UNET_FLOP_REFERENCE;
-const TORCH_TEXT_FLOP: f64 = TEXT_FLOP_REFERENCE;
+/// `torch.utils.flop_counter.FlopCounterMode` on diffusers' models of `tests/fixtures/tiny-sd` at 64×64
+/// (latents 8×8), batch 1, 77 tokens: the text encoder, one UNet call, one VAE decode. Computed with
+/// `tools/reference/bench_torch.py tests/fixtures/tiny-sd --size 64 --dtype f32 --stage text --stage unet
+/// --stage vae`.
+const TORCH_TEXT_FLOP: f64 = 1_438_976.0;
+const TORCH_UNET_FLOP: f64 = 35_216_384.0;
+const TORCH_VAE_FLOP: f64 = 306_202_624.0;
 
 #[test]
 fn bench_writes_timings_with_the_operations_pytorch_counts() {
@@ -67,6 +69,11 @@ fn bench_writes_timings_with_the_operations_pytorch_counts() {
         gflop("text")
     );
     // A whole picture is four UNet steps, a text encoding and a decode.
+    assert!(
+        rel(gflop("vae") * 1e9, TORCH_VAE_FLOP) < 1e-9,
+        "{}",
+        gflop("vae")
+    );
     let picture = 4.0 * gflop("unet") + gflop("text") + gflop("vae");
     assert!(rel(gflop("image"), picture) < 1e-9);
     assert_eq!(report["matmul"][0]["n"], 64);
