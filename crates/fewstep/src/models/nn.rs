@@ -166,9 +166,9 @@ impl Module for Conv2d {
     }
 }
 
-/// Images with fewer pixels than this run candle's convolution: with few 2×2 tiles, transforming the
-/// weights costs more than Winograd saves.
-const WINOGRAD_MIN_PIXELS: usize = 256;
+/// Images with fewer pixels than this (32×32) run the im2col product: with few 4×4 tiles, transforming
+/// the weights (4× their size, at every call) costs more than Winograd saves.
+const WINOGRAD_MIN_PIXELS: usize = 1024;
 
 /// The convolution of a layer: candle's on other devices; on the CPU (where candle re-lays the whole
 /// weight out at every call) 3×3 stride-1 padding-1 convolutions of images of at least
