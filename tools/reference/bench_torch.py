@@ -7,7 +7,7 @@
 Stages (batch 1, prompt "a photograph of an astronaut riding a horse"): text (CLIPTextModel on one prompt),
 unet (one UNet2DConditionModel call at t = 999), vae (AutoencoderKL.decode of one latent), taesd
 (AutoencoderTiny.decode), image (LatentConsistencyModel-style LCM 4 steps, guidance 1: StableDiffusionPipeline
-with LCMScheduler, guidance_scale 1 so no unconditional pass, VAE decode), image_taesd (the same with the
+with LCMScheduler, guidance_scale 1 so no unconditional pass, VAE decode), image-taesd (the same with the
 TAESD as the pipeline's vae). Each: one warm-up run (counted by torch.utils.flop_counter), then `repeats` timed
 runs, median; the peak resident memory of the process during the timed runs (Linux clear_refs/VmHWM, the
 same reading as fewstep's). Output: the JSON schema of `fewstep bench --output`.
@@ -69,7 +69,7 @@ def main():
     torch.set_num_threads(a.threads)
     sizes = a.size or [256, 512]
     dtypes = a.dtype or ["f32", "bf16"]
-    stages = a.stage or (["text", "unet", "vae", "image"] + (["taesd", "image_taesd"] if a.taesd else []))
+    stages = a.stage or (["text", "unet", "vae", "image"] + (["taesd", "image-taesd"] if a.taesd else []))
 
     from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
 
@@ -120,7 +120,7 @@ def main():
                     "vae": lambda: pipe.vae.decode(lat / pipe.vae.config.scaling_factor),
                     "taesd": (lambda: tiny.decode(lat)) if tiny is not None else None,
                     "image": image(pipe.vae),
-                    "image_taesd": image(tiny) if tiny is not None else None,
+                    "image-taesd": image(tiny) if tiny is not None else None,
                 }
                 for stage in stages:
                     times, flops, peak_rss = measure(fns[stage], a.repeats)

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::generate::DTypeArg;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Stage {
     /// The text encoder on one prompt.
     Text,
@@ -263,7 +263,10 @@ pub fn run(args: Args) -> Result<()> {
                 };
                 println!(
                     "{:<12} {size:>4}² {:<4} {:>8.3} s {:>8.1} GFLOP {:>6.1} GFLOP/s {:>5} peak {:>7} MiB",
-                    format!("{stage:?}").to_lowercase(),
+                    stage
+                        .to_possible_value()
+                        .map(|v| v.get_name().to_string())
+                        .unwrap_or_default(),
                     t.dtype,
                     t.median_s,
                     t.gflop,

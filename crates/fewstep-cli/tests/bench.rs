@@ -43,7 +43,7 @@ fn bench_writes_timings_with_the_operations_pytorch_counts() {
         .collect();
     assert_eq!(
         names,
-        ["text", "unet", "vae", "image", "taesd", "image_taesd"],
+        ["text", "unet", "vae", "image", "taesd", "image-taesd"],
         "{stdout}"
     );
     for s in stages {

@@ -284,3 +284,38 @@ fn bf16_on_cpu_gives_the_f32_picture_within_rounding() {
         "bf16 gave the f32 picture bit for bit: was it run in f32?"
     );
 }
+
+/// `--vae-tiling` decodes tile by tile as diffusers' `enable_vae_tiling()`: a picture of one tile (the tiny
+/// VAE's tile is 64 pixels) is the untiled picture exactly; a 128-pixel picture is blended from 3×3 tiles
+/// and differs (the library test checks those pixels against diffusers').
+#[test]
+fn vae_tiling_engages_above_one_tile() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("{FIXTURES}/tiny-sd");
+    let run = |size: &str, tiling: bool| {
+        let out = dir.path().join(format!("{size}-{tiling}.png"));
+        let mut args = vec![
+            "generate",
+            "a red circle",
+            "--model",
+            &model,
+            "--seed",
+            "3",
+            "--width",
+            size,
+            "--height",
+            size,
+        ];
+        if tiling {
+            args.push("--vae-tiling");
+        }
+        args.extend(["-o", out.to_str().unwrap()]);
+        common::ok(common::fewstep(&args));
+        read_png(&out).unwrap()
+    };
+    assert_eq!(
+        common::max_image_difference(&run("64", false), &run("64", true)),
+        0
+    );
+    assert!(common::max_image_difference(&run("128", false), &run("128", true)) > 0);
+}

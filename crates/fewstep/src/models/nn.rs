@@ -154,6 +154,16 @@ impl Conv2d {
     }
 }
 
+/// A plain convolution, without LoRA branches.
+impl From<candle_nn::Conv2d> for Conv2d {
+    fn from(base: candle_nn::Conv2d) -> Self {
+        Self {
+            base,
+            lora: Vec::new(),
+        }
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut y = conv_forward(&self.base, x)?;

@@ -10,9 +10,9 @@
 //! not a layer). The encoder takes images in [0, 1] and the decoder returns [0, 1], as the original
 //! (diffusers' wrapper maps [-1, 1] around them).
 
-use crate::models::nn::GroupNorm;
+use crate::models::nn::{Conv2d, GroupNorm};
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
+use candle_nn::Conv2dConfig;
 
 use crate::models::nn::{group_norm, upsample_nearest2x};
 use crate::weights::Weights;
@@ -21,19 +21,21 @@ use crate::{Error, Result};
 /// The blocks between the resolution changes, from the outermost: `num_blocks` (1, 3, 3, 3).
 const NUM_BLOCKS: [usize; 4] = [1, 3, 3, 3];
 
-/// A `k×k` convolution with bias, padding `k/2` (TAESD never carries LoRAs, so candle's layer serves).
-fn conv2d(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
-    let conv = conv_no_bias(w, cin, cout, k, stride)?;
-    Ok(Conv2d::new(
-        conv.weight().clone(),
-        Some(w.get(cout, "bias")?),
-        *conv.config(),
-    ))
-}
-
-/// A `k×k` convolution without bias, padding `k/2`.
-fn conv_no_bias(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
+/// candle's `k×k` convolution layer, padding `k/2`, with an optional bias.
+fn candle_conv(
+    w: &Weights,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    bias: bool,
+) -> Result<candle_nn::Conv2d> {
     let weight = w.get((cout, cin, k, k), "weight")?;
+    let bias = if bias {
+        Some(w.get(cout, "bias")?)
+    } else {
+        None
+    };
     let cfg = Conv2dConfig {
         padding: k / 2,
         stride,
@@ -41,7 +43,18 @@ fn conv_no_bias(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -
         groups: 1,
         cudnn_fwd_algo: None,
     };
-    Ok(Conv2d::new(weight, None, cfg))
+    Ok(candle_nn::Conv2d::new(weight, bias, cfg))
+}
+
+/// A `k×k` convolution with bias, padding `k/2` (TAESD never carries LoRAs; the layer is ours for its
+/// CPU kernels).
+fn conv2d(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
+    Ok(candle_conv(w, cin, cout, k, stride, true)?.into())
+}
+
+/// A `k×k` convolution without bias, padding `k/2`.
+fn conv_no_bias(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
+    Ok(candle_conv(w, cin, cout, k, stride, false)?.into())
 }
 
 /// `x + conv₂(relu(groupnorm₄(conv₁(x))))` with 1×1 convolutions `C → 4C → C` (keys `pool.0`, `pool.1`,
