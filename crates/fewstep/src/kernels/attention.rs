@@ -79,7 +79,7 @@ fn attend(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_input;
+    use crate::kernels::{max_abs_diff, test_input};
     use candle_core::{Device, D};
 
     /// The plain formula on whole matrices, with candle's ops.
@@ -92,19 +92,6 @@ mod tests {
         candle_nn::ops::softmax(&s, D::Minus1)
             .unwrap()
             .matmul(v)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
             .unwrap()
     }
 
@@ -121,7 +108,7 @@ mod tests {
             let got = scaled_dot_product_attention(&q, &k, &v, scale, None, false).unwrap();
             assert_eq!(got.dims(), &[n, lq, dv]);
             let want = reference(&q, &k, &v, scale, None);
-            assert!(max_diff(&got, &want) < 1e-5, "{n}×{lq}×{lk}");
+            assert!(max_abs_diff(&got, &want) < 1e-5, "{n}×{lq}×{lk}");
         }
     }
 
@@ -145,9 +132,9 @@ mod tests {
         );
         let got = scaled_dot_product_attention(&q, &k, &v, 0.5, Some(&mask), false).unwrap();
         let want = reference(&q, &k, &v, 0.5, Some(&mask));
-        assert!(max_diff(&got, &want) < 1e-5);
+        assert!(max_abs_diff(&got, &want) < 1e-5);
         // The first query sees only the first value.
         let first = got.narrow(1, 0, 1).unwrap();
-        assert!(max_diff(&first, &v.narrow(1, 0, 1).unwrap()) < 1e-6);
+        assert!(max_abs_diff(&first, &v.narrow(1, 0, 1).unwrap()) < 1e-6);
     }
 }

@@ -184,6 +184,25 @@ fn check(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize) -> candle_co
     Ok(())
 }
 
+/// The operands made contiguous and the op, after the shapes are checked.
+fn prepare(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> candle_core::Result<(Tensor, Tensor, Tensor, GroupNormOp)> {
+    check(x, weight, bias, groups)?;
+    let op = GroupNormOp { groups, eps, silu };
+    Ok((
+        x.contiguous()?,
+        weight.contiguous()?,
+        bias.contiguous()?,
+        op,
+    ))
+}
+
 /// GroupNorm of `x: [B, C, …]` (f32, CPU) with `groups` groups, affine `weight`/`bias: [C]`,
 /// differentiable in all three.
 pub fn group_norm(
@@ -193,14 +212,8 @@ pub fn group_norm(
     groups: usize,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    check(x, weight, bias, groups)?;
-    let op = GroupNormOp {
-        groups,
-        eps,
-        silu: false,
-    };
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+    let (x, w, b, op) = prepare(x, weight, bias, groups, eps, false)?;
+    x.apply_op3(&w, &b, op)
 }
 
 /// `silu(group_norm(x))` in one pass (f32, CPU, inference: no backward pass).
@@ -211,12 +224,6 @@ pub fn group_norm_silu(
     groups: usize,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    check(x, weight, bias, groups)?;
-    let op = GroupNormOp {
-        groups,
-        eps,
-        silu: true,
-    };
-    x.contiguous()?
-        .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+    let (x, w, b, op) = prepare(x, weight, bias, groups, eps, true)?;
+    x.apply_op3_no_bwd(&w, &b, &op)
 }

@@ -294,7 +294,7 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_input;
+    use crate::kernels::{max_abs, max_abs_diff, test_input};
 
     #[test]
     fn matches_candle_conv_at_awkward_sizes() {
@@ -317,25 +317,7 @@ mod tests {
                 .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
                 .unwrap();
             assert_eq!(got.dims(), want.dims());
-            let scale: f32 = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let err: f32 = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let (scale, err) = (max_abs(&want), max_abs_diff(&got, &want));
             // Relative to the output's magnitude: f32 rounding of sums over 9·C terms, amplified by the
             // transforms' coefficients (up to 8).
             assert!(err / scale < 3e-5, "{b}×{c}→{o} {h}×{w}: {err} of {scale}");

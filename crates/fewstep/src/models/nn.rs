@@ -348,15 +348,19 @@ impl GroupNorm {
         if !x.device().is_cpu() || x.track_op() || self.weight.track_op() {
             return candle_nn::ops::silu(&self.forward(x)?);
         }
+        self.cpu_kernel(x, true)
+    }
+
+    /// The CPU kernel in f32 (`silu`: fused, inference only), the result in `x`'s dtype.
+    fn cpu_kernel(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        crate::kernels::group_norm::group_norm_silu(
-            &f32(x)?,
-            &f32(&self.weight)?,
-            &f32(&self.bias)?,
-            self.groups,
-            self.eps,
-        )?
-        .to_dtype(x.dtype())
+        let (x32, w, b) = (f32(x)?, f32(&self.weight)?, f32(&self.bias)?);
+        let y = if silu {
+            crate::kernels::group_norm::group_norm_silu(&x32, &w, &b, self.groups, self.eps)?
+        } else {
+            crate::kernels::group_norm::group_norm(&x32, &w, &b, self.groups, self.eps)?
+        };
+        y.to_dtype(x.dtype())
     }
 }
 
@@ -365,15 +369,7 @@ impl Module for GroupNorm {
         if !x.device().is_cpu() {
             return self.candle.forward(x);
         }
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        crate::kernels::group_norm::group_norm(
-            &f32(x)?,
-            &f32(&self.weight)?,
-            &f32(&self.bias)?,
-            self.groups,
-            self.eps,
-        )?
-        .to_dtype(x.dtype())
+        self.cpu_kernel(x, false)
     }
 }
 
@@ -451,34 +447,14 @@ pub fn apply<M: Module>(m: &M, x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
+    /// Uniform values in [-1, 1), reproducible per seed.
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut state = seed;
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        (crate::kernels::test_input(shape, seed) * 0.5).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::kernels::max_abs_diff as max_diff;
 
     /// Per variable, the largest difference between the gradients of `Σ probe ⊙ ours` and
     /// `Σ probe ⊙ reference` (`probe` random, drawn from `seed`).
