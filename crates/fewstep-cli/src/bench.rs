@@ -138,11 +138,8 @@ fn measure(
     repeats: usize,
     mut f: impl FnMut() -> fewstep::Result<()>,
 ) -> Result<(Vec<f64>, u64, Option<f64>)> {
-    let ((), flops) = {
-        let (r, n) = fewstep::flops::counted(&mut f);
-        r?;
-        ((), n)
-    };
+    let (warm_up, flops) = fewstep::flops::counted(&mut f);
+    warm_up?;
     let peak_ok = reset_peak_rss();
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {

@@ -226,20 +226,15 @@ fn convert_stores_a_lora_file_in_f16() {
     for (name, t) in &a {
         let h = &b[name];
         assert_eq!(h.dtype(), candle_core::DType::F16, "{name}");
-        let (x, y) = (
+        let values = |t: &candle_core::Tensor| {
             t.to_dtype(candle_core::DType::F32)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f32>()
-                .unwrap(),
-            h.to_dtype(candle_core::DType::F32)
                 .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-        );
+        };
+        let (x, y) = (values(t), values(h));
         for (x, y) in x.iter().zip(&y) {
             assert!(
                 (x - y).abs() <= x.abs() * 4.9e-4 + 1e-7,
