@@ -302,7 +302,9 @@ fn time_stage(
     match stage {
         Stage::Text => measure(repeats, || model.encode_prompt(prompt, None).map(drop)),
         Stage::Unet => {
-            let context = model.encode_prompt(prompt, None)?;
+            let embeds = model.encode_prompt(prompt, None)?;
+            let added = model.added_cond(&embeds, size, size)?;
+            let context = embeds.context;
             let cond = model
                 .unet
                 .config()
@@ -312,7 +314,7 @@ fn time_stage(
             measure(repeats, || {
                 model
                     .unet
-                    .forward(&latents, 999.0, &context, cond.as_ref())
+                    .forward(&latents, 999.0, &context, cond.as_ref(), added.as_ref())
                     .map(drop)
             })
         }

@@ -29,7 +29,7 @@ fn check_unet(model: &str) {
         (1.0, "out_t1"),
         (856.2857055664062, "out_t856f"),
     ] {
-        let out = unet.forward(sample, t, ctx, cond).unwrap();
+        let out = unet.forward(sample, t, ctx, cond, None).unwrap();
         let err = rel_err(&out, &refs[&format!("{model}.unet.{key}")]);
         println!("{model} unet {key}: rel err {err:.3e}");
         assert!(err < TOL, "{model} {key}: rel err {err}");
@@ -53,7 +53,7 @@ fn lcm_unet_with_our_guidance_embedding() {
     let sample = &refs["tiny-lcm.unet.sample"];
     let ctx = &refs["tiny-lcm.unet.encoder_hidden_states"];
     let cond = guidance_scale_embedding(&[7.5, 7.5], 32, DType::F32, &Device::Cpu).unwrap();
-    let out = unet.forward(sample, 999.0, ctx, Some(&cond)).unwrap();
+    let out = unet.forward(sample, 999.0, ctx, Some(&cond), None).unwrap();
     let err = rel_err(&out, &refs["tiny-lcm.unet.out_t999"]);
     println!("tiny-lcm unet t999 with our w-embedding: rel err {err:.3e}");
     assert!(err < TOL);
@@ -104,6 +104,7 @@ fn f16_runs() {
                 999.0,
                 &refs["tiny-lcm.unet.encoder_hidden_states"],
                 Some(&refs["tiny-lcm.unet.timestep_cond"]),
+                None,
             )
             .unwrap();
         assert_eq!(out.dtype(), dtype);
@@ -239,6 +240,7 @@ fn list_configs_and_odd_sizes_match_diffusers() {
                 t,
                 &refs["encoder_hidden_states"],
                 Some(&refs["timestep_cond"]),
+                None,
             )
             .unwrap();
         let err = rel_err(&out, &refs[key]);

@@ -129,7 +129,7 @@ fn views(parts: &ModelParts, target: Target) -> Option<&Weights> {
     match target {
         Target::Unet => Some(&parts.unet),
         Target::TextEncoder => Some(&parts.text_encoder),
-        Target::TextEncoder2 => None,
+        Target::TextEncoder2 => parts.text_encoder_2.as_ref().map(|t| &t.weights),
     }
 }
 
@@ -218,6 +218,7 @@ fn place<'a>(
             weight = r.weight,
             unet_modules = r.unet,
             text_encoder_modules = r.text_encoder,
+            text_encoder_2_modules = r.text_encoder_2,
             "LoRA matched"
         );
         report.loras.push(r);
@@ -277,6 +278,9 @@ fn with_views(
     let mut out = parts.clone();
     out.unet = f(Target::Unet, &parts.unet)?;
     out.text_encoder = f(Target::TextEncoder, &parts.text_encoder)?;
+    if let (Some(dst), Some(src)) = (&mut out.text_encoder_2, &parts.text_encoder_2) {
+        dst.weights = f(Target::TextEncoder2, &src.weights)?;
+    }
     Ok(out)
 }
 

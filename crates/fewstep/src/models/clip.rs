@@ -1,5 +1,6 @@
 //! The CLIP text encoder (transformers' `CLIPTextModel`): token + position embeddings, pre-LayerNorm
-//! transformer layers with causal self-attention, a final LayerNorm, and the pooled EOS-position output.
+//! transformer layers with causal self-attention, a final LayerNorm, and the pooled EOS-position output;
+//! with `text_projection` it is `CLIPTextModelWithProjection` (SDXL's second encoder, OpenCLIP ViT-bigG).
 //!
 //! Weight keys are read either under `text_model.` (SD1.x folders, transformers 4.x) or without that prefix
 //! (transformers 5.x saves so); which one is detected from the keys.
@@ -161,6 +162,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (no bias): pooled → `text_embeds`.
+    text_projection: Option<Linear>,
     eos_token_id: Option<u32>,
     max_positions: usize,
     dtype: DType,
@@ -172,6 +175,26 @@ impl ClipTextModel {
     /// level of `w`, whichever holds `embeddings.token_embedding.weight`. Every tensor's shape is checked
     /// against the config. The model computes in `w.dtype()`.
     pub fn new(config: &ClipTextConfig, w: &Weights) -> Result<Self> {
+        Self::build(config, w, false)
+    }
+
+    /// transformers' `CLIPTextModelWithProjection`: as [`ClipTextModel::new`] plus `text_projection.weight`
+    /// `[projection_dim, hidden_size]` at the root of `w`.
+    pub fn with_projection(config: &ClipTextConfig, w: &Weights) -> Result<Self> {
+        Self::build(config, w, true)
+    }
+
+    fn build(config: &ClipTextConfig, w: &Weights, projection: bool) -> Result<Self> {
+        let text_projection = if projection {
+            Some(nn::linear(
+                &w.pp("text_projection"),
+                config.hidden_size,
+                config.projection_dim,
+                false,
+            )?)
+        } else {
+            None
+        };
         let act = Activation::parse(&config.hidden_act)?;
         let w = if w.contains("text_model.embeddings.token_embedding.weight") {
             w.pp("text_model")
@@ -197,6 +220,7 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             eos_token_id: config.eos_token_id,
             max_positions: config.max_position_embeddings,
             dtype: w.dtype(),
@@ -249,26 +273,25 @@ impl ClipTextModel {
     }
 
     /// Runs the embeddings and the first `n` layers; returns the output of layer `n` (`hidden_states[n]`,
-    /// where `hidden_states[0]` is the embeddings), and the output of layer `n - 1` if `keep_previous`.
-    fn run(&self, ids: &Tensor, n: usize, keep_previous: bool) -> Result<(Tensor, Option<Tensor>)> {
+    /// where `hidden_states[0]` is the embeddings), and `hidden_states[j]` for `keep = Some(j)`, `j ≤ n`.
+    fn run(&self, ids: &Tensor, n: usize, keep: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
         let (mut x, mask) = self.embed(ids)?;
-        let mut prev = None;
+        let mut kept = None;
         for (i, layer) in self.layers.iter().take(n).enumerate() {
-            if keep_previous && i + 1 == n {
-                prev = Some(x.clone());
+            if keep == Some(i) {
+                kept = Some(x.clone());
             }
             x = layer.forward(&x, &mask)?;
         }
-        Ok((x, prev))
+        if keep == Some(n) {
+            kept = Some(x.clone());
+        }
+        Ok((x, kept))
     }
 
-    /// Prompt embeddings `[B, L, D]` for `ids: [B, L]` with diffusers' `encode_prompt` semantics:
-    /// `clip_skip = None` → `last_hidden_state` (last layer, then `final_layer_norm`); `Some(k)` →
-    /// `hidden_states[-(k + 1)]` (the output of layer `num_layers - k`; `hidden_states[0]` being the
-    /// embeddings) passed through `final_layer_norm`. Layers past the one read are not run.
-    pub fn encode(&self, ids: &Tensor, clip_skip: Option<usize>) -> Result<Tensor> {
-        let k = clip_skip.unwrap_or(0);
-        if k > self.layers.len() {
+    /// `k` skipped layers must leave at least the embeddings.
+    fn check_skip(&self, k: usize, extra: usize) -> Result<()> {
+        if k + extra > self.layers.len() {
             return Err(Error::invalid(
                 "clip_skip",
                 format!(
@@ -277,8 +300,53 @@ impl ClipTextModel {
                 ),
             ));
         }
-        let (h, _) = self.run(ids, self.layers.len() - k, false)?;
+        Ok(())
+    }
+
+    /// Prompt embeddings `[B, L, D]` for `ids: [B, L]` with diffusers' `encode_prompt` semantics:
+    /// `clip_skip = None` → `last_hidden_state` (last layer, then `final_layer_norm`); `Some(k)` →
+    /// `hidden_states[-(k + 1)]` (the output of layer `num_layers - k`; `hidden_states[0]` being the
+    /// embeddings) passed through `final_layer_norm`. Layers past the one read are not run.
+    pub fn encode(&self, ids: &Tensor, clip_skip: Option<usize>) -> Result<Tensor> {
+        let k = clip_skip.unwrap_or(0);
+        self.check_skip(k, 0)?;
+        let (h, _) = self.run(ids, self.layers.len() - k, None)?;
         Ok(self.final_layer_norm.forward(&h)?)
+    }
+
+    /// `last_hidden_state: [B, L, D]` at each row's pooled position (see [`eos_positions`]) → `[B, D]`.
+    fn pool(&self, ids: &Tensor, last_hidden_state: &Tensor) -> Result<Tensor> {
+        let positions = eos_positions(ids, self.eos_token_id)?;
+        let pooled = positions
+            .iter()
+            .enumerate()
+            .map(|(b, &p)| last_hidden_state.get(b)?.get(p))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&pooled, 0)?)
+    }
+
+    /// SDXL's prompt features (diffusers' `StableDiffusionXLPipeline.encode_prompt`):
+    /// `hidden_states[-(clip_skip + 2)]` — by default the penultimate layer's output, *not* passed through
+    /// `final_layer_norm` — and, for a model with `text_projection`, `text_embeds =
+    /// text_projection(pooled)` (`pooled` as in [`forward`](Self::forward)). Without a projection the
+    /// layers past the one read are not run.
+    pub fn encode_penultimate(
+        &self,
+        ids: &Tensor,
+        clip_skip: Option<usize>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let k = clip_skip.unwrap_or(0);
+        self.check_skip(k, 1)?;
+        let n = self.layers.len();
+        let j = n - 1 - k;
+        let Some(proj) = &self.text_projection else {
+            let (h, _) = self.run(ids, j, None)?;
+            return Ok((h, None));
+        };
+        let (h, kept) = self.run(ids, n, Some(j))?;
+        let kept = kept.ok_or_else(|| candle_core::Error::Msg("CLIP: hidden state".into()))?;
+        let pooled = self.pool(ids, &self.final_layer_norm.forward(&h)?)?;
+        Ok((kept, Some(proj.forward(&pooled)?)))
     }
 
     /// The full forward pass of `ids: [B, L]` (u32): `last_hidden_state` (after `final_layer_norm`), the
@@ -287,15 +355,9 @@ impl ClipTextModel {
     /// `eos_token_id == 2` (or none), as transformers does.
     pub fn forward(&self, ids: &Tensor) -> Result<ClipOutput> {
         let n = self.layers.len();
-        let (h, penultimate) = self.run(ids, n, n >= 1)?;
+        let (h, penultimate) = self.run(ids, n, n.checked_sub(1))?;
         let last_hidden_state = self.final_layer_norm.forward(&h)?;
-        let positions = eos_positions(ids, self.eos_token_id)?;
-        let pooled = positions
-            .iter()
-            .enumerate()
-            .map(|(b, &p)| last_hidden_state.get(b)?.get(p))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let pooled = Tensor::stack(&pooled, 0)?;
+        let pooled = self.pool(ids, &last_hidden_state)?;
         Ok(ClipOutput {
             last_hidden_state,
             penultimate,

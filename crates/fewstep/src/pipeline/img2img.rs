@@ -36,7 +36,7 @@ pub fn initial_latents(
 
 /// `scaling · (μ + σ·ε − shift)`: one draw from the KL VAE's posterior of images in [−1, 1].
 fn vae_latents(model: &StableDiffusion, x: &Tensor, rng: &mut TorchGenerator) -> Result<Tensor> {
-    let posterior = model.vae.encode(x)?;
+    let posterior = model.vae.encode(&x.to_dtype(model.vae.dtype())?)?;
     let mean = posterior.mean.to_dtype(DType::F32)?;
     let std = posterior.std.to_dtype(DType::F32)?;
     let eps = rng.randn_tensor(mean.dims(), DType::F32, model.device())?;

@@ -1,9 +1,10 @@
 //! The pipeline owns the denoising loop and nothing else: it encodes the prompt, asks the scheduler for
 //! timesteps, calls the UNet, hands its output back to the scheduler, and decodes the final latents.
 //! Semantics follow diffusers' `StableDiffusionPipeline`, `LatentConsistencyModelPipeline` and
-//! `LatentConsistencyModelImg2ImgPipeline`, including the order of random draws, so a seed gives
-//! diffusers' picture.
+//! `LatentConsistencyModelImg2ImgPipeline`, and for SDXL `StableDiffusionXLPipeline`, including the
+//! order of random draws, so a seed gives diffusers' picture.
 
+pub mod conditioning;
 pub mod guidance;
 pub mod img2img;
 pub mod txt2img;
@@ -25,12 +26,17 @@ use crate::weights::diffusers::DiffusersFolder;
 use crate::weights::parts::ModelParts;
 use crate::{Error, Result};
 
+pub use conditioning::PromptEmbeds;
 pub use guidance::Guidance;
 
-/// A Stable Diffusion 1.x model loaded from a diffusers folder.
+/// A Stable Diffusion model (SD1.x, SD2.x or SDXL) built from its parts.
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second tokenizer and text encoder (`CLIPTextModelWithProjection`).
+    pub text_encoder_2: Option<(ClipTokenizer, ClipTextModel)>,
+    /// With CFG and no negative prompt, SDXL's negative embeddings are zeros (`model_index.json`).
+    pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     /// A TAESD that decodes (and encodes, where it has an encoder) in place of `vae`.
@@ -73,6 +79,7 @@ pub struct Output {
 impl StableDiffusion {
     /// Builds the models from their parts.
     pub fn from_parts(parts: &ModelParts, device: &Device) -> Result<Self> {
+        parts.check_family()?;
         let dtype = parts.unet.dtype();
         let taesd = parts
             .taesd
@@ -91,11 +98,33 @@ impl StableDiffusion {
                 ));
             }
         }
+        let text_encoder_2 = parts
+            .text_encoder_2
+            .as_ref()
+            .map(|t| {
+                Ok::<_, Error>((
+                    t.tokenizer.clone(),
+                    ClipTextModel::with_projection(&t.config, &t.weights)?,
+                ))
+            })
+            .transpose()?;
+        // diffusers' SDXL pipelines decode in f32 when the VAE is f16 and its config asks (`force_upcast`:
+        // SDXL's VAE overflows in f16); SD1.x/SD2.x pipelines do not.
+        let upcast_vae = parts.text_encoder_2.is_some()
+            && parts.vae.dtype() == DType::F16
+            && parts.vae_config.force_upcast;
+        let vae_weights = if upcast_vae {
+            parts.vae.with_dtype(DType::F32)
+        } else {
+            parts.vae.clone()
+        };
         let model = Self {
             tokenizer: parts.tokenizer.clone(),
             text_encoder: ClipTextModel::new(&parts.text_encoder_config, &parts.text_encoder)?,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
             unet: UNet2DConditionModel::new(&parts.unet_config, &parts.unet)?,
-            vae: AutoencoderKL::new(&parts.vae_config, &parts.vae)?,
+            vae: AutoencoderKL::new(&parts.vae_config, &vae_weights)?,
             taesd,
             vae_tiling: None,
             scheduler_config: parts.scheduler_config.clone(),
@@ -131,13 +160,20 @@ impl StableDiffusion {
         self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
     }
 
+    /// Whether this is an SDXL model (two text encoders, micro-conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
     /// The default guidance scale: 8.5 for a full LCM model (through the w-embedding), 1.0 (no CFG) for
-    /// the LCM-LoRA recipe, 7.5 for the non-distilled schedulers.
+    /// the LCM-LoRA recipe, for the non-distilled schedulers 7.5 (SDXL: 5.0, its pipeline's default).
     pub fn default_guidance(&self, scheduler: SchedulerKind) -> f64 {
         if self.is_full_lcm() {
             8.5
         } else if scheduler == SchedulerKind::Lcm {
             1.0
+        } else if self.is_sdxl() {
+            5.0
         } else {
             7.5
         }
@@ -161,14 +197,6 @@ impl StableDiffusion {
             init_image: None,
             strength: 1.0,
         }
-    }
-
-    /// Token ids `[1, 77]` → text embeddings `[1, 77, D]` (diffusers' `encode_prompt`, with `clip_skip`);
-    /// a prompt over 75 tokens is truncated with a warning.
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: Option<usize>) -> Result<Tensor> {
-        let ids = self.tokenizer.encode(prompt)?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        self.text_encoder.encode(&ids, clip_skip)
     }
 
     /// Checks a request before any work: sizes divisible by the VAE factor, finite guidance, a batch of at
@@ -251,23 +279,21 @@ impl StableDiffusion {
         )?;
         let guidance = Guidance::for_model(req.guidance, self.unet.config().time_cond_proj_dim);
         let batch = prompts.len() * req.num_images;
-        let cond = prompts
+        let conds = prompts
             .iter()
-            .map(|p| {
-                self.encode_prompt(p, req.clip_skip)?
-                    .repeat((req.num_images, 1, 1))
-                    .map_err(Error::from)
-            })
+            .map(|p| Ok((self.encode_prompt(p, req.clip_skip)?, req.num_images)))
             .collect::<Result<Vec<_>>>()?;
-        let cond = Tensor::cat(&cond, 0)?;
-        let context = if guidance.is_cfg() {
-            let uncond = self
-                .encode_prompt(&req.negative_prompt, req.clip_skip)?
-                .repeat((batch, 1, 1))?;
-            Tensor::cat(&[uncond, cond], 0)?
-        } else {
-            cond
-        };
+        let mut rows = Vec::with_capacity(conds.len() + 1);
+        if guidance.is_cfg() {
+            rows.push((
+                self.encode_negative(&req.negative_prompt, &conds[0].0)?,
+                batch,
+            ));
+        }
+        rows.extend(conds);
+        let embeds = PromptEmbeds::batch(&rows)?;
+        let context = embeds.context.clone();
+        let added = self.added_cond(&embeds, req.height, req.width)?;
         let mut rng = TorchGenerator::new(req.seed);
         let mut latents = match &req.init_image {
             None => txt2img::initial_latents(self, req, batch, scheduler.as_ref(), &mut rng)?,
@@ -286,9 +312,9 @@ impl StableDiffusion {
             let input = scheduler
                 .scale_model_input(&input, t)?
                 .to_dtype(self.dtype)?;
-            let pred = self
-                .unet
-                .forward(&input, t, &context, timestep_cond.as_ref())?;
+            let pred =
+                self.unet
+                    .forward(&input, t, &context, timestep_cond.as_ref(), added.as_ref())?;
             let pred = guidance.combine(pred.to_dtype(DType::F32)?)?;
             latents = scheduler.step(&pred, t, &latents, &mut rng)?;
             on_step(i + 1, timesteps.len());
@@ -310,7 +336,7 @@ impl StableDiffusion {
         }
         let cfg = self.vae.config();
         let z = ((latents / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
-        let z = z.to_dtype(self.dtype)?;
+        let z = z.to_dtype(self.vae.dtype())?;
         let x = match &self.vae_tiling {
             Some(tiling) => self.vae.decode_tiled(&z, tiling)?,
             None => self.vae.decode(&z)?,

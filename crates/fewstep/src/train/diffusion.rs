@@ -716,7 +716,7 @@ impl Trainer {
         let unet = UNet2DConditionModel::new(self.config.unet.as_ref().unwrap(), &w.pp("unet"))?;
         let context = te.encode(&batch.ids, None)?;
         let ts: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
-        let pred = unet.forward_timesteps(&zt, &ts, &context, None)?;
+        let pred = unet.forward_timesteps(&zt, &ts, &context, None, None)?;
         Ok((pred - noise)?.sqr()?.mean_all()?)
     }
 

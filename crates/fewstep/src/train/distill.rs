@@ -316,6 +316,7 @@ impl DistillBatch<'_> {
             &[tf.clone(), tf.clone()].concat(),
             &Tensor::cat(&[&context, &uncond], 0)?,
             None,
+            None,
         )?;
         let (eps_c, eps_u) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
         let x0 = guided(
@@ -333,7 +334,7 @@ impl DistillBatch<'_> {
             }
             None => None,
         };
-        let pred = student.forward_timesteps(&x_t, &tf, &context, w_emb.as_ref())?;
+        let pred = student.forward_timesteps(&x_t, &tf, &context, w_emb.as_ref(), None)?;
         let f_student = consistency(
             &x_t,
             &predicted_x0(&x_t, &pred, &a_t)?,
@@ -341,7 +342,7 @@ impl DistillBatch<'_> {
             self.cfg.timestep_scaling,
         )?;
         let pred_target = target
-            .forward_timesteps(&x_s, &sf, &context, w_emb.as_ref())?
+            .forward_timesteps(&x_s, &sf, &context, w_emb.as_ref(), None)?
             .detach();
         let f_target = consistency(
             &x_s,

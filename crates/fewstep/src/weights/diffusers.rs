@@ -31,6 +31,30 @@ struct ShardIndex {
 }
 
 /// The weight-file stems diffusers and transformers use.
+/// The keys of `model_index.json` the loader reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
+    pub force_zeros_for_empty_prompt: Option<bool>,
+    /// `["transformers", "CLIPTextModelWithProjection"]`, or `[null, null]` where absent.
+    pub text_encoder_2: Option<serde_json::Value>,
+}
+
+impl ModelIndex {
+    /// An SDXL pipeline: its class names one (`StableDiffusionXL…`) or it lists a `text_encoder_2`.
+    pub fn is_sdxl(&self) -> bool {
+        self.class_name
+            .as_deref()
+            .is_some_and(|c| c.starts_with("StableDiffusionXL"))
+            || self
+                .text_encoder_2
+                .as_ref()
+                .and_then(|v| v.as_array())
+                .is_some_and(|a| a.iter().any(|x| !x.is_null()))
+    }
+}
+
 const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
 impl DiffusersFolder {
@@ -81,6 +105,11 @@ impl DiffusersFolder {
         }
         let weights = find_weights(&dir, prefer_variant)?;
         Ok(ComponentFiles { config, weights })
+    }
+
+    /// The parsed `model_index.json`.
+    pub fn model_index(&self) -> Result<ModelIndex> {
+        load_json(&self.root.join("model_index.json"))
     }
 
     /// `scheduler/scheduler_config.json`.

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod diffusers;
+pub mod family;
 pub mod hub;
 pub mod parts;
 pub mod safetensors;

@@ -5,13 +5,23 @@
 use candle_core::{DType, Device};
 
 use super::diffusers::DiffusersFolder;
+use super::family::Family;
 use super::Weights;
 use crate::config::{
     load_json, AutoencoderKLConfig, ClipTextConfig, SchedulerConfig, UNet2DConditionConfig,
 };
 use crate::models::taesd::TaesdLayout;
 use crate::tokenizer::ClipTokenizer;
-use crate::Result;
+use crate::{Error, Result};
+
+/// SDXL's second text encoder (`text_encoder_2/`, transformers' `CLIPTextModelWithProjection`) and its
+/// tokenizer (`tokenizer_2/`, padding with `!`).
+#[derive(Clone)]
+pub struct TextEncoder2Parts {
+    pub tokenizer: ClipTokenizer,
+    pub config: ClipTextConfig,
+    pub weights: Weights,
+}
 
 /// Configs and weight views of a model's components.
 #[derive(Clone)]
@@ -19,6 +29,11 @@ pub struct ModelParts {
     pub tokenizer: ClipTokenizer,
     pub text_encoder_config: ClipTextConfig,
     pub text_encoder: Weights,
+    /// SDXL's second text encoder; `None` for SD1.x/SD2.x.
+    pub text_encoder_2: Option<TextEncoder2Parts>,
+    /// diffusers' `force_zeros_for_empty_prompt` (`model_index.json`; SDXL's default true): with
+    /// classifier-free guidance and no negative prompt, the negative embeddings are zeros.
+    pub force_zeros_for_empty_prompt: bool,
     pub unet_config: UNet2DConditionConfig,
     pub unet: Weights,
     pub vae_config: AutoencoderKLConfig,
@@ -70,7 +85,59 @@ impl ModelParts {
         Ok(self)
     }
 
+    /// The model family, from the UNet's config (see [`Family::of_unet`]).
+    pub fn family(&self) -> Family {
+        Family::of_unet(&self.unet_config)
+    }
+
+    /// Checks that the components belong together: an SDXL UNet has its second text encoder, and its
+    /// context width is the two encoders' widths side by side; an SD1.x/SD2.x UNet has no second encoder.
+    pub fn check_family(&self) -> Result<()> {
+        let family = self.family();
+        let width = self.text_encoder_config.hidden_size
+            + self
+                .text_encoder_2
+                .as_ref()
+                .map_or(0, |t| t.config.hidden_size);
+        match (&self.text_encoder_2, family) {
+            (None, Family::Sdxl) => {
+                return Err(Error::invalid(
+                    "text_encoder_2",
+                    "the UNet is an SDXL UNet (addition_embed_type \"text_time\"), but the model has no \
+                     second text encoder (`text_encoder_2/` with `tokenizer_2/`)",
+                ))
+            }
+            (Some(_), f) if f != Family::Sdxl => {
+                return Err(Error::invalid(
+                    "unet",
+                    format!(
+                        "the model has a second text encoder (SDXL), but its UNet is {f}'s (no \
+                         addition_embed_type \"text_time\")"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        let context = self.unet_config.cross_attention_dim.get(0);
+        if context != width {
+            return Err(Error::invalid(
+                "unet config `cross_attention_dim`",
+                format!(
+                    "{context}, but the text encoder{} {width} wide ({family})",
+                    if self.text_encoder_2.is_some() {
+                        "s together are"
+                    } else {
+                        " is"
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads a diffusers folder. With `dtype` f16 the `fp16` variant files are preferred where present.
+    /// `model_index.json` decides whether the model has a second text encoder (an SDXL pipeline class
+    /// or a `text_encoder_2` entry); its UNet config must then be SDXL's, and the other way round.
     pub fn from_folder(folder: &DiffusersFolder, dtype: DType, device: &Device) -> Result<Self> {
         let variant = (dtype == DType::F16).then_some("fp16");
         let component = |name: &str| -> Result<(std::path::PathBuf, Weights)> {
@@ -83,16 +150,45 @@ impl ModelParts {
         let (te_cfg, text_encoder) = component("text_encoder")?;
         let (unet_cfg, unet) = component("unet")?;
         let (vae_cfg, vae) = component("vae")?;
-        Ok(Self {
+        let index = folder.model_index()?;
+        let unet_config: UNet2DConditionConfig = load_json(&unet_cfg)?;
+        let found = Family::of_unet(&unet_config);
+        if index.is_sdxl() && found != Family::Sdxl {
+            return Err(Error::invalid(
+                format!("model {}", folder.root().display()),
+                format!(
+                    "model_index.json names {}, but unet/config.json is {found}'s UNet (no \
+                     addition_embed_type \"text_time\"): these are not SDXL weights",
+                    index.class_name.as_deref().unwrap_or("an SDXL pipeline")
+                ),
+            ));
+        }
+        let text_encoder_2 = if index.is_sdxl() || found == Family::Sdxl {
+            let (cfg, weights) = component("text_encoder_2")?;
+            Some(TextEncoder2Parts {
+                tokenizer: ClipTokenizer::from_dir(&folder.component_dir("tokenizer_2")?)?,
+                config: load_json(&cfg)?,
+                weights,
+            })
+        } else {
+            None
+        };
+        let parts = Self {
             tokenizer: ClipTokenizer::from_dir(&folder.component_dir("tokenizer")?)?,
             text_encoder_config: load_json(&te_cfg)?,
             text_encoder,
-            unet_config: load_json(&unet_cfg)?,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: index
+                .force_zeros_for_empty_prompt
+                .unwrap_or(found == Family::Sdxl),
+            unet_config,
             unet,
             vae_config: load_json(&vae_cfg)?,
             vae,
             taesd: None,
             scheduler_config: load_json(&folder.scheduler_config()?)?,
-        })
+        };
+        parts.check_family()?;
+        Ok(parts)
     }
 }

@@ -111,6 +111,10 @@ pub fn unet_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, Strin
     if cfg.time_cond_proj_dim.is_some() {
         map.push(pair("time_embedding.cond_proj", "time_embedding.cond_proj"));
     }
+    if cfg.addition_embed_type.is_some() {
+        map.push(pair("add_embedding.linear_1", "label_emb.0.0"));
+        map.push(pair("add_embedding.linear_2", "label_emb.0.2"));
+    }
 
     // Down stages.
     let mut k = 1; // input_blocks index
@@ -199,29 +203,7 @@ pub fn unet_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, Strin
     Ok(map)
 }
 
-/// The model family of a single-file checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// Stable Diffusion 1.x: CLIP ViT-L text encoder under `cond_stage_model.transformer.`.
-    Sd1,
-    /// Stable Diffusion 2.x: OpenCLIP ViT-H text encoder under `cond_stage_model.model.`.
-    Sd2,
-    /// SDXL base: two text encoders under `conditioner.embedders.0/1.`.
-    Sdxl,
-    /// SDXL refiner: one OpenCLIP encoder under `conditioner.embedders.0.model.`.
-    SdxlRefiner,
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Family::Sd1 => "Stable Diffusion 1.x",
-            Family::Sd2 => "Stable Diffusion 2.x",
-            Family::Sdxl => "SDXL",
-            Family::SdxlRefiner => "SDXL refiner",
-        })
-    }
-}
+pub use super::family::Family;
 
 const VAE_PREFIX: &str = "first_stage_model.";
 const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
@@ -923,6 +905,8 @@ pub fn load_single_file_with(
         tokenizer,
         text_encoder_config,
         text_encoder,
+        text_encoder_2: None,
+        force_zeros_for_empty_prompt: false,
         unet_config,
         unet,
         vae_config,

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::resnet::Activation;
 use crate::models::nn::{apply, linear};
 use crate::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
 
 /// `e^x` of an f32, correctly rounded (computed in f64), as torch's f32 `exp` gives in all but rare
 /// last-bit cases.
@@ -133,5 +133,101 @@ impl TimestepEmbedding {
             Some(a) => a.forward(&x),
             None => Ok(x),
         }
+    }
+}
+
+/// SDXL's micro-conditioning, the inputs of the `text_time` addition embedding: the pooled, projected
+/// prompt embedding of the second text encoder and the six size numbers `(original h, w, crop top, left,
+/// target h, w)` (diffusers' `added_cond_kwargs = {"text_embeds", "time_ids"}`).
+#[derive(Debug, Clone)]
+pub struct TextTimeCond {
+    /// `[B, projection_dim]`.
+    pub text_embeds: Tensor,
+    /// `[B, N]` f32 (N = 6 for SDXL).
+    pub time_ids: Tensor,
+}
+
+/// diffusers' `text_time` addition embedding (`add_time_proj` + `add_embedding`):
+/// `aug = add_embedding(cat[text_embeds, sinusoid(time_ids)])`, where each of the `N` time ids gets the
+/// `addition_time_embed_dim`-wide sinusoid of [`timestep_embedding`] (same flip and shift as the
+/// timestep) and a row's `N` sinusoids are laid side by side; `add_embedding` is a
+/// [`TimestepEmbedding`] with SiLU. The UNet adds `aug` to the timestep embedding.
+pub struct TextTimeEmbedding {
+    embedding: TimestepEmbedding,
+    time_dim: usize,
+    in_dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+}
+
+impl TextTimeEmbedding {
+    /// `w` is the UNet root (weights under `add_embedding`); `in_dim` is
+    /// `projection_class_embeddings_input_dim`, `out_dim` the timestep embedding's width.
+    pub fn new(
+        w: &Weights,
+        time_dim: usize,
+        in_dim: usize,
+        out_dim: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            embedding: TimestepEmbedding::new(
+                &w.pp("add_embedding"),
+                in_dim,
+                out_dim,
+                Activation::Silu,
+                None,
+                None,
+            )?,
+            time_dim,
+            in_dim,
+            flip_sin_to_cos,
+            freq_shift,
+        })
+    }
+
+    /// `[B, out_dim]` in `dtype`; the widths must add up to `projection_class_embeddings_input_dim`.
+    pub fn forward(&self, cond: &TextTimeCond, batch: usize, dtype: DType) -> Result<Tensor> {
+        let (b, n) = cond.time_ids.dims2()?;
+        let (bt, p) = cond.text_embeds.dims2()?;
+        if b != batch || bt != batch {
+            return Err(Error::invalid(
+                "added_cond",
+                format!("text_embeds has {bt} rows and time_ids {b}, the batch is {batch}"),
+            ));
+        }
+        if p + n * self.time_dim != self.in_dim {
+            return Err(Error::invalid(
+                "added_cond",
+                format!(
+                    "text_embeds ({p}) + {n} time ids × {} = {} values, but the UNet's \
+                     projection_class_embeddings_input_dim is {}",
+                    self.time_dim,
+                    p + n * self.time_dim,
+                    self.in_dim
+                ),
+            ));
+        }
+        let ids: Vec<f64> = cond
+            .time_ids
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let device = cond.time_ids.device();
+        let time = timestep_embedding(
+            &ids,
+            self.time_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+            device,
+        )?
+        .reshape((b, n * self.time_dim))?;
+        let x =
+            Tensor::cat(&[&cond.text_embeds.to_dtype(DType::F32)?, &time], 1)?.to_dtype(dtype)?;
+        self.embedding.forward(&x, None)
     }
 }

@@ -1,5 +1,5 @@
-//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x/2.x layouts, including the LCM
-//! `time_cond_proj_dim` guidance conditioning. Weight keys are diffusers' (`down_blocks.0.attentions.1…`).
+//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x/2.x and SDXL layouts, including the LCM
+//! `time_cond_proj_dim` guidance conditioning and SDXL's `text_time` micro-conditioning. Weight keys are diffusers' (`down_blocks.0.attentions.1…`).
 
 pub mod attention;
 pub mod blocks;
@@ -11,8 +11,8 @@ use crate::models::nn::GroupNorm;
 use candle_core::{DType, Tensor};
 
 use self::blocks::{AttnConfig, DownBlock, MidBlockCrossAttn, StageConfig, UpBlock};
-pub use self::embeddings::guidance_scale_embedding;
-use self::embeddings::{timestep_embedding, TimestepEmbedding};
+pub use self::embeddings::{guidance_scale_embedding, TextTimeCond};
+use self::embeddings::{timestep_embedding, TextTimeEmbedding, TimestepEmbedding};
 use self::resnet::Activation;
 use crate::config::UNet2DConditionConfig;
 use crate::models::nn::{apply, conv2d, group_norm};
@@ -24,6 +24,8 @@ pub struct UNet2DConditionModel {
     config: UNet2DConditionConfig,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    /// SDXL's `add_embedding` (`addition_embed_type: "text_time"`).
+    add_embedding: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlockCrossAttn>,
     up_blocks: Vec<UpBlock>,
@@ -132,7 +134,12 @@ fn validate(c: &UNet2DConditionConfig) -> Result<()> {
     let must_be_none = [
         ("class_embed_type", c.class_embed_type.is_some()),
         ("num_class_embeds", c.num_class_embeds.is_some()),
-        ("addition_embed_type", c.addition_embed_type.is_some()),
+        (
+            "addition_embed_type",
+            c.addition_embed_type
+                .as_ref()
+                .is_some_and(|t| t != "text_time"),
+        ),
         ("encoder_hid_dim", c.encoder_hid_dim.is_some()),
         ("encoder_hid_dim_type", c.encoder_hid_dim_type.is_some()),
         ("time_embedding_act_fn", c.time_embedding_act_fn.is_some()),
@@ -149,6 +156,22 @@ fn validate(c: &UNet2DConditionConfig) -> Result<()> {
     for (field, set) in must_be_none {
         if set {
             return Err(unsupported(field, "is set; only its default is supported"));
+        }
+    }
+    if c.addition_embed_type.is_some() {
+        for (field, v) in [
+            ("addition_time_embed_dim", c.addition_time_embed_dim),
+            (
+                "projection_class_embeddings_input_dim",
+                c.projection_class_embeddings_input_dim,
+            ),
+        ] {
+            if v.is_none() {
+                return Err(unsupported(
+                    field,
+                    "must be set with addition_embed_type \"text_time\"",
+                ));
+            }
         }
     }
     if c.time_embedding_type != "positional" {
@@ -234,6 +257,22 @@ impl UNet2DConditionModel {
             post_act,
             c.time_cond_proj_dim,
         )?;
+        let add_embedding = match (
+            c.addition_time_embed_dim,
+            c.projection_class_embeddings_input_dim,
+        ) {
+            (Some(time_dim), Some(in_dim)) if c.addition_embed_type.is_some() => {
+                Some(TextTimeEmbedding::new(
+                    w,
+                    time_dim,
+                    in_dim,
+                    temb_dim,
+                    c.flip_sin_to_cos,
+                    c.freq_shift,
+                )?)
+            }
+            _ => None,
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_ch = ch[0];
@@ -288,6 +327,7 @@ impl UNet2DConditionModel {
             config: config.clone(),
             conv_in,
             time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -305,6 +345,11 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// Whether the UNet takes SDXL's micro-conditioning ([`TextTimeCond`]).
+    pub fn has_text_time(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
     pub fn config(&self) -> &UNet2DConditionConfig {
         &self.config
     }
@@ -316,10 +361,11 @@ impl UNet2DConditionModel {
 
     /// One denoising evaluation. `sample: [B, C, H, W]`; `timestep` one value for the whole batch;
     /// `encoder_hidden_states: [B, L, D]`; `timestep_cond: [B, time_cond_proj_dim]` (the LCM
-    /// w-embedding) for models that have `time_cond_proj_dim`. Inputs are cast to the model dtype; the
-    /// output `[B, out_channels, H, W]` is in the model dtype.
+    /// w-embedding) for models that have `time_cond_proj_dim`; `added` the micro-conditioning of an SDXL
+    /// UNet (`addition_embed_type: "text_time"`, required there, refused elsewhere). Inputs are cast to
+    /// the model dtype; the output `[B, out_channels, H, W]` is in the model dtype.
     ///
-    /// `temb = time_embedding(sinusoid(t) + cond_proj(timestep_cond))`; `x = conv_in(sample)`; down
+    /// `temb = time_embedding(sinusoid(t) + cond_proj(timestep_cond)) + add_embedding(added)`; `x = conv_in(sample)`; down
     /// stages collect skip connections; mid block; up stages consume them (upsampling to the skip's
     /// size when `H` or `W` is not a multiple of `2^(stages−1)`); `y = conv_out(silu(norm(x)))`.
     pub fn forward(
@@ -328,6 +374,7 @@ impl UNet2DConditionModel {
         timestep: f64,
         encoder_hidden_states: &Tensor,
         timestep_cond: Option<&Tensor>,
+        added: Option<&TextTimeCond>,
     ) -> Result<Tensor> {
         let b = sample.dim(0)?;
         self.forward_timesteps(
@@ -335,6 +382,7 @@ impl UNet2DConditionModel {
             &vec![timestep; b],
             encoder_hidden_states,
             timestep_cond,
+            added,
         )
     }
 
@@ -346,6 +394,7 @@ impl UNet2DConditionModel {
         timesteps: &[f64],
         encoder_hidden_states: &Tensor,
         timestep_cond: Option<&Tensor>,
+        added: Option<&TextTimeCond>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, _, h, w) = sample.dims4()?;
@@ -379,7 +428,23 @@ impl UNet2DConditionModel {
             }
             (None, _) => None,
         };
-        let temb = self.time_embedding.forward(&t, cond.as_ref())?;
+        let mut temb = self.time_embedding.forward(&t, cond.as_ref())?;
+        match (&self.add_embedding, added) {
+            (Some(e), Some(a)) => temb = (temb + e.forward(a, b, self.dtype)?)?,
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "added_cond",
+                    "the UNet is an SDXL UNet (addition_embed_type \"text_time\"): give text_embeds and time_ids",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "added_cond",
+                    "given, but the UNet has no `addition_embed_type`",
+                ))
+            }
+            (None, None) => {}
+        }
 
         let mut x = apply(&self.conv_in, &x)?;
         let mut skips = vec![x.clone()];

@@ -1,0 +1,392 @@
+//! SDXL and SD 2.x against diffusers 0.42.1 (`tests/fixtures/sdxl/`, made by
+//! `tools/reference/make_sdxl_fixtures.py`): both text encoders, the micro-conditioned UNet, the full LCM
+//! SDXL UNet, whole pipelines (images within a mean |diff| of 0.5/255 and a maximum of 3/255), SDXL LoRAs,
+//! and the loader's refusals.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture, image_diff, rel_err, PROMPT};
+use fewstep::config::{load_json, ClipTextConfig, UNet2DConditionConfig};
+use fewstep::image::tensor_to_float_images;
+use fewstep::lora::{apply, LoraFile};
+use fewstep::models::clip::ClipTextModel;
+use fewstep::models::unet::{guidance_scale_embedding, TextTimeCond, UNet2DConditionModel};
+use fewstep::pipeline::{Request, StableDiffusion};
+use fewstep::schedulers::SchedulerKind;
+use fewstep::weights::parts::ModelParts;
+use fewstep::weights::Weights;
+use serde_json::Value;
+
+const TOL: f64 = 1e-4;
+
+fn refs(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(&format!("sdxl/{name}.safetensors")), &Device::Cpu)
+        .unwrap()
+}
+
+fn weights(model: &str, component: &str, file: &str) -> Weights {
+    let path = fixture(&format!("{model}/{component}/{file}"));
+    Weights::from_files(&[path], DType::F32, &Device::Cpu).unwrap()
+}
+
+fn text_encoder(component: &str, projection: bool) -> ClipTextModel {
+    let cfg: ClipTextConfig =
+        load_json(&fixture(&format!("tiny-sdxl/{component}/config.json"))).unwrap();
+    let w = weights("tiny-sdxl", component, "model.safetensors");
+    if projection {
+        ClipTextModel::with_projection(&cfg, &w).unwrap()
+    } else {
+        ClipTextModel::new(&cfg, &w).unwrap()
+    }
+}
+
+fn ids(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
+}
+
+#[test]
+fn first_text_encoder_penultimate_matches_transformers() {
+    let r = refs("components");
+    let te = text_encoder("text_encoder", false);
+    let ids = ids(&r["text.input_ids"]);
+    let (h, pooled) = te.encode_penultimate(&ids, None).unwrap();
+    assert!(pooled.is_none());
+    let err = rel_err(&h, &r["text.penultimate"]);
+    println!("text_encoder hidden_states[-2]: rel err {err:.3e}");
+    assert!(err < TOL, "{err}");
+    let (h, _) = te.encode_penultimate(&ids, Some(1)).unwrap();
+    let err = rel_err(&h, &r["text.skip1"]);
+    println!("text_encoder hidden_states[-3] (clip_skip 1): rel err {err:.3e}");
+    assert!(err < TOL, "{err}");
+}
+
+#[test]
+fn second_text_encoder_and_projection_match_transformers() {
+    let r = refs("components");
+    let te = text_encoder("text_encoder_2", true);
+    let (h, embeds) = te
+        .encode_penultimate(&ids(&r["text_2.input_ids"]), None)
+        .unwrap();
+    let e1 = rel_err(&h, &r["text_2.penultimate"]);
+    let e2 = rel_err(&embeds.unwrap(), &r["text_2.text_embeds"]);
+    println!("text_encoder_2 hidden_states[-2]: {e1:.3e}, text_embeds: {e2:.3e}");
+    assert!(e1 < TOL && e2 < TOL, "{e1} {e2}");
+}
+
+#[test]
+fn text_projection_missing_is_named() {
+    let cfg: ClipTextConfig = load_json(&fixture("tiny-sdxl/text_encoder/config.json")).unwrap();
+    let w = weights("tiny-sdxl", "text_encoder", "model.safetensors");
+    let err = ClipTextModel::with_projection(&cfg, &w)
+        .err()
+        .expect("no text_projection in the first encoder")
+        .to_string();
+    assert!(err.contains("text_projection.weight"), "{err}");
+}
+
+fn xl() -> StableDiffusion {
+    StableDiffusion::load_dir(&fixture("tiny-sdxl"), DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn encode_prompt_matches_the_sdxl_pipeline() {
+    let r = refs("components");
+    let model = xl();
+    assert!(model.is_sdxl() && model.force_zeros_for_empty_prompt);
+    assert_eq!(model.native_size(), 64);
+    for (i, prompt) in [PROMPT, "a photo of an astronaut riding a horse on mars"]
+        .iter()
+        .enumerate()
+    {
+        let p = model.encode_prompt(prompt, None).unwrap();
+        let n = model.encode_negative("blurry", &p).unwrap();
+        for (got, key) in [
+            (&p.context, "encode.prompt_embeds"),
+            (p.pooled.as_ref().unwrap(), "encode.pooled"),
+            (&n.context, "encode.negative_prompt_embeds"),
+            (n.pooled.as_ref().unwrap(), "encode.negative_pooled"),
+        ] {
+            let want = r[key].get(i).unwrap().unsqueeze(0).unwrap();
+            let err = rel_err(got, &want);
+            assert!(err < TOL, "prompt {i} {key}: {err}");
+        }
+        let zeros = model.encode_negative("", &p).unwrap();
+        assert_eq!(
+            zeros
+                .context
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+}
+
+fn unet(model: &str) -> UNet2DConditionModel {
+    let cfg: UNet2DConditionConfig =
+        load_json(&fixture(&format!("{model}/unet/config.json"))).unwrap();
+    let w = weights(model, "unet", "diffusion_pytorch_model.safetensors");
+    UNet2DConditionModel::new(&cfg, &w).unwrap()
+}
+
+#[test]
+fn sdxl_unet_with_micro_conditioning_matches_diffusers() {
+    let r = refs("components");
+    let added = TextTimeCond {
+        text_embeds: r["unet.text_embeds"].clone(),
+        time_ids: r["unet.time_ids"].clone(),
+    };
+    let u = unet("tiny-sdxl");
+    assert!(u.has_text_time());
+    for (t, key) in [(999.0, "unet.out_t999"), (1.0, "unet.out_t1")] {
+        let out = u
+            .forward(
+                &r["unet.sample"],
+                t,
+                &r["unet.encoder_hidden_states"],
+                None,
+                Some(&added),
+            )
+            .unwrap();
+        let err = rel_err(&out, &r[key]);
+        println!("tiny-sdxl {key}: rel err {err:.3e}");
+        assert!(err < TOL, "{key}: {err}");
+    }
+    let lcm = unet("tiny-sdxl-lcm");
+    let cond = guidance_scale_embedding(&[7.5, 7.5], 32, DType::F32, &Device::Cpu).unwrap();
+    let out = lcm
+        .forward(
+            &r["unet.sample"],
+            999.0,
+            &r["unet.encoder_hidden_states"],
+            Some(&cond),
+            Some(&added),
+        )
+        .unwrap();
+    let err = rel_err(&out, &r["lcm_unet.out_t999"]);
+    println!("tiny-sdxl-lcm out_t999: rel err {err:.3e}");
+    assert!(err < TOL, "{err}");
+}
+
+#[test]
+fn sdxl_unet_refuses_missing_or_misfit_conditioning() {
+    let r = refs("components");
+    let u = unet("tiny-sdxl");
+    let err = u
+        .forward(
+            &r["unet.sample"],
+            999.0,
+            &r["unet.encoder_hidden_states"],
+            None,
+            None,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("text_embeds and time_ids"), "{err}");
+    let short = TextTimeCond {
+        text_embeds: r["unet.text_embeds"].narrow(1, 0, 8).unwrap(),
+        time_ids: r["unet.time_ids"].clone(),
+    };
+    let err = u
+        .forward(
+            &r["unet.sample"],
+            999.0,
+            &r["unet.encoder_hidden_states"],
+            None,
+            Some(&short),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("projection_class_embeddings_input_dim"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sd2_text_encoder_matches_transformers() {
+    let r = refs("components");
+    let model = StableDiffusion::load_dir(&fixture("tiny-sd2"), DType::F32, &Device::Cpu).unwrap();
+    assert!(!model.is_sdxl());
+    assert_eq!(model.tokenizer.pad_id(), 0);
+    let ids = ids(&r["sd2.text.input_ids"]);
+    let want = ids.to_vec2::<u32>().unwrap();
+    assert_eq!(model.tokenizer.encode(PROMPT).unwrap(), want[0]);
+    let h = model.text_encoder.encode(&ids, None).unwrap();
+    let err = rel_err(&h, &r["sd2.text.last_hidden_state"]);
+    println!("tiny-sd2 text encoder (23 layers): rel err {err:.3e}");
+    assert!(err < TOL, "{err}");
+}
+
+/// The image of a request as NHWC f32 in [0, 1].
+fn image(model: &StableDiffusion, req: &Request) -> Tensor {
+    let out = model.generate(req, &mut |_, _| {}).unwrap();
+    let (b, _, h, w) = out.decoded.dims4().unwrap();
+    let img: Vec<f32> = tensor_to_float_images(&out.decoded).unwrap().concat();
+    Tensor::from_vec(img, (b, h, w, 3), &Device::Cpu).unwrap()
+}
+
+fn check_image(name: &str, got: &Tensor, want: &Tensor) {
+    let (mean, max) = image_diff(got, want);
+    println!("{name}: mean |diff| {mean:.4}/255, max {max:.4}/255");
+    assert!(mean <= 0.5, "{name}: mean |diff| {mean}/255 > 0.5/255");
+    assert!(max <= 3.0, "{name}: max |diff| {max}/255 > 3/255");
+}
+
+fn request_of(model: &StableDiffusion, case: &Value) -> Request {
+    let kw = &case["call_kwargs"];
+    let mut req = model.request(
+        kw["prompt"].as_str().unwrap(),
+        case["seed"].as_u64().unwrap(),
+    );
+    req.scheduler = match case["scheduler"].as_str().unwrap() {
+        "LCMScheduler" => SchedulerKind::Lcm,
+        "DDIMScheduler" => SchedulerKind::Ddim,
+        "EulerDiscreteScheduler" => SchedulerKind::Euler,
+        other => panic!("unknown scheduler {other}"),
+    };
+    req.steps = kw["num_inference_steps"].as_u64().unwrap() as usize;
+    req.guidance = kw["guidance_scale"].as_f64().unwrap();
+    req.negative_prompt = kw["negative_prompt"].as_str().unwrap_or("").to_string();
+    req.width = kw["width"].as_u64().unwrap() as usize;
+    req.height = kw["height"].as_u64().unwrap() as usize;
+    req.num_images = kw["num_images_per_prompt"].as_u64().unwrap_or(1) as usize;
+    req
+}
+
+fn check_pipeline(name: &str) {
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("sdxl/pipelines.json")).unwrap())
+            .unwrap();
+    let case = meta["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"));
+    let model = StableDiffusion::load_dir(
+        &fixture(case["model"].as_str().unwrap()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let req = request_of(&model, case);
+    check_image(name, &image(&model, &req), &refs("pipelines")[name]);
+}
+
+#[test]
+fn sdxl_lcm4_matches_diffusers() {
+    check_pipeline("sdxl_lcm4");
+}
+
+#[test]
+fn sdxl_lcm4_48x64_batch2_matches_diffusers() {
+    check_pipeline("sdxl_lcm4_48x64_batch2");
+}
+
+#[test]
+fn sdxl_euler_cfg_with_negative_prompt_matches_diffusers() {
+    check_pipeline("sdxl_euler_cfg");
+}
+
+#[test]
+fn sdxl_euler_cfg_zero_negative_matches_diffusers() {
+    check_pipeline("sdxl_euler_zeros");
+}
+
+#[test]
+fn full_lcm_sdxl_matches_diffusers() {
+    check_pipeline("sdxl_lcm_full");
+}
+
+#[test]
+fn sd2_v_prediction_ddim_cfg_matches_diffusers() {
+    check_pipeline("sd2_ddim_cfg");
+}
+
+fn lcm4_request(model: &StableDiffusion) -> Request {
+    let mut req = model.request(PROMPT, 0);
+    req.scheduler = SchedulerKind::Lcm;
+    req.steps = 4;
+    req.guidance = 1.0;
+    req
+}
+
+fn lora(name: &str) -> LoraFile {
+    LoraFile::open(fixture(&format!("sdxl/{name}.safetensors"))).unwrap()
+}
+
+fn xl_parts() -> ModelParts {
+    ModelParts::open(
+        fixture("tiny-sdxl").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn sdxl_lora_with_both_text_encoders_matches_diffusers() {
+    let r = refs("lora_reference");
+    let parts = xl_parts();
+    let loras = [(lora("lora_xl"), 1.0)];
+    let (fused, report) = apply::fuse(&parts, &loras).unwrap();
+    let rep = &report.loras[0];
+    assert_eq!(
+        (rep.unet, rep.text_encoder, rep.text_encoder_2),
+        (257, 12, 18)
+    );
+    let model = StableDiffusion::from_parts(&fused, &Device::Cpu).unwrap();
+    check_image(
+        "lora_xl fused",
+        &image(&model, &lcm4_request(&model)),
+        &r["lora_xl.fused"],
+    );
+    let (runtime, _) = apply::runtime(&parts, &loras).unwrap();
+    let model = StableDiffusion::from_parts(&runtime, &Device::Cpu).unwrap();
+    check_image(
+        "lora_xl runtime",
+        &image(&model, &lcm4_request(&model)),
+        &r["lora_xl"],
+    );
+}
+
+#[test]
+fn two_sdxl_loras_with_weights_match_set_adapters() {
+    let r = refs("lora_reference");
+    let loras = [(lora("lora_xl"), 1.0), (lora("lora_xl_te"), 0.8)];
+    let (fused, _) = apply::fuse(&xl_parts(), &loras).unwrap();
+    let model = StableDiffusion::from_parts(&fused, &Device::Cpu).unwrap();
+    check_image(
+        "lora_xl+te0.8",
+        &image(&model, &lcm4_request(&model)),
+        &r["lora_xl+te0.8"],
+    );
+}
+
+#[test]
+fn sdxl_lora_on_sd15_names_key_and_shapes() {
+    let parts = ModelParts::open(
+        fixture("tiny-sd").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let err = apply::fuse(&parts, &[(lora("lora_xl"), 1.0)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("lora_xl.safetensors"), "{err}");
+    assert!(
+        err.contains("lora_unet_") || err.contains("lora_te"),
+        "{err}"
+    );
+}
