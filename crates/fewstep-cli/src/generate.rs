@@ -84,12 +84,12 @@ pub struct Args {
     prompt: Option<String>,
     #[arg(long = "prompt", id = "prompt_flag")]
     prompt_flag: Option<String>,
-    /// A diffusers model folder, a Hugging Face repo id (owner/name), or a single-file SD1.x/SD2.x
-    /// checkpoint (.safetensors in the original Stable Diffusion layout).
+    /// A diffusers model folder (SD1.x, SD2.x, SDXL), a Hugging Face repo id (owner/name), or a
+    /// single-file SD1.x/SD2.x/SDXL checkpoint (.safetensors in the original Stable Diffusion layout).
     #[arg(long)]
     model: Option<String>,
-    /// A VAE file replacing the model's (.safetensors, original layout as sd-vae-ft-mse, or diffusers'),
-    /// or a TAESD (diffusers' AutoencoderTiny file, or the original taesd_decoder.safetensors): a fast
+    /// A VAE replacing the model's: a diffusers VAE folder (config.json + weights, e.g. SDXL's
+    /// fp16-fix VAE), a .safetensors file (original layout as sd-vae-ft-mse, or diffusers'), or a TAESD (diffusers' AutoencoderTiny file, or the original taesd_decoder.safetensors): a fast
     /// decoder of the same latents.
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -289,8 +289,13 @@ pub fn load_model(
         let (with_loras, report) = apply_specs(&parts, loras, runtime)?;
         parts = with_loras;
         for r in &report.loras {
+            let te2 = if r.text_encoder_2 > 0 {
+                format!(" and {} second-text-encoder", r.text_encoder_2)
+            } else {
+                String::new()
+            };
             eprintln!(
-                "lora {}: weight {}, {} UNet and {} text-encoder modules",
+                "lora {}: weight {}, {} UNet and {} text-encoder{te2} modules",
                 r.name, r.weight, r.unet, r.text_encoder
             );
         }

@@ -167,3 +167,56 @@ fn unknown_model_path() {
     let e = fails(Path::new("/no/such/model/folder"), &[]);
     assert!(e.contains("/no/such/model/folder"), "{e}");
 }
+
+const TINY_XL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/tiny-sdxl"
+);
+
+fn xl_copy() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("xl");
+    copy_dir(Path::new(TINY_XL), &dst);
+    (tmp, dst)
+}
+
+#[test]
+fn sd15_weights_in_an_sdxl_folder_name_the_family() {
+    let (_t, m) = xl_copy();
+    std::fs::remove_dir_all(m.join("unet")).unwrap();
+    copy_dir(&Path::new(TINY).join("unet"), &m.join("unet"));
+    let e = fails(&m, &[]);
+    assert!(e.contains("StableDiffusionXLPipeline"), "{e}");
+    assert!(e.contains("Stable Diffusion 1.x"), "{e}");
+}
+
+#[test]
+fn sdxl_without_its_second_text_encoder() {
+    let (_t, m) = xl_copy();
+    std::fs::remove_dir_all(m.join("text_encoder_2")).unwrap();
+    let e = fails(&m, &[]);
+    assert!(e.contains("`text_encoder_2/`"), "{e}");
+}
+
+#[test]
+fn sdxl_size_not_divisible_by_8() {
+    let e = fails(Path::new(TINY_XL), &["--width", "60"]);
+    assert!(
+        e.contains("width") && e.contains("60") && e.contains('8'),
+        "{e}"
+    );
+}
+
+#[test]
+fn sdxl_unet_with_an_sd_text_encoder_width() {
+    let (_t, m) = xl_copy();
+    let cfg = m.join("unet/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"cross_attention_dim\": 40", "\"cross_attention_dim\": 16"),
+    )
+    .unwrap();
+    let e = fails(&m, &[]);
+    assert!(e.contains("cross_attention_dim") && e.contains("40"), "{e}");
+}

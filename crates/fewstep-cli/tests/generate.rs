@@ -114,7 +114,7 @@ fn vae_flag_and_single_file_model() {
     let z = candle_core::Tensor::zeros((2, 2), candle_core::DType::F16, &Device::Cpu).unwrap();
     let tensors = std::collections::HashMap::from([
         (
-            "conditioner.embedders.1.model.positional_embedding".to_string(),
+            "conditioner.embedders.0.model.positional_embedding".to_string(),
             z.clone(),
         ),
         (
@@ -130,7 +130,7 @@ fn vae_flag_and_single_file_model() {
     assert!(!res.status.success());
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(
-        err.contains("SDXL") && err.contains("xl.safetensors"),
+        err.contains("SDXL refiner") && err.contains("xl.safetensors"),
         "{err}"
     );
 }
@@ -318,4 +318,82 @@ fn vae_tiling_engages_above_one_tile() {
         0
     );
     assert!(common::max_image_difference(&run("128", false), &run("128", true)) > 0);
+}
+
+/// The 8-bit picture at `path` against a diffusers NHWC float image: the largest difference in 1/255.
+fn max_diff_to_reference(path: &std::path::Path, want: &candle_core::Tensor) -> f32 {
+    let img = read_png(path).unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(img.data.len(), want.len());
+    img.data
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn sdxl_with_both_encoders_lora_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("xl.png");
+    let res = Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args([
+            "generate",
+            "a red circle on a blue background",
+            "--seed",
+            "0",
+        ])
+        .args(["--model", &format!("{FIXTURES}/tiny-sdxl")])
+        .args(["--lora", &format!("{FIXTURES}/sdxl/lora_xl.safetensors")])
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("257 UNet and 12 text-encoder and 18 second-text-encoder modules"),
+        "{stderr}"
+    );
+    let refs = candle_core::safetensors::load(
+        format!("{FIXTURES}/sdxl/lora_reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let max = max_diff_to_reference(&out, &refs["lora_xl.fused"]);
+    assert!(max <= 1.0, "max |diff| {max}/255 against diffusers");
+}
+
+#[test]
+fn sdxl_euler_with_default_guidance_and_zero_negative() {
+    // SDXL's default guidance (5) and no negative prompt: diffusers' force_zeros_for_empty_prompt picture.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("euler.png");
+    let res = Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args([
+            "generate",
+            "a red circle on a blue background",
+            "--seed",
+            "4",
+        ])
+        .args(["--model", &format!("{FIXTURES}/tiny-sdxl")])
+        .args(["--scheduler", "euler", "--steps", "6"])
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let refs = candle_core::safetensors::load(
+        format!("{FIXTURES}/sdxl/pipelines.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let max = max_diff_to_reference(&out, &refs["sdxl_euler_zeros"]);
+    assert!(max <= 1.0, "max |diff| {max}/255 against diffusers");
+    let params = read_parameters(&out).unwrap().unwrap();
+    assert!(params.contains("CFG scale: 5"), "{params}");
 }

@@ -81,8 +81,7 @@ fn text_projection_missing_is_named() {
     let cfg: ClipTextConfig = load_json(&fixture("tiny-sdxl/text_encoder/config.json")).unwrap();
     let w = weights("tiny-sdxl", "text_encoder", "model.safetensors");
     let err = ClipTextModel::with_projection(&cfg, &w)
-        .err()
-        .expect("no text_projection in the first encoder")
+        .expect_err("no text_projection in the first encoder")
         .to_string();
     assert!(err.contains("text_projection.weight"), "{err}");
 }
@@ -389,4 +388,47 @@ fn sdxl_lora_on_sd15_names_key_and_shapes() {
         err.contains("lora_unet_") || err.contains("lora_te"),
         "{err}"
     );
+}
+
+#[test]
+fn f16_sdxl_decodes_in_f32_unless_the_vae_is_fp16_fix() {
+    let parts = ModelParts::open(
+        fixture("tiny-sdxl").to_str().unwrap(),
+        DType::F16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let model = StableDiffusion::from_parts(&parts, &Device::Cpu).unwrap();
+    assert_eq!(model.unet.dtype(), DType::F16);
+    assert_eq!(
+        model.vae.dtype(),
+        DType::F32,
+        "force_upcast VAE of an f16 SDXL"
+    );
+    let f16 = image(&model, &lcm4_request(&model));
+    let want = &refs("pipelines")["sdxl_lcm4"];
+    let (mean, max) = image_diff(&f16, want);
+    println!("tiny-sdxl in f16: mean {mean:.3}/255, max {max:.3}/255 against diffusers' f32");
+    assert!(mean <= 0.5 && max <= 3.0, "{mean} {max}");
+
+    // An fp16-fix style VAE folder (`force_upcast: false`) decodes in f16.
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-sdxl/vae");
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("\"force_upcast\": true"));
+    std::fs::write(
+        &cfg,
+        text.replace("\"force_upcast\": true", "\"force_upcast\": false"),
+    )
+    .unwrap();
+    let fixed = parts.with_vae_file(dir.path()).unwrap();
+    let model = StableDiffusion::from_parts(&fixed, &Device::Cpu).unwrap();
+    assert_eq!(model.vae.dtype(), DType::F16);
+    let (mean, max) = image_diff(&image(&model, &lcm4_request(&model)), want);
+    println!("tiny-sdxl in f16 with an f16 VAE: mean {mean:.3}/255, max {max:.3}/255");
+    assert!(mean <= 0.5 && max <= 3.0, "{mean} {max}");
 }

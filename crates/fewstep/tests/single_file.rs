@@ -272,17 +272,12 @@ fn f32_and_bf16_copies_load() {
 }
 
 #[test]
-fn sdxl_is_refused_by_name() {
+fn sdxl_refiner_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let z = Tensor::zeros((4, 4), DType::F16, &Device::Cpu).unwrap();
     let tensors = HashMap::from([
         (
-            "conditioner.embedders.1.model.positional_embedding".to_string(),
-            z.clone(),
-        ),
-        (
-            "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
-                .to_string(),
+            "conditioner.embedders.0.model.positional_embedding".to_string(),
             z.clone(),
         ),
         (
@@ -290,14 +285,88 @@ fn sdxl_is_refused_by_name() {
             z,
         ),
     ]);
-    let path = save(dir.path(), "xl.safetensors", &tensors);
+    let path = save(dir.path(), "refiner.safetensors", &tensors);
     let err = load_single_file(&path, DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
     assert!(
-        err.contains("SDXL") && err.contains("not supported"),
+        err.contains("SDXL refiner") && err.contains("not supported"),
         "{err}"
+    );
+}
+
+fn xl_file() -> PathBuf {
+    fixture("sdxl/tiny-sdxl.safetensors")
+}
+
+#[test]
+fn tiny_sdxl_single_file_matches_diffusers_and_its_folder() {
+    let f = SafetensorsFile::open(xl_file()).unwrap();
+    assert_eq!(detect(&f).unwrap(), Family::Sdxl);
+    let opts = SingleFileOptions {
+        config: Some(fixture("tiny-sdxl")),
+        prediction_type: None,
+    };
+    let parts = load_single_file_with(&xl_file(), &opts, DType::F32, &Device::Cpu).unwrap();
+    assert!(parts.text_encoder_2.is_some() && parts.force_zeros_for_empty_prompt);
+    let img = common::lcm4(&parts);
+    let refs = candle_core::safetensors::load(fixture("sdxl/pipelines.safetensors"), &Device::Cpu)
+        .unwrap();
+    // diffusers' from_single_file(config=tiny-sdxl) gives the folder's image bit for bit
+    // (`sdxl/single_file.json`), so the folder's reference is the single file's too.
+    assert_close("tiny-sdxl single file", &img, &refs["sdxl_lcm4"]);
+    let folder = ModelParts::open(
+        fixture("tiny-sdxl").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (mean, max) = common::image_diff(&img, &common::lcm4(&folder));
+    assert_eq!((mean, max), (0.0, 0.0), "single file vs folder");
+}
+
+#[test]
+fn sdxl_configs_are_inferred_from_the_file() {
+    let f = SafetensorsFile::open(xl_file()).unwrap();
+    let got = infer_unet_config(&f, Family::Sdxl).unwrap();
+    let want: UNet2DConditionConfig = load_json(&fixture("tiny-sdxl/unet/config.json")).unwrap();
+    assert_eq!(got.block_out_channels, want.block_out_channels);
+    assert_eq!(got.layers_per_block, want.layers_per_block);
+    assert_eq!(got.down_block_types, want.down_block_types);
+    assert_eq!(got.up_block_types, want.up_block_types);
+    assert_eq!(got.cross_attention_dim, want.cross_attention_dim);
+    assert_eq!(
+        got.transformer_layers_per_block,
+        want.transformer_layers_per_block
+    );
+    assert!(got.use_linear_projection && !got.upcast_attention);
+    assert_eq!(got.addition_embed_type.as_deref(), Some("text_time"));
+    assert_eq!(
+        got.projection_class_embeddings_input_dim,
+        want.projection_class_embeddings_input_dim
+    );
+    // 256-wide time-id sinusoids, as SDXL's (the tiny model's are 8 wide, so the folder config decides).
+    assert_eq!(got.addition_time_embed_dim, Some(256));
+    assert_eq!(got.sample_size, Some(128));
+    let parts = load_single_file(&xl_file(), DType::F32, &Device::Cpu).unwrap();
+    let te2 = parts.text_encoder_2.as_ref().unwrap();
+    let want2: fewstep::config::ClipTextConfig =
+        load_json(&fixture("tiny-sdxl/text_encoder_2/config.json")).unwrap();
+    assert_eq!(
+        (te2.config.hidden_size, te2.config.projection_dim),
+        (want2.hidden_size, want2.projection_dim)
+    );
+    assert_eq!(te2.config.num_hidden_layers, want2.num_hidden_layers);
+    assert_eq!(te2.config.intermediate_size, want2.intermediate_size);
+    assert_eq!(te2.config.eos_token_id, Some(2));
+    assert_eq!(te2.tokenizer.pad_id(), 0);
+    assert_eq!(parts.tokenizer.pad_id(), 49407);
+    assert_eq!(parts.text_encoder_config.num_hidden_layers, 2);
+    assert_eq!(parts.vae_config.scaling_factor, 0.13025);
+    assert_eq!(
+        parts.scheduler_config.class_name.as_deref(),
+        Some("EulerDiscreteScheduler")
     );
 }
 

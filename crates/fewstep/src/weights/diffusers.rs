@@ -25,6 +25,22 @@ pub struct ComponentFiles {
     pub weights: Vec<PathBuf>,
 }
 
+impl ComponentFiles {
+    /// The `config.json` and weight files of one component folder (e.g. a standalone VAE such as
+    /// `madebyollin/sdxl-vae-fp16-fix`), with the same file choice as [`DiffusersFolder::component`].
+    pub fn in_dir(dir: &Path, prefer_variant: Option<&str>) -> Result<Self> {
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            return Err(Error::Missing {
+                path: dir.to_path_buf(),
+                what: "config.json".into(),
+            });
+        }
+        let weights = find_weights(dir, prefer_variant)?;
+        Ok(Self { config, weights })
+    }
+}
+
 #[derive(Deserialize)]
 struct ShardIndex {
     weight_map: std::collections::HashMap<String, String>,
@@ -95,16 +111,7 @@ impl DiffusersFolder {
     /// The config and weights of component `name`. With `prefer_variant` (e.g. `"fp16"`) the variant's files
     /// are taken where present; otherwise the plain files, falling back to any variant the folder has.
     pub fn component(&self, name: &str, prefer_variant: Option<&str>) -> Result<ComponentFiles> {
-        let dir = self.component_dir(name)?;
-        let config = dir.join("config.json");
-        if !config.is_file() {
-            return Err(Error::Missing {
-                path: dir,
-                what: "config.json".into(),
-            });
-        }
-        let weights = find_weights(&dir, prefer_variant)?;
-        Ok(ComponentFiles { config, weights })
+        ComponentFiles::in_dir(&self.component_dir(name)?, prefer_variant)
     }
 
     /// The parsed `model_index.json`.

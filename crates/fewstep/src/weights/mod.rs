@@ -40,6 +40,9 @@ pub enum TensorSource {
         key: String,
         shape: Vec<usize>,
     },
+    /// The transpose of a stored matrix (OpenCLIP's `text_projection`, applied as `x · P`, read as a
+    /// Linear's `[out, in]` weight `Pᵀ`).
+    Transposed { file: usize, key: String },
     /// A tensor computed at load time (e.g. a weight with a LoRA fused into it).
     Owned(Tensor),
 }
@@ -246,6 +249,11 @@ impl Weights {
                 shape
             }
             TensorSource::Reshaped { shape, .. } => shape.clone(),
+            TensorSource::Transposed { file, key } => {
+                let mut shape = files[*file].tensors()[key].shape.clone();
+                shape.reverse();
+                shape
+            }
             TensorSource::Owned(t) => t.dims().to_vec(),
         })
     }
@@ -295,6 +303,9 @@ impl Weights {
             TensorSource::Reshaped { file, key, shape } => files[*file]
                 .load(key, &self.device)?
                 .reshape(shape.as_slice())?,
+            TensorSource::Transposed { file, key } => {
+                files[*file].load(key, &self.device)?.t()?.contiguous()?
+            }
             TensorSource::Owned(t) => t.clone(),
         };
         Ok(t.to_dtype(self.dtype)?)

@@ -64,10 +64,19 @@ impl ModelParts {
         Self::from_folder(&DiffusersFolder::open(dir)?, dtype, device)
     }
 
-    /// Replaces the VAE with the one in `path`: a TAESD (either layout, [`TaesdLayout::detect`]) or a
-    /// KL autoencoder (see [`super::single_file::load_vae_file_like`]; the current VAE's config supplies
-    /// what the shapes cannot tell).
+    /// Replaces the VAE with the one in `path`: a diffusers `AutoencoderKL` folder (`config.json` and
+    /// weights, e.g. SDXL's fp16-fix VAE, whose `force_upcast: false` lets f16 pipelines decode in f16), a
+    /// TAESD (either layout, [`TaesdLayout::detect`]) or a KL autoencoder file (see
+    /// [`super::single_file::load_vae_file_like`]; the current VAE's config supplies what the shapes
+    /// cannot tell).
     pub fn with_vae_file(mut self, path: &std::path::Path) -> Result<Self> {
+        if path.is_dir() {
+            let variant = (self.vae.dtype() == DType::F16).then_some("fp16");
+            let files = super::diffusers::ComponentFiles::in_dir(path, variant)?;
+            self.vae_config = load_json(&files.config)?;
+            self.vae = Weights::from_files(&files.weights, self.vae.dtype(), self.vae.device())?;
+            return Ok(self);
+        }
         let layout = TaesdLayout::detect(super::SafetensorsFile::open(path)?.tensors().keys());
         if let Some(layout) = layout {
             let w = Weights::from_files(&[path], self.vae.dtype(), self.vae.device())?;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::parts::ModelParts;
+use super::parts::{ModelParts, TextEncoder2Parts};
 use super::{SafetensorsFile, TensorSource, Weights};
 use crate::config::{
     load_json, AutoencoderKLConfig, ClipTextConfig, OneOrMany, SchedulerConfig,
@@ -208,6 +208,10 @@ pub use super::family::Family;
 const VAE_PREFIX: &str = "first_stage_model.";
 const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's CLIP ViT-L (`conditioner.embedders.0`, transformers' layout) and OpenCLIP ViT-bigG
+/// (`conditioner.embedders.1`, open_clip's layout).
+const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// Infers the family from the keys and shapes, as diffusers' `infer_diffusers_model_type` does:
 /// `conditioner.embedders.1.*` is SDXL, `conditioner.embedders.0.model.*` alone the SDXL refiner; an
@@ -314,6 +318,21 @@ impl<'a> IndexBuilder<'a> {
         self.tensor(format!("{dst}.bias"), format!("{src}.bias"), true)
     }
 
+    /// `dst` ← the transpose of stored matrix `src` (required).
+    fn transposed(&mut self, dst: &str, src: &str) -> Result<()> {
+        if self.shape(src).is_none_or(|s| s.len() != 2) {
+            return Err(self.missing(src));
+        }
+        self.index.insert(
+            dst.to_string(),
+            TensorSource::Transposed {
+                file: 0,
+                key: src.to_string(),
+            },
+        );
+        Ok(())
+    }
+
     /// `len` rows from `start` of stored `src` (dim 0).
     fn slice(&mut self, dst: String, src: String, start: usize, len: usize) -> Result<()> {
         let rows = self.shape(&src).ok_or_else(|| self.missing(&src))?[0];
@@ -381,9 +400,10 @@ fn count_children(file: &SafetensorsFile, prefix: &str) -> usize {
 /// Infers the UNet's config from an LDM checkpoint's keys and shapes: the stage widths from the resnet
 /// convolutions, `layers_per_block` from where the first down-sampler sits, the stages with attention from
 /// `proj_in`, `cross_attention_dim` from `attn2.to_k`, `use_linear_projection` from `proj_in` being 2-D,
-/// `time_cond_proj_dim` from LCM's `time_embedding.cond_proj`; the head layout is the family's (SD1.x:
-/// 8 heads per stage; SD2.x: 64-wide heads, i.e. `attention_head_dim` [5, 10, 20, 20] at SD2's widths,
-/// with `upcast_attention`, as diffusers' SD2.1 config).
+/// `time_cond_proj_dim` from LCM's `time_embedding.cond_proj`, SDXL's `text_time` addition embedding
+/// from `label_emb.0.0` (6 time ids × 256 + the pooled width); the head layout is the family's (SD1.x:
+/// 8 heads per stage; SD2.x and SDXL: 64-wide heads, i.e. `attention_head_dim` [5, 10, 20, 20] at SD2's
+/// widths, [5, 10, 20] at SDXL's; SD2.x with `upcast_attention`, as diffusers' SD2.1 config).
 pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2DConditionConfig> {
     let p = UNET_PREFIX;
     let k = |s: &str| format!("{p}{s}");
@@ -454,7 +474,7 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
         }
     };
     let attention_head_dim = match family {
-        Family::Sd2 => OneOrMany::Many(
+        Family::Sd2 | Family::Sdxl => OneOrMany::Many(
             block_out_channels
                 .iter()
                 .map(|&c| (c / 64).max(1))
@@ -462,8 +482,13 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
         ),
         _ => OneOrMany::One(8),
     };
+    let addition = t.get(&k("label_emb.0.0.weight")).map(|i| i.shape[1]);
     Ok(UNet2DConditionConfig {
-        sample_size: Some(if family == Family::Sd2 { 96 } else { 64 }),
+        sample_size: Some(match family {
+            Family::Sd2 => 96,
+            Family::Sdxl => 128,
+            _ => 64,
+        }),
         in_channels: dim_of(file, &k("input_blocks.0.0.weight"), 1)?,
         out_channels: dim_of(file, &k("out.2.weight"), 0)?,
         down_block_types: cross
@@ -492,6 +517,9 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
         time_cond_proj_dim: t
             .get(&k("time_embedding.cond_proj.weight"))
             .map(|i| i.shape[1]),
+        addition_embed_type: addition.map(|_| "text_time".to_string()),
+        addition_time_embed_dim: addition.map(|_| 256),
+        projection_class_embeddings_input_dim: addition,
         ..UNet2DConditionConfig::default()
     })
 }
@@ -617,7 +645,7 @@ fn vae_index(b: &mut IndexBuilder, cfg: &AutoencoderKLConfig, prefix: &str) -> R
 
 /// Infers an `AutoencoderKL` config from LDM VAE keys under `prefix`: stage widths from
 /// `encoder.down.N.block.0.conv1`, `layers_per_block` from the encoder's blocks, latent channels from
-/// `decoder.conv_in`; scaling factor 0.18215, no shift (SD1.x/SD2.x's VAE).
+/// `decoder.conv_in`; scaling factor 0.18215 (SDXL: 0.13025), no shift.
 fn infer_ldm_vae_config(
     file: &SafetensorsFile,
     prefix: &str,
@@ -649,7 +677,16 @@ fn infer_ldm_vae_config(
         block_out_channels,
         layers_per_block: count_children(file, &k("encoder.down.0.block.")),
         latent_channels: dim_of(file, &k("decoder.conv_in.weight"), 1)?,
-        sample_size: if family == Family::Sd2 { 768 } else { 512 },
+        sample_size: match family {
+            Family::Sd2 => 768,
+            Family::Sdxl => 1024,
+            _ => 512,
+        },
+        scaling_factor: if family == Family::Sdxl {
+            0.13025
+        } else {
+            0.18215
+        },
         use_quant_conv: t.contains_key(&k("quant_conv.weight")),
         use_post_quant_conv: t.contains_key(&k("post_quant_conv.weight")),
         mid_block_add_attention: t.contains_key(&k("encoder.mid.attn_1.q.weight")),
@@ -657,71 +694,86 @@ fn infer_ldm_vae_config(
     })
 }
 
-/// Infers the text encoder's config: SD1.x's CLIP ViT-L (quick_gelu, every stored layer) or SD2.x's
-/// OpenCLIP ViT-H read as a transformers `CLIPTextModel` with gelu and one layer fewer than stored
-/// (SD2 conditions on the penultimate layer; diffusers' SD2 config has `num_hidden_layers` 23 of 24).
-/// Heads are 64 wide.
+/// Infers a CLIP ViT-L text encoder's config from transformers-layout keys under `p`
+/// (`…text_model.embeddings.token_embedding.weight`): quick_gelu, every stored layer, 64-wide heads.
+fn infer_clip_config(file: &SafetensorsFile, p: &str) -> Result<ClipTextConfig> {
+    let emb = format!("{p}embeddings.token_embedding.weight");
+    let hidden = dim_of(file, &emb, 1)?;
+    Ok(ClipTextConfig {
+        vocab_size: dim_of(file, &emb, 0)?,
+        hidden_size: hidden,
+        intermediate_size: dim_of(file, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0)?,
+        projection_dim: 768,
+        num_hidden_layers: count_children(file, &format!("{p}encoder.layers.")),
+        num_attention_heads: (hidden / 64).max(1),
+        max_position_embeddings: dim_of(
+            file,
+            &format!("{p}embeddings.position_embedding.weight"),
+            0,
+        )?,
+        hidden_act: "quick_gelu".into(),
+        ..ClipTextConfig::default()
+    })
+}
+
+/// Infers an OpenCLIP text tower's config (keys under `p`), read as a transformers `CLIPTextModel`:
+/// gelu, 64-wide heads, the legacy ids (bos 0, eos 2, pad 1) of SD2's and SDXL's configs. With
+/// `drop_last` one layer fewer than stored (SD2 conditions on the penultimate layer; diffusers' SD2
+/// config has `num_hidden_layers` 23 of 24); SDXL keeps every layer and its `text_projection`
+/// (`projection_dim` from its shape).
+fn infer_open_clip_config(
+    file: &SafetensorsFile,
+    p: &str,
+    drop_last: bool,
+) -> Result<ClipTextConfig> {
+    let emb = format!("{p}token_embedding.weight");
+    let hidden = dim_of(file, &emb, 1)?;
+    let stored = count_children(file, &format!("{p}transformer.resblocks."));
+    if stored < 2 {
+        return Err(Error::MissingKey {
+            file: file.path().display().to_string(),
+            key: format!("{p}transformer.resblocks.1.attn.in_proj_weight"),
+        });
+    }
+    let projection = format!("{p}text_projection");
+    Ok(ClipTextConfig {
+        vocab_size: dim_of(file, &emb, 0)?,
+        hidden_size: hidden,
+        intermediate_size: dim_of(
+            file,
+            &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"),
+            0,
+        )?,
+        projection_dim: if drop_last {
+            512
+        } else {
+            dim_of(file, &projection, 1)?
+        },
+        num_hidden_layers: if drop_last { stored - 1 } else { stored },
+        num_attention_heads: (hidden / 64).max(1),
+        max_position_embeddings: dim_of(file, &format!("{p}positional_embedding"), 0)?,
+        hidden_act: "gelu".into(),
+        pad_token_id: Some(1),
+        bos_token_id: Some(0),
+        eos_token_id: Some(2),
+        ..ClipTextConfig::default()
+    })
+}
+
+/// Infers the (first) text encoder's config: SD1.x's and SDXL's CLIP ViT-L, or SD2.x's OpenCLIP ViT-H.
 fn infer_text_config(file: &SafetensorsFile, family: Family) -> Result<ClipTextConfig> {
-    let path = file.path().display().to_string();
     match family {
-        Family::Sd1 => {
-            let p = format!("{CLIP_PREFIX}text_model.");
-            let emb = format!("{p}embeddings.token_embedding.weight");
-            let hidden = dim_of(file, &emb, 1)?;
-            Ok(ClipTextConfig {
-                vocab_size: dim_of(file, &emb, 0)?,
-                hidden_size: hidden,
-                intermediate_size: dim_of(file, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0)?,
-                projection_dim: 768,
-                num_hidden_layers: count_children(file, &format!("{p}encoder.layers.")),
-                num_attention_heads: (hidden / 64).max(1),
-                max_position_embeddings: dim_of(
-                    file,
-                    &format!("{p}embeddings.position_embedding.weight"),
-                    0,
-                )?,
-                hidden_act: "quick_gelu".into(),
-                ..ClipTextConfig::default()
-            })
-        }
-        Family::Sd2 => {
-            let p = OPEN_CLIP_PREFIX;
-            let emb = format!("{p}token_embedding.weight");
-            let hidden = dim_of(file, &emb, 1)?;
-            let stored = count_children(file, &format!("{p}transformer.resblocks."));
-            if stored < 2 {
-                return Err(Error::MissingKey {
-                    file: path,
-                    key: format!("{p}transformer.resblocks.1.attn.in_proj_weight"),
-                });
-            }
-            Ok(ClipTextConfig {
-                vocab_size: dim_of(file, &emb, 0)?,
-                hidden_size: hidden,
-                intermediate_size: dim_of(
-                    file,
-                    &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"),
-                    0,
-                )?,
-                projection_dim: 512,
-                num_hidden_layers: stored - 1,
-                num_attention_heads: (hidden / 64).max(1),
-                max_position_embeddings: dim_of(file, &format!("{p}positional_embedding"), 0)?,
-                hidden_act: "gelu".into(),
-                pad_token_id: Some(1),
-                bos_token_id: Some(0),
-                eos_token_id: Some(2),
-                ..ClipTextConfig::default()
-            })
-        }
+        Family::Sd1 => infer_clip_config(file, &format!("{CLIP_PREFIX}text_model.")),
+        Family::Sd2 => infer_open_clip_config(file, OPEN_CLIP_PREFIX, true),
+        Family::Sdxl => infer_clip_config(file, &format!("{SDXL_CLIP_PREFIX}text_model.")),
         _ => Err(unsupported_family(file, family)),
     }
 }
 
-/// SD1.x's CLIP: `cond_stage_model.transformer.text_model.X` is `text_model.X` (`position_ids` and other
-/// extra keys are ignored).
-fn clip_index(b: &mut IndexBuilder, cfg: &ClipTextConfig) -> Result<()> {
-    let p = format!("{CLIP_PREFIX}text_model.");
+/// A CLIP stored in transformers' layout under `src` (`…text_model.X` is `text_model.X`;
+/// `position_ids` and other extra keys are ignored).
+fn clip_index(b: &mut IndexBuilder, cfg: &ClipTextConfig, src: &str) -> Result<()> {
+    let p = format!("{src}text_model.");
     for e in ["token_embedding", "position_embedding"] {
         b.tensor(
             format!("text_model.embeddings.{e}.weight"),
@@ -751,14 +803,19 @@ fn clip_index(b: &mut IndexBuilder, cfg: &ClipTextConfig) -> Result<()> {
     )
 }
 
-/// SD2.x's OpenCLIP (`open_clip`'s `TextTransformer`) read as a `CLIPTextModel`: `token_embedding`,
-/// `positional_embedding` → `embeddings.position_embedding.weight`, `transformer.resblocks.N.attn.in_proj_*`
-/// sliced into q/k/v (rows `0..H`, `H..2H`, `2H..3H`), `attn.out_proj`, `ln_1`/`ln_2` →
-/// `layer_norm1`/`layer_norm2`, `mlp.c_fc`/`mlp.c_proj` → `mlp.fc1`/`mlp.fc2`, `ln_final` →
-/// `final_layer_norm`. Only the config's first `num_hidden_layers` blocks are read (the last stored
-/// block and `text_projection` are unused, as in diffusers).
-fn open_clip_index(b: &mut IndexBuilder, cfg: &ClipTextConfig) -> Result<()> {
-    let p = OPEN_CLIP_PREFIX;
+/// An OpenCLIP text tower (`open_clip`'s `TextTransformer`, keys under `p`) read as a `CLIPTextModel`:
+/// `token_embedding`, `positional_embedding` → `embeddings.position_embedding.weight`,
+/// `transformer.resblocks.N.attn.in_proj_*` sliced into q/k/v (rows `0..H`, `H..2H`, `2H..3H`),
+/// `attn.out_proj`, `ln_1`/`ln_2` → `layer_norm1`/`layer_norm2`, `mlp.c_fc`/`mlp.c_proj` →
+/// `mlp.fc1`/`mlp.fc2`, `ln_final` → `final_layer_norm`. Only the config's first `num_hidden_layers`
+/// blocks are read. With `projection` (SDXL), `text_projection` (`x · P`) becomes
+/// `text_projection.weight = Pᵀ`; SD2 leaves it and its last block unused, as diffusers does.
+fn open_clip_index(
+    b: &mut IndexBuilder,
+    cfg: &ClipTextConfig,
+    p: &str,
+    projection: bool,
+) -> Result<()> {
     let h = cfg.hidden_size;
     b.tensor(
         "text_model.embeddings.token_embedding.weight".into(),
@@ -799,16 +856,22 @@ fn open_clip_index(b: &mut IndexBuilder, cfg: &ClipTextConfig) -> Result<()> {
             b.module(&format!("{d}.{dn}"), &format!("{l}.{ln}"), true)?;
         }
     }
+    if projection {
+        b.transposed("text_projection.weight", &format!("{p}text_projection"))?;
+    }
     b.module("text_model.final_layer_norm", &format!("{p}ln_final"), true)
 }
 
 /// The scheduler config diffusers takes for the family: SD1.5's PNDM config; SD2.1's DDIM config with
-/// `v_prediction` (diffusers' default SD2 repo is the 768-pixel v-prediction model).
+/// `v_prediction` (diffusers' default SD2 repo is the 768-pixel v-prediction model); SDXL base's
+/// Euler config (`timestep_spacing` leading).
 pub fn default_scheduler_config(family: Family) -> SchedulerConfig {
     let (class, prediction) = match family {
         Family::Sd2 => ("DDIMScheduler", Some("v_prediction".to_string())),
+        Family::Sdxl => ("EulerDiscreteScheduler", Some("epsilon".to_string())),
         _ => ("PNDMScheduler", None),
     };
+    let sdxl = family == Family::Sdxl;
     SchedulerConfig {
         class_name: Some(class.into()),
         num_train_timesteps: Some(1000),
@@ -819,6 +882,9 @@ pub fn default_scheduler_config(family: Family) -> SchedulerConfig {
         set_alpha_to_one: Some(false),
         steps_offset: Some(1),
         clip_sample: Some(false),
+        timestep_spacing: sdxl.then(|| "leading".to_string()),
+        interpolation_type: sdxl.then(|| "linear".to_string()),
+        use_karras_sigmas: sdxl.then_some(false),
         ..SchedulerConfig::default()
     }
 }
@@ -826,20 +892,24 @@ pub fn default_scheduler_config(family: Family) -> SchedulerConfig {
 fn unsupported_family(file: &SafetensorsFile, family: Family) -> Error {
     Error::invalid(
         format!("model file {}", file.path().display()),
-        format!("{family} checkpoints are not supported yet (only Stable Diffusion 1.x and 2.x single files)"),
+        format!(
+            "{family} checkpoints are not supported yet (Stable Diffusion 1.x, 2.x and SDXL base single \
+             files are)"
+        ),
     )
 }
 
-/// Loads a single-file SD1.x/SD2.x checkpoint with every configuration inferred from it.
+/// Loads a single-file SD1.x/SD2.x/SDXL checkpoint with every configuration inferred from it.
 pub fn load_single_file(path: &Path, dtype: DType, device: &Device) -> Result<ModelParts> {
     load_single_file_with(path, &SingleFileOptions::default(), dtype, device)
 }
 
-/// Loads a single-file SD1.x/SD2.x checkpoint: the family and configs inferred (or taken from
+/// Loads a single-file SD1.x/SD2.x/SDXL checkpoint: the family and configs inferred (or taken from
 /// `opts.config`), each component a [`Weights`] view of the file under diffusers' names, the tokenizer the
-/// bundled CLIP BPE (padding with EOS for SD1.x, `!` for SD2.x). SDXL is refused. Storage in f16, bf16 or
-/// f32 is converted to `dtype` as tensors are read. Keys no component uses (`model_ema.*`,
-/// `…position_ids`, `logit_scale`, SD2's last text block) are ignored.
+/// bundled CLIP BPE (padding with EOS for SD1.x, `!` for SD2.x; SDXL's second tokenizer pads with `!`).
+/// The SDXL refiner is refused. Storage in f16, bf16 or f32 is converted to `dtype` as tensors are read.
+/// Keys no component uses (`model_ema.*`, `…position_ids`, `logit_scale`, SD2's last text block) are
+/// ignored.
 pub fn load_single_file_with(
     path: &Path,
     opts: &SingleFileOptions,
@@ -848,9 +918,10 @@ pub fn load_single_file_with(
 ) -> Result<ModelParts> {
     let file = SafetensorsFile::open(path)?;
     let family = detect(&file)?;
-    if !matches!(family, Family::Sd1 | Family::Sd2) {
+    if family == Family::SdxlRefiner {
         return Err(unsupported_family(&file, family));
     }
+    let sdxl = family == Family::Sdxl;
     let folder = match &opts.config {
         Some(dir) => Some(super::diffusers::DiffusersFolder::open(dir)?),
         None => None,
@@ -896,24 +967,46 @@ pub fn load_single_file_with(
     let vae = b.finish(path, dtype, device)?;
     let mut b = IndexBuilder::new(&file);
     match family {
-        Family::Sd2 => open_clip_index(&mut b, &text_encoder_config)?,
-        _ => clip_index(&mut b, &text_encoder_config)?,
+        Family::Sd2 => open_clip_index(&mut b, &text_encoder_config, OPEN_CLIP_PREFIX, false)?,
+        Family::Sdxl => clip_index(&mut b, &text_encoder_config, SDXL_CLIP_PREFIX)?,
+        _ => clip_index(&mut b, &text_encoder_config, CLIP_PREFIX)?,
     }
     let text_encoder = b.finish(path, dtype, device)?;
+    let text_encoder_2 = if sdxl {
+        let config = match cfg("text_encoder_2")? {
+            Some(p) => load_json(&p)?,
+            None => infer_open_clip_config(&file, SDXL_OPEN_CLIP_PREFIX, false)?,
+        };
+        let tokenizer = match &folder {
+            Some(f) => ClipTokenizer::from_dir(&f.component_dir("tokenizer_2")?)?,
+            None => ClipTokenizer::bundled(PadToken::Bang)?,
+        };
+        let mut b = IndexBuilder::new(&file);
+        open_clip_index(&mut b, &config, SDXL_OPEN_CLIP_PREFIX, true)?;
+        Some(TextEncoder2Parts {
+            tokenizer,
+            config,
+            weights: b.finish(path, dtype, device)?,
+        })
+    } else {
+        None
+    };
     tracing::info!(file = %path.display(), %family, "single-file checkpoint");
-    Ok(ModelParts {
+    let parts = ModelParts {
         tokenizer,
         text_encoder_config,
         text_encoder,
-        text_encoder_2: None,
-        force_zeros_for_empty_prompt: false,
+        text_encoder_2,
+        force_zeros_for_empty_prompt: sdxl,
         unet_config,
         unet,
         vae_config,
         vae,
         taesd: None,
         scheduler_config,
-    })
+    };
+    parts.check_family()?;
+    Ok(parts)
 }
 
 /// Loads a VAE file to replace a model's (`--vae`): the LDM layout of the published
