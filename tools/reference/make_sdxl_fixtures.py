@@ -65,6 +65,10 @@ XL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=
                cross_attention_dim=TE_HIDDEN + TE2_HIDDEN, norm_num_groups=8, addition_embed_type="text_time",
                addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=6 * TIME_DIM + TE2_PROJ)
 XL_LCM_UNET = dict(XL_UNET, time_cond_proj_dim=32)
+# An asymmetric UNet as the distilled SDXLs (SSD-1B, Segmind-Vega) have: per-layer transformer depths, some 0,
+# and up blocks that are not the down blocks' mirror (reverse_transformer_layers_per_block).
+XL_ASYM_UNET = dict(XL_UNET, transformer_layers_per_block=[1, [1, 2], [2, 0]],
+                    reverse_transformer_layers_per_block=[[0, 2, 1], [1, 0, 2], 1])
 XL_VAE = dict(ml.SD2_VAE, scaling_factor=0.13025, force_upcast=True)
 # SDXL's text_encoder: CLIP ViT-L (quick_gelu, SD1's ids); text_encoder_2: OpenCLIP ViT-bigG as
 # CLIPTextModelWithProjection (gelu, legacy bos 0 / eos 2 / pad 1 ids as in the published config).
@@ -104,38 +108,54 @@ def relative_links(dst, src, names):
         os.symlink(os.path.relpath(src / n, dst), dst / n)
 
 
-def make_models():
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def save_xl(out, te1, te2, unet, vae, dtype):
+    """Writes an SDXL pipeline folder as StableDiffusionXLPipeline.save_pretrained does (in `dtype`, no variant
+    suffix), with SDXL base's scheduler config verbatim, the CLIP tokenizer and tokenizer_2 padding with "!", and
+    text_encoder's keys under `text_model.` (transformers 4.x, as the published folder); text_encoder_2 is left as
+    transformers 5.23 writes it. Both encoders are reloaded to check that no key is missing or unexpected."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    for d in (XL, XL_LCM):
-        if d.exists():
-            shutil.rmtree(d)
-    te1 = CLIPTextModel(CLIPTextConfig(**XL_TE1)).eval()
-    mf.reinit(te1, 41)
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**XL_TE2)).eval()
-    mf.reinit(te2, 42)
-    unet = build_unet(XL_UNET, 43)
-    vae = AutoencoderKL(**XL_VAE).eval()
-    mf.reinit(vae, 44)
     tmp = tempfile.TemporaryDirectory()
     tok2 = bang_tokenizer(Path(tmp.name) / "tok2")
     tok = CLIPTokenizer.from_pretrained(str(mf.TOKENIZER_DIR))
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
                                      unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
-    pipe.to(torch.float16)  # fp16 storage (no variant suffix); references load it with dtype=float32
-    pipe.save_pretrained(str(XL), safe_serialization=True)
-    mf.write_json(XL / "scheduler" / "scheduler_config.json", SDXL_SCHEDULER)
-    mf.copy_tokenizer(XL / "tokenizer")
-    shutil.rmtree(XL / "tokenizer_2")
-    shutil.copytree(Path(tmp.name) / "tok2", XL / "tokenizer_2")
+    pipe.to(dtype)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    mf.write_json(out / "scheduler" / "scheduler_config.json", SDXL_SCHEDULER)
+    mf.copy_tokenizer(out / "tokenizer")
+    shutil.rmtree(out / "tokenizer_2")
+    shutil.copytree(Path(tmp.name) / "tok2", out / "tokenizer_2")
     tmp.cleanup()
-    # SDXL folders store text_encoder with the `text_model.` prefix (transformers 4.x); text_encoder_2 is left as
-    # transformers 5.23 writes it.
-    assert mf.add_text_model_prefix(XL / "text_encoder" / "model.safetensors")
+    for f in sorted((out / "text_encoder").glob("*.safetensors")):
+        assert mf.add_text_model_prefix(f)
     for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-        _, info = cls.from_pretrained(str(XL / sub), output_loading_info=True)
+        _, info = cls.from_pretrained(str(out / sub), output_loading_info=True)
         assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (sub, info)
+
+
+def build_xl(te1_cfg, te2_cfg, unet_cfg, vae_cfg, seed):
+    """The four SDXL modules with every parameter re-drawn by make_fixtures.reinit."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    te1 = CLIPTextModel(CLIPTextConfig(**te1_cfg)).eval()
+    mf.reinit(te1, seed + 1)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg)).eval()
+    mf.reinit(te2, seed + 2)
+    unet = build_unet(unet_cfg, seed + 3)
+    vae = AutoencoderKL(**vae_cfg).eval()
+    mf.reinit(vae, seed + 4)
+    return te1, te2, unet, vae
+
+
+def make_models():
+    for d in (XL, XL_LCM):
+        if d.exists():
+            shutil.rmtree(d)
+    # fp16 storage (no variant suffix); references load it with dtype=float32
+    save_xl(XL, *build_xl(XL_TE1, XL_TE2, XL_UNET, XL_VAE, 40), torch.float16)
 
     # tiny-sdxl-lcm: the full LCM SDXL UNet (time_cond_proj_dim, as latent-consistency/lcm-sdxl) with tiny-sdxl's
     # other components (symlinks) and lcm-sdxl's LCMScheduler config.
@@ -201,6 +221,18 @@ def make_components():
         t["lcm_unet.timestep_cond"] = cond
         t["lcm_unet.out_t999"] = lcm.unet(sample, torch.tensor(999), ctx, timestep_cond=cond,
                                           added_cond_kwargs=added).sample
+        # the asymmetric UNet: a diffusers folder (f16) and its LDM-named twin (UNet keys only)
+        asym = build_unet(XL_ASYM_UNET, 49).half()
+        asym_dir = OUT / "asym-unet"
+        if asym_dir.exists():
+            shutil.rmtree(asym_dir)
+        asym.save_pretrained(str(asym_dir), safe_serialization=True)
+        asym = asym.float()
+        t["asym_unet.out_t999"] = asym(sample, torch.tensor(999), ctx, added_cond_kwargs=added).sample
+        ldm = ml.unet_to_ldm({k: v for k, v in asym.state_dict().items() if not k.startswith("add_embedding.")},
+                             dict(asym.config))
+        ldm.update(add_embedding_to_ldm(asym.state_dict()))
+        ml.save_st(OUT / "asym-unet-ldm.safetensors", {k: v.half() for k, v in sorted(ldm.items())})
         # SD2's text encoder (23 layers = OpenCLIP's penultimate) on the same prompts, "!" padding
         sd2 = StableDiffusionPipeline.from_pretrained(str(SD2), dtype=torch.float32)
         ids = sd2.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
@@ -372,6 +404,17 @@ def clip_to_sgm_openclip(te_sd, projection_weight):
     return {k.replace("cond_stage_model.model.", "conditioner.embedders.1.model."): v for k, v in out.items()}
 
 
+def add_embedding_to_ldm(unet_sd):
+    """SDXL's `add_embedding.linear_1/2` are LDM's `label_emb.0.0/0.2`."""
+    ren = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+    out = {}
+    for k, v in unet_sd.items():
+        for d, l in ren.items():
+            if k.startswith(d + "."):
+                out["model.diffusion_model." + l + k[len(d):]] = v
+    return out
+
+
 def make_single():
     from diffusers import StableDiffusionXLPipeline
 
@@ -379,15 +422,8 @@ def make_single():
     ck = {}
     ucfg = dict(fo.unet.config)
     usd = fo.unet.state_dict()
-    rest = {}
-    for k, v in usd.items():
-        if k.startswith("add_embedding."):
-            lk = k.replace("add_embedding.linear_1", "label_emb.0.0").replace("add_embedding.linear_2",
-                                                                                "label_emb.0.2")
-            ck["model.diffusion_model." + lk] = v
-        else:
-            rest[k] = v
-    ck.update(ml.unet_to_ldm(rest, ucfg))
+    ck.update(add_embedding_to_ldm(usd))
+    ck.update(ml.unet_to_ldm({k: v for k, v in usd.items() if not k.startswith("add_embedding.")}, ucfg))
     ck.update(ml.vae_to_ldm(fo.vae.state_dict(), dict(fo.vae.config)))
     for k, v in fo.text_encoder.state_dict().items():
         k = k if k.startswith("text_model.") else "text_model." + k

@@ -18,6 +18,16 @@ pub fn load_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Reads `null` as the type's default: diffusers writes `"upcast_attention": null` (SDXL base) where its
+/// Python default is `False`.
+fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// A config value given either once for all blocks or per block (diffusers accepts both).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
@@ -44,6 +54,39 @@ impl<T: Clone> OneOrMany<T> {
     }
 }
 
+/// A UNet's transformer depth (`transformer_layers_per_block`, `reverse_transformer_layers_per_block`):
+/// one for all blocks, one per block (SDXL's `[1, 2, 10]`), or per layer of a block (the distilled SDXLs,
+/// SSD-1B and Segmind-Vega: `[1, [2, 2], [4, 4]]`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum TransformerLayers {
+    All(usize),
+    PerBlock(Vec<OneOrMany<usize>>),
+}
+
+impl TransformerLayers {
+    /// The depth of layer `layer` of block `block`.
+    pub fn get(&self, block: usize, layer: usize) -> usize {
+        match self {
+            TransformerLayers::All(v) => *v,
+            TransformerLayers::PerBlock(v) => v[block.min(v.len() - 1)].get(layer),
+        }
+    }
+
+    /// Number of per-block values, if given per block.
+    pub fn per_block_len(&self) -> Option<usize> {
+        match self {
+            TransformerLayers::All(_) => None,
+            TransformerLayers::PerBlock(v) => Some(v.len()),
+        }
+    }
+
+    /// Whether some block gives one value per layer.
+    pub fn is_per_layer(&self) -> bool {
+        matches!(self, TransformerLayers::PerBlock(v) if v.iter().any(|b| b.per_block_len().is_some()))
+    }
+}
+
 /// `UNet2DConditionModel`'s config (diffusers `unet/config.json`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -51,6 +94,7 @@ pub struct UNet2DConditionConfig {
     pub sample_size: Option<usize>,
     pub in_channels: usize,
     pub out_channels: usize,
+    #[serde(deserialize_with = "null_as_default")]
     pub center_input_sample: bool,
     pub flip_sin_to_cos: bool,
     pub freq_shift: f64,
@@ -66,11 +110,13 @@ pub struct UNet2DConditionConfig {
     pub norm_num_groups: Option<usize>,
     pub norm_eps: f64,
     pub cross_attention_dim: OneOrMany<usize>,
-    pub transformer_layers_per_block: OneOrMany<usize>,
+    pub transformer_layers_per_block: TransformerLayers,
     /// Despite its name, diffusers uses this as the number of heads when `num_attention_heads` is unset.
     pub attention_head_dim: OneOrMany<usize>,
     pub num_attention_heads: Option<OneOrMany<usize>>,
+    #[serde(deserialize_with = "null_as_default")]
     pub use_linear_projection: bool,
+    #[serde(deserialize_with = "null_as_default")]
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     pub time_embedding_type: String,
@@ -87,13 +133,16 @@ pub struct UNet2DConditionConfig {
     pub mid_block_only_cross_attention: Option<bool>,
     pub encoder_hid_dim_type: Option<String>,
     pub num_class_embeds: Option<usize>,
+    #[serde(deserialize_with = "null_as_default")]
     pub class_embeddings_concat: bool,
     pub time_embedding_act_fn: Option<String>,
+    #[serde(deserialize_with = "null_as_default")]
     pub dual_cross_attention: bool,
     pub attention_type: String,
     pub cross_attention_norm: Option<String>,
-    /// Nested per-layer lists (SDXL-style refiners); not supported, kept to refuse it by name.
-    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    /// The up blocks' depths per layer, required by diffusers when `transformer_layers_per_block` has
+    /// per-layer lists (an asymmetric UNet).
+    pub reverse_transformer_layers_per_block: Option<TransformerLayers>,
 }
 
 impl Default for UNet2DConditionConfig {
@@ -131,7 +180,7 @@ impl Default for UNet2DConditionConfig {
             norm_num_groups: Some(32),
             norm_eps: 1e-5,
             cross_attention_dim: OneOrMany::One(1280),
-            transformer_layers_per_block: OneOrMany::One(1),
+            transformer_layers_per_block: TransformerLayers::All(1),
             attention_head_dim: OneOrMany::One(8),
             num_attention_heads: None,
             use_linear_projection: false,
@@ -162,6 +211,24 @@ impl Default for UNet2DConditionConfig {
 }
 
 impl UNet2DConditionConfig {
+    /// Transformer depth of layer `j` of down block `i` (the mid block reads block `n − 1`, layer 0).
+    pub fn down_transformer_layers(&self, i: usize, j: usize) -> usize {
+        self.transformer_layers_per_block.get(i, j)
+    }
+
+    /// Transformer depth of layer `j` of up block `i` (diffusers' order, deepest first):
+    /// `reverse_transformer_layers_per_block[i][j]` when given, else the matching down block's
+    /// `transformer_layers_per_block[n − 1 − i]`.
+    pub fn up_transformer_layers(&self, i: usize, j: usize) -> usize {
+        match &self.reverse_transformer_layers_per_block {
+            Some(r) => r.get(i, j),
+            None => {
+                let n = self.block_out_channels.len();
+                self.transformer_layers_per_block.get(n - 1 - i, 0)
+            }
+        }
+    }
+
     /// Heads of down block `i`: diffusers' `num_attention_heads or attention_head_dim`.
     pub fn heads(&self, i: usize) -> usize {
         self.num_attention_heads

@@ -432,3 +432,104 @@ fn f16_sdxl_decodes_in_f32_unless_the_vae_is_fp16_fix() {
     println!("tiny-sdxl in f16 with an f16 VAE: mean {mean:.3}/255, max {max:.3}/255");
     assert!(mean <= 0.5 && max <= 3.0, "{mean} {max}");
 }
+
+#[test]
+fn asymmetric_unet_with_per_layer_depths_matches_diffusers() {
+    // As SSD-1B and Segmind-Vega: transformer_layers_per_block [1, [1, 2], [2, 0]] with
+    // reverse_transformer_layers_per_block [[0, 2, 1], [1, 0, 2], 1]; read from config.json alone.
+    let r = refs("components");
+    let cfg: UNet2DConditionConfig = load_json(&fixture("sdxl/asym-unet/config.json")).unwrap();
+    assert!(cfg.transformer_layers_per_block.is_per_layer());
+    assert_eq!(
+        (
+            cfg.down_transformer_layers(1, 1),
+            cfg.down_transformer_layers(2, 1)
+        ),
+        (2, 0)
+    );
+    assert_eq!(
+        (
+            cfg.up_transformer_layers(0, 0),
+            cfg.up_transformer_layers(1, 2)
+        ),
+        (0, 2)
+    );
+    let w = weights("sdxl", "asym-unet", "diffusion_pytorch_model.safetensors");
+    let u = UNet2DConditionModel::new(&cfg, &w).unwrap();
+    let added = TextTimeCond {
+        text_embeds: r["unet.text_embeds"].clone(),
+        time_ids: r["unet.time_ids"].clone(),
+    };
+    let out = u
+        .forward(
+            &r["unet.sample"],
+            999.0,
+            &r["unet.encoder_hidden_states"],
+            None,
+            Some(&added),
+        )
+        .unwrap();
+    let err = rel_err(&out, &r["asym_unet.out_t999"]);
+    println!("asymmetric UNet out_t999: rel err {err:.3e}");
+    assert!(err < TOL, "{err}");
+
+    let mut no_reverse = cfg.clone();
+    no_reverse.reverse_transformer_layers_per_block = None;
+    let err = UNet2DConditionModel::new(&no_reverse, &w)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("reverse_transformer_layers_per_block"),
+        "{err}"
+    );
+}
+
+#[test]
+fn real_sdxl_base_unet_config_parses() {
+    // stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, verbatim (`upcast_attention: null`).
+    let text = r#"{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
+      "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+      "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+      "block_out_channels": [320, 640, 1280], "center_input_sample": false, "class_embed_type": null,
+      "class_embeddings_concat": false, "conv_in_kernel": 3, "conv_out_kernel": 3,
+      "cross_attention_dim": 2048, "cross_attention_norm": null,
+      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+      "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+      "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+      "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+      "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+      "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+      "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+      "resnet_skip_time_act": false, "resnet_time_scale_shift": "default", "sample_size": 128,
+      "time_cond_proj_dim": null, "time_embedding_act_fn": null, "time_embedding_dim": null,
+      "time_embedding_type": "positional", "timestep_post_act": null,
+      "transformer_layers_per_block": [1, 2, 10],
+      "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+      "upcast_attention": null, "use_linear_projection": true}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, text).unwrap();
+    let cfg: UNet2DConditionConfig = load_json(&path).unwrap();
+    assert!(!cfg.upcast_attention);
+    assert_eq!(
+        fewstep::weights::family::Family::of_unet(&cfg),
+        fewstep::weights::family::Family::Sdxl
+    );
+    assert_eq!(
+        (
+            cfg.down_transformer_layers(2, 1),
+            cfg.up_transformer_layers(0, 2),
+            cfg.up_transformer_layers(1, 0)
+        ),
+        (10, 10, 2)
+    );
+    assert_eq!(cfg.heads(2), 20);
+    // Every transformer block of the real UNet: 2·(2 + 10) down, 3·(10 + 2) up, 10 in the mid block.
+    let map = fewstep::weights::single_file::unet_module_map(&cfg).unwrap();
+    let blocks = map
+        .iter()
+        .filter(|(d, _)| d.ends_with("attn2.to_k"))
+        .count();
+    assert_eq!(blocks, 2 * (2 + 10) + 3 * (10 + 2) + 10);
+}

@@ -507,3 +507,43 @@ fn vae_swap_ldm_and_diffusers_layouts() {
         .unwrap();
     assert_eq!(d, 0.0, "diffusers-layout VAE file");
 }
+
+#[test]
+fn asymmetric_transformer_depths_are_inferred() {
+    let f = SafetensorsFile::open(fixture("sdxl/asym-unet-ldm.safetensors")).unwrap();
+    let got = infer_unet_config(&f, Family::Sdxl).unwrap();
+    let want: UNet2DConditionConfig = load_json(&fixture("sdxl/asym-unet/config.json")).unwrap();
+    for i in 0..3 {
+        if want.down_block_types[i].starts_with("CrossAttn") {
+            for j in 0..2 {
+                assert_eq!(
+                    got.down_transformer_layers(i, j),
+                    want.down_transformer_layers(i, j),
+                    "down {i}.{j}"
+                );
+            }
+        }
+        if want.up_block_types[i].starts_with("CrossAttn") {
+            for j in 0..3 {
+                assert_eq!(
+                    got.up_transformer_layers(i, j),
+                    want.up_transformer_layers(i, j),
+                    "up {i}.{j}"
+                );
+            }
+        }
+    }
+    // Every stored UNet key is mapped, and every mapped module is stored.
+    let stored: BTreeSet<String> = f
+        .tensors()
+        .keys()
+        .filter_map(|k| k.strip_prefix("model.diffusion_model.").map(String::from))
+        .collect();
+    let mapped: BTreeSet<String> = unet_module_map(&got)
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, l)| [format!("{l}.weight"), format!("{l}.bias")])
+        .filter(|k| stored.contains(k) || k.ends_with(".weight"))
+        .collect();
+    assert_eq!(mapped, stored);
+}

@@ -18,7 +18,7 @@ use candle_core::{DType, Device};
 use super::parts::{ModelParts, TextEncoder2Parts};
 use super::{SafetensorsFile, TensorSource, Weights};
 use crate::config::{
-    load_json, AutoencoderKLConfig, ClipTextConfig, OneOrMany, SchedulerConfig,
+    load_json, AutoencoderKLConfig, ClipTextConfig, OneOrMany, SchedulerConfig, TransformerLayers,
     UNet2DConditionConfig,
 };
 use crate::tokenizer::{ClipTokenizer, PadToken};
@@ -122,8 +122,8 @@ pub fn unet_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, Strin
     for (i, &c) in ch.iter().enumerate() {
         let cross = cfg.down_block_types[i].starts_with("CrossAttn");
         let layers = cfg.layers_per_block.get(i);
-        let tl = cfg.transformer_layers_per_block.get(i);
         for j in 0..layers {
+            let tl = cfg.down_transformer_layers(i, j);
             let cin = if j == 0 { out } else { c };
             let d = format!("down_blocks.{i}");
             push_resnet(
@@ -159,7 +159,7 @@ pub fn unet_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, Strin
             &mut map,
             "mid_block.attentions.0",
             "middle_block.1",
-            cfg.transformer_layers_per_block.get(n - 1),
+            cfg.down_transformer_layers(n - 1, 0),
         );
         push_resnet(&mut map, "mid_block.resnets.1", "middle_block.2", false);
     }
@@ -170,8 +170,8 @@ pub fn unet_module_map(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, Strin
         let r = n - 1 - i;
         let cross = cfg.up_block_types[i].starts_with("CrossAttn");
         let layers = cfg.layers_per_block.get(r) + 1;
-        let tl = cfg.transformer_layers_per_block.get(r);
         for j in 0..layers {
+            let tl = cfg.up_transformer_layers(i, j);
             let d = format!("up_blocks.{i}");
             push_resnet(
                 &mut map,
@@ -425,7 +425,6 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
     let stages = ops.len() + 1;
     let mut block_out_channels = Vec::with_capacity(stages);
     let mut cross = Vec::with_capacity(stages);
-    let mut transformer_layers = Vec::with_capacity(stages);
     for i in 0..stages {
         let b = 1 + i * (layers + 1);
         block_out_channels.push(dim_of(
@@ -436,11 +435,6 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
         let attn = k(&format!("input_blocks.{b}.1."));
         let has_attn = t.contains_key(&format!("{attn}proj_in.weight"));
         cross.push(has_attn);
-        transformer_layers.push(if has_attn {
-            count_children(file, &format!("{attn}transformer_blocks."))
-        } else {
-            1
-        });
     }
     let first_attn = (0..stages).find(|&i| cross[i]);
     let (cross_attention_dim, use_linear_projection) = match first_attn {
@@ -458,21 +452,8 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
         }
         None => (768, false),
     };
-    let mut mid_layers = count_children(file, &k("middle_block.1.transformer_blocks."));
-    if mid_layers == 0 {
-        mid_layers = 1;
-    }
-    // The mid block uses the last stage's value; a last stage without attention takes the mid block's.
-    if !cross[stages - 1] {
-        transformer_layers[stages - 1] = mid_layers;
-    }
-    let one_or_many = |v: Vec<usize>| {
-        if v.iter().all(|&x| x == v[0]) {
-            OneOrMany::One(v[0])
-        } else {
-            OneOrMany::Many(v)
-        }
-    };
+    let (transformer_layers_per_block, reverse_transformer_layers_per_block) =
+        infer_transformer_layers(file, &cross, layers);
     let attention_head_dim = match family {
         Family::Sd2 | Family::Sdxl => OneOrMany::Many(
             block_out_channels
@@ -510,7 +491,8 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
         block_out_channels,
         layers_per_block: OneOrMany::One(layers),
         cross_attention_dim: OneOrMany::One(cross_attention_dim),
-        transformer_layers_per_block: one_or_many(transformer_layers),
+        transformer_layers_per_block,
+        reverse_transformer_layers_per_block,
         attention_head_dim,
         use_linear_projection,
         upcast_attention: family == Family::Sd2,
@@ -522,6 +504,70 @@ pub fn infer_unet_config(file: &SafetensorsFile, family: Family) -> Result<UNet2
         projection_class_embeddings_input_dim: addition,
         ..UNet2DConditionConfig::default()
     })
+}
+
+/// Transformer depths from the count of `transformer_blocks.N` in each attention of `input_blocks`,
+/// `middle_block` and `output_blocks` (stages with attention given by `cross`, `layers` per down stage):
+/// one value when every layer agrees, per block, or per layer of a block (SSD-1B, Segmind-Vega), with
+/// `reverse_transformer_layers_per_block` when the up blocks are not the down blocks' mirror. A last
+/// stage without attention takes the mid block's depth (diffusers' mid block reads the last entry).
+fn infer_transformer_layers(
+    file: &SafetensorsFile,
+    cross: &[bool],
+    layers: usize,
+) -> (TransformerLayers, Option<TransformerLayers>) {
+    // A stage's attention may hold no transformer block at all (a depth of 0).
+    let depth =
+        |block: &str| count_children(file, &format!("{UNET_PREFIX}{block}.1.transformer_blocks."));
+    let stages = cross.len();
+    let mid = depth("middle_block");
+    let down: Vec<Vec<usize>> = (0..stages)
+        .map(|i| {
+            (0..layers)
+                .map(|j| match cross[i] {
+                    true => depth(&format!("input_blocks.{}", 1 + i * (layers + 1) + j)),
+                    false if i + 1 == stages => mid,
+                    false => 1,
+                })
+                .collect()
+        })
+        .collect();
+    let up: Vec<Vec<usize>> = (0..stages)
+        .map(|u| {
+            let r = stages - 1 - u;
+            (0..layers + 1)
+                .map(|j| match cross[r] {
+                    true => depth(&format!("output_blocks.{}", u * (layers + 1) + j)),
+                    false => down[r][0],
+                })
+                .collect()
+        })
+        .collect();
+    let compact = |v: &[Vec<usize>]| -> Vec<OneOrMany<usize>> {
+        v.iter()
+            .map(|b| match b.iter().all(|&x| x == b[0]) {
+                true => OneOrMany::One(b[0]),
+                false => OneOrMany::Many(b.clone()),
+            })
+            .collect()
+    };
+    let per_block = compact(&down);
+    let uniform: Option<Vec<usize>> = per_block
+        .iter()
+        .map(|b| match b {
+            OneOrMany::One(v) => Some(*v),
+            OneOrMany::Many(_) => None,
+        })
+        .collect();
+    let mirrored = uniform
+        .as_ref()
+        .is_some_and(|u| (0..stages).all(|i| up[i].iter().all(|&d| d == u[stages - 1 - i])));
+    let forward = match &uniform {
+        Some(u) if u.iter().all(|&x| x == u[0]) => TransformerLayers::All(u[0]),
+        _ => TransformerLayers::PerBlock(per_block),
+    };
+    let reverse = (!mirrored).then(|| TransformerLayers::PerBlock(compact(&up)));
+    (forward, reverse)
 }
 
 /// Maps the UNet of an LDM checkpoint (under `prefix`) to diffusers' names, per [`unet_module_map`].

@@ -101,12 +101,12 @@ impl StageConfig {
     }
 }
 
-/// The cross-attention of a stage: heads, context width, transformer depth.
-#[derive(Debug, Clone, Copy)]
+/// The cross-attention of a stage: heads, context width, transformer depth of each layer.
+#[derive(Debug, Clone)]
 pub struct AttnConfig {
     pub heads: usize,
     pub cross_attention_dim: usize,
-    pub transformer_layers: usize,
+    pub transformer_layers: Vec<usize>,
 }
 
 fn transformers(
@@ -122,7 +122,7 @@ fn transformers(
             .map(|i| {
                 Transformer2DModel::new(
                     &w.pp("attentions").pp(i),
-                    &s.transformer(channels, a, a.transformer_layers),
+                    &s.transformer(channels, a, a.transformer_layers[i]),
                 )
             })
             .collect(),

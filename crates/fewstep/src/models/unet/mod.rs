@@ -144,12 +144,6 @@ fn validate(c: &UNet2DConditionConfig) -> Result<()> {
         ("encoder_hid_dim_type", c.encoder_hid_dim_type.is_some()),
         ("time_embedding_act_fn", c.time_embedding_act_fn.is_some()),
         ("cross_attention_norm", c.cross_attention_norm.is_some()),
-        (
-            "reverse_transformer_layers_per_block",
-            c.reverse_transformer_layers_per_block
-                .as_ref()
-                .is_some_and(|v| !v.is_null()),
-        ),
         ("dual_cross_attention", c.dual_cross_attention),
         ("class_embeddings_concat", c.class_embeddings_concat),
     ];
@@ -172,6 +166,23 @@ fn validate(c: &UNet2DConditionConfig) -> Result<()> {
                     "must be set with addition_embed_type \"text_time\"",
                 ));
             }
+        }
+    }
+    if c.transformer_layers_per_block.is_per_layer() {
+        match &c.reverse_transformer_layers_per_block {
+            None => {
+                return Err(unsupported(
+                    "reverse_transformer_layers_per_block",
+                    "must be given when transformer_layers_per_block has per-layer lists (an asymmetric UNet)",
+                ))
+            }
+            Some(r) if r.per_block_len() != Some(n) => {
+                return Err(unsupported(
+                    "reverse_transformer_layers_per_block",
+                    format!("needs one entry per up block ({n})"),
+                ))
+            }
+            Some(_) => {}
         }
     }
     if c.time_embedding_type != "positional" {
@@ -235,10 +246,11 @@ impl UNet2DConditionModel {
             use_linear_projection: c.use_linear_projection,
             upcast_attention: c.upcast_attention,
         };
-        let attn_cfg = |i: usize| AttnConfig {
+        // Stage `i`'s attention with per-layer transformer depths `depth(j)` for its `layers` layers.
+        let attn_cfg = |i: usize, layers: usize, depth: &dyn Fn(usize) -> usize| AttnConfig {
             heads: c.heads(i),
             cross_attention_dim: c.cross_attention_dim.get(i),
-            transformer_layers: c.transformer_layers_per_block.get(i),
+            transformer_layers: (0..layers).map(depth).collect(),
         };
 
         let conv_in = conv2d(
@@ -279,12 +291,13 @@ impl UNet2DConditionModel {
         for (i, kind) in c.down_block_types.iter().enumerate() {
             let in_ch = out_ch;
             out_ch = ch[i];
-            let attn = attn_cfg(i);
+            let layers = c.layers_per_block.get(i);
+            let attn = attn_cfg(i, layers, &|j| c.down_transformer_layers(i, j));
             down_blocks.push(DownBlock::new(
                 &w.pp("down_blocks").pp(i),
                 &stage,
                 (kind == "CrossAttnDownBlock2D").then_some(&attn),
-                c.layers_per_block.get(i),
+                layers,
                 in_ch,
                 out_ch,
                 i + 1 < n,
@@ -296,7 +309,7 @@ impl UNet2DConditionModel {
             Some(_) => Some(MidBlockCrossAttn::new(
                 &w.pp("mid_block"),
                 &stage,
-                &attn_cfg(n - 1),
+                &attn_cfg(n - 1, 1, &|_| c.down_transformer_layers(n - 1, 0)),
                 ch[n - 1],
                 c.mid_block_scale_factor,
             )?),
@@ -310,12 +323,13 @@ impl UNet2DConditionModel {
             let prev_out = out_ch;
             out_ch = ch[r];
             let in_ch = ch[r.saturating_sub(1)];
-            let attn = attn_cfg(r);
+            let layers = c.layers_per_block.get(r) + 1;
+            let attn = attn_cfg(r, layers, &|j| c.up_transformer_layers(i, j));
             up_blocks.push(UpBlock::new(
                 &w.pp("up_blocks").pp(i),
                 &stage,
                 (kind == "CrossAttnUpBlock2D").then_some(&attn),
-                c.layers_per_block.get(r) + 1,
+                layers,
                 in_ch,
                 prev_out,
                 out_ch,
