@@ -4,10 +4,11 @@
     python tools/reference/bench_torch.py MODEL_DIR [--taesd DIR] [--size 256 --size 512]
         [--dtype f32 --dtype bf16] [--repeats 3] [--threads 2] [--output torch.json]
 
-Stages (batch 1, prompt "a photograph of an astronaut riding a horse"): text (CLIPTextModel on one prompt),
-unet (one UNet2DConditionModel call at t = 999), vae (AutoencoderKL.decode of one latent), taesd
-(AutoencoderTiny.decode), image (LatentConsistencyModel-style LCM 4 steps, guidance 1: StableDiffusionPipeline
-with LCMScheduler, guidance_scale 1 so no unconditional pass, VAE decode), image-taesd (the same with the
+Stages (batch 1, prompt "a photograph of an astronaut riding a horse"): text (CLIPTextModel on one prompt; for
+an SDXL folder `encode_prompt`, both encoders), unet (one UNet2DConditionModel call at t = 999; SDXL with its
+text_embeds and time_ids), vae (AutoencoderKL.decode of one latent), taesd (AutoencoderTiny.decode), image
+(LatentConsistencyModel-style LCM 4 steps, guidance 1: the folder's StableDiffusionPipeline or
+StableDiffusionXLPipeline with LCMScheduler, guidance_scale 1 so no unconditional pass, VAE decode), image-taesd (the same with the
 TAESD as the pipeline's vae). Each: one warm-up run (counted by torch.utils.flop_counter), then `repeats` timed
 runs, median; the peak resident memory of the process during the timed runs (Linux clear_refs/VmHWM, the
 same reading as fewstep's). Output: the JSON schema of `fewstep bench --output`.
@@ -16,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -71,7 +73,12 @@ def main():
     dtypes = a.dtype or ["f32", "bf16"]
     stages = a.stage or (["text", "unet", "vae", "image"] + (["taesd", "image-taesd"] if a.taesd else []))
 
-    from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
+    import diffusers
+    from diffusers import AutoencoderTiny, LCMScheduler
+
+    cls_name = json.loads((Path(a.model) / "model_index.json").read_text())["_class_name"]
+    xl = "XL" in cls_name
+    extra = {} if xl else dict(safety_checker=None, requires_safety_checker=False)
 
     report = {"model": a.model, "threads": a.threads, "cpu": f"torch {torch.__version__} "
               f"({torch.backends.cpu.get_cpu_capability()})", "matmul": [], "stages": []}
@@ -91,15 +98,25 @@ def main():
                 peak = r["gflop_per_s"]
     for d in dtypes:
         dt = DTYPES[d]
-        pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=dt, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = getattr(diffusers, cls_name).from_pretrained(a.model, torch_dtype=dt, **extra)
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         tiny = AutoencoderTiny.from_pretrained(a.taesd, torch_dtype=dt).eval() if a.taesd else None
         ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
         with torch.inference_mode():
-            context = pipe.text_encoder(ids)[0]
+            if xl:
+                def encode():
+                    return pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+                context, _, pooled, _ = encode()
+            else:
+                def encode():
+                    return pipe.text_encoder(ids)
+                context, pooled = encode()[0], None
             for size in sizes:
+                # SDXL's micro-conditioning: (original size, crop top-left, target size)
+                added = ({"text_embeds": pooled, "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=dt)}
+                         if xl else None)
                 lat = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(dt)
                 t = torch.tensor(999)
 
@@ -115,8 +132,8 @@ def main():
                     return run
 
                 fns = {
-                    "text": lambda: pipe.text_encoder(ids),
-                    "unet": lambda: pipe.unet(lat, t, encoder_hidden_states=context),
+                    "text": encode,
+                    "unet": lambda: pipe.unet(lat, t, encoder_hidden_states=context, added_cond_kwargs=added),
                     "vae": lambda: pipe.vae.decode(lat / pipe.vae.config.scaling_factor),
                     "taesd": (lambda: tiny.decode(lat)) if tiny is not None else None,
                     "image": image(pipe.vae),

@@ -18,7 +18,7 @@ ASSUMPTION: the alpha value of the published file is not known here; every modul
 (tests/fixtures/README.md).
 Values: down ~ N(0,1)/sqrt(fan_in), up ~ N(0,1)/sqrt(rank) (so with scale 0.125 the delta is ~1/8 of a typical
 weight), drawn in sorted module order from torch.Generator().manual_seed(seed), stored as f16.
-Check it against a model with tools/reference/parity_sd15.py MODELDIR OUT --lora FILE (diffusers' load_lora_weights
+Check it against a model with tools/reference/parity.py MODELDIR OUT --lora FILE (diffusers' load_lora_weights
 raises on a target module it cannot find and the script fails on any load warning).
 """
 

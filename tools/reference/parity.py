@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Reference image for a full-size parity check (e.g. the folder of make_sd15_random.py, or real SD1.5).
+"""Reference image for a full-size parity check (the folder of make_sd15_random.py or make_sdxl_random.py, or a
+real SD1.5 / SDXL folder).
 
     python tools/reference/parity_sd15.py MODELDIR OUT.safetensors [--steps 4] [--size 256] [--seed 0]
                                           [--lora FILE [--lora-scale 1.0]]
 
-StableDiffusionPipeline (fp32, CPU) with LCMScheduler.from_config(pipe.scheduler.config), guidance 1.0,
+The folder's pipeline class (StableDiffusionPipeline or StableDiffusionXLPipeline, from model_index.json; fp32,
+CPU) with LCMScheduler.from_config(pipe.scheduler.config), guidance 1.0,
 generator torch.Generator("cpu").manual_seed(seed), prompt below, output_type "np".
 Writes OUT.safetensors with
   "image"   f32 [1, size, size, 3] in [0, 1] (NHWC)
-  "latents" f32 [1, 4, size/8, size/8] the latents after the last step (what is decoded, before / 0.18215)
+  "latents" f32 [1, 4, size/8, size/8] the latents after the last step (what is decoded, before / scaling_factor)
 and OUT.json with the settings.
 --lora: after loading, `pipe.load_lora_weights(FILE, adapter_name="lora")` then `pipe.fuse_lora(lora_scale=S)`
 (fused into the UNet and, if the LoRA has text-encoder keys, the text encoder); the wall time of these two calls is
@@ -45,11 +47,14 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    import diffusers
+    from diffusers import LCMScheduler
     from safetensors.torch import save_file
 
-    pipe = StableDiffusionPipeline.from_pretrained(a.modeldir, dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    cls_name = json.loads((Path(a.modeldir) / "model_index.json").read_text())["_class_name"]
+    cls = getattr(diffusers, cls_name)
+    extra = {} if "XL" in cls_name else dict(safety_checker=None, requires_safety_checker=False)
+    pipe = cls.from_pretrained(a.modeldir, dtype=torch.float32, **extra)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     lora_meta = None
@@ -79,10 +84,11 @@ def main():
         logs += [f"warning: {w.message}" for w in wl]
         from peft.tuners.lora import LoraLayer
 
-        counts = {c: sum(isinstance(m, LoraLayer) for m in getattr(pipe, c).modules())
-                  for c in ("unet", "text_encoder")}
-        # diffusers' "No LoRA keys associated to CLIPTextModel" is expected for a UNet-only LoRA
-        bad = [m for m in logs if not (counts["text_encoder"] == 0 and "No LoRA keys associated to CLIPTextModel" in m)]
+        comps = [c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+        counts = {c: sum(isinstance(m, LoraLayer) for m in getattr(pipe, c).modules()) for c in comps}
+        # diffusers' "No LoRA keys associated to CLIPTextModel…" is expected for a UNet-only LoRA
+        te_counts = sum(v for c, v in counts.items() if c != "unet")
+        bad = [m for m in logs if not (te_counts == 0 and "No LoRA keys associated to CLIPTextModel" in m)]
         if bad:
             sys.exit(f"LoRA load warnings: {bad}")
         lora_meta = {"file": str(a.lora), "lora_scale": a.lora_scale, "modules_touched": counts,
@@ -105,7 +111,7 @@ def main():
     out = Path(a.out)
     save_file({"image": torch.from_numpy(np.asarray(img)).float().contiguous(),
                "latents": last["latents"].float().contiguous()}, str(out))
-    meta = {"model": str(a.modeldir), "pipeline": "StableDiffusionPipeline", "scheduler": "LCMScheduler.from_config",
+    meta = {"model": str(a.modeldir), "pipeline": cls_name, "scheduler": "LCMScheduler.from_config",
             "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items()
                                  if isinstance(v, (int, float, str, bool, list, type(None)))},
             "prompt": PROMPT, "negative_prompt": None, "num_inference_steps": a.steps,
