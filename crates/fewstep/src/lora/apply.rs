@@ -1,5 +1,6 @@
 //! Applying LoRAs to a model's parts: [`fuse`] writes `W' = W + Σᵢ wᵢ · scaleᵢ · upᵢ · downᵢ` into new
-//! weight views (computed in f32, stored in the view's dtype), [`runtime`] attaches the same updates as
+//! weight views (computed in f32 — on the CPU accumulated into the weight's own copy by one GEMM —, stored in
+//! the view's dtype), [`runtime`] attaches the same updates as
 //! branches that the layers compute beside their weight. Either way the original [`ModelParts`] are left
 //! untouched: they are the un-fused model, bit for bit.
 //!
@@ -233,10 +234,10 @@ fn place<'a>(
     Ok((placed, report))
 }
 
-/// `(Σ up·s) · down` of the modules on one weight as ONE matrix product: the ups (scaled) side by side,
-/// the downs stacked, `[out, Σr] · [Σr, in·kh·kw]`, in f32 and reshaped to `shape`.
-fn delta(mods: &[(&LoraModule, f64)], shape: &[usize]) -> Result<Tensor> {
-    let out = shape[0];
+/// The modules on one weight as two factors of ONE matrix product: the ups (each scaled by its effective
+/// scale) side by side and the downs stacked, `U = [s₁up₁ … sₖupₖ]: [out, Σr]`,
+/// `D = [down₁; …; downₖ]: [Σr, in·kh·kw]`, so that `Σᵢ sᵢ·upᵢ·downᵢ = U·D`.
+fn factors(mods: &[(&LoraModule, f64)], out: usize) -> Result<(Tensor, Tensor)> {
     let mut ups = Vec::with_capacity(mods.len());
     let mut downs = Vec::with_capacity(mods.len());
     for (m, s) in mods {
@@ -244,15 +245,94 @@ fn delta(mods: &[(&LoraModule, f64)], shape: &[usize]) -> Result<Tensor> {
         ups.push((m.up.reshape((out, r))? * *s)?);
         downs.push(m.down.reshape((r, ()))?);
     }
-    let (up, down) = if mods.len() == 1 {
-        (
-            ups.pop().unwrap_or_else(|| unreachable!()),
-            downs.pop().unwrap_or_else(|| unreachable!()),
-        )
+    Ok((Tensor::cat(&ups, 1)?.contiguous()?, Tensor::cat(&downs, 0)?.contiguous()?))
+}
+
+/// `W ← W + U·D` in place on f32 CPU storage: one GEMM that accumulates into the weight (β = 1) on all
+/// threads, so the update is never held as a separate tensor.
+struct AddProduct;
+
+impl candle_core::InplaceOp3 for AddProduct {
+    fn name(&self) -> &'static str {
+        "lora-add-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        w: &mut candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+        u: &candle_core::CpuStorage,
+        lu: &candle_core::Layout,
+        d: &candle_core::CpuStorage,
+        ld: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage::F32;
+        let (F32(w), F32(u), F32(d)) = (w, u, d) else {
+            candle_core::bail!("lora-add-product: f32 tensors expected")
+        };
+        let (Some((w0, w1)), Some((u0, u1)), Some((d0, d1))) = (
+            lw.contiguous_offsets(),
+            lu.contiguous_offsets(),
+            ld.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("lora-add-product: contiguous tensors expected")
+        };
+        let (out, r) = lu.shape().dims2()?;
+        let (r2, k) = ld.shape().dims2()?;
+        if r != r2 || w1 - w0 != out * k {
+            candle_core::bail!(
+                "lora-add-product: [{out}, {r}]·[{r2}, {k}] does not fit a weight of {} values",
+                w1 - w0
+            )
+        }
+        let (w, u, d) = (&mut w[w0..w1], &u[u0..u1], &d[d0..d1]);
+        // SAFETY: w holds out·k, u out·r and d r·k elements, row-major with the strides given.
+        unsafe {
+            gemm::gemm(
+                out,
+                k,
+                r,
+                w.as_mut_ptr(),
+                1,
+                k as isize,
+                true,
+                u.as_ptr(),
+                1,
+                r as isize,
+                d.as_ptr(),
+                1,
+                k as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            )
+        }
+        Ok(())
+    }
+}
+
+/// `W + Σᵢ sᵢ·upᵢ·downᵢ` for `base: W` (f32, a tensor of its own unless `shared`), reshaped to `shape`:
+/// accumulated into `W`'s own memory on the CPU ([`AddProduct`]), as `W + U·D` elsewhere.
+fn add_update(
+    base: Tensor,
+    shared: bool,
+    mods: &[(&LoraModule, f64)],
+    shape: &[usize],
+) -> Result<Tensor> {
+    let (up, down) = factors(mods, shape[0])?;
+    if !base.device().is_cpu() {
+        return Ok((base + up.matmul(&down)?.reshape(shape)?)?);
+    }
+    let w = if shared || !base.is_contiguous() {
+        base.copy()?.contiguous()?
     } else {
-        (Tensor::cat(&ups, 1)?, Tensor::cat(&downs, 0)?)
+        base
     };
-    Ok(up.matmul(&down)?.reshape(shape)?)
+    w.inplace_op3(&up, &down, &AddProduct)?;
+    Ok(w.reshape(shape)?)
 }
 
 /// Per (target, weight key): the weight's shape and the modules on it with their effective scales.
@@ -299,8 +379,8 @@ pub fn fuse(parts: &ModelParts, loras: &[(LoraFile, f64)]) -> Result<(ModelParts
                 continue;
             }
             let base = f32_view.get_any_shape(key)?;
-            let d = delta(mods, shape)?;
-            overrides.insert(key.clone(), (base + d)?.to_dtype(w.dtype())?);
+            let fused = add_update(base, w.is_computed(key), mods, shape)?;
+            overrides.insert(key.clone(), fused.to_dtype(w.dtype())?);
         }
         Ok(if overrides.is_empty() {
             w.clone()

@@ -227,6 +227,15 @@ impl Weights {
         self.store.index.contains_key(&self.key(name))
     }
 
+    /// Whether `name` is a tensor computed at load time (a fused weight, a training parameter) rather than
+    /// read from a file: loading it returns the same memory each time.
+    pub fn is_computed(&self, name: &str) -> bool {
+        matches!(
+            self.store.index.get(&self.key(name)),
+            Some(TensorSource::Owned(_))
+        )
+    }
+
     /// All full keys of the view (whatever its prefix).
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.store.index.keys()
