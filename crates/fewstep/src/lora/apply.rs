@@ -245,11 +245,14 @@ fn factors(mods: &[(&LoraModule, f64)], out: usize) -> Result<(Tensor, Tensor)> 
         ups.push((m.up.reshape((out, r))? * *s)?);
         downs.push(m.down.reshape((r, ()))?);
     }
-    Ok((Tensor::cat(&ups, 1)?.contiguous()?, Tensor::cat(&downs, 0)?.contiguous()?))
+    Ok((
+        Tensor::cat(&ups, 1)?.contiguous()?,
+        Tensor::cat(&downs, 0)?.contiguous()?,
+    ))
 }
 
-/// `W ← W + U·D` in place on f32 CPU storage: one GEMM that accumulates into the weight (β = 1) on all
-/// threads, so the update is never held as a separate tensor.
+/// `W ← W + U·D` in place on f32 CPU storage: one GEMM that accumulates into the weight (β = 1) on the
+/// calling thread ([`fuse`] runs layers in parallel), so the update is never held as a separate tensor.
 struct AddProduct;
 
 impl candle_core::InplaceOp3 for AddProduct {
@@ -307,7 +310,7 @@ impl candle_core::InplaceOp3 for AddProduct {
                 false,
                 false,
                 false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                gemm::Parallelism::None,
             )
         }
         Ok(())
@@ -372,16 +375,19 @@ pub fn fuse(parts: &ModelParts, loras: &[(LoraFile, f64)]) -> Result<(ModelParts
     let (placed, report) = place(parts, loras)?;
     let layers = by_layer(&placed, loras);
     let fused = with_views(parts, |target, w| {
+        use rayon::prelude::*;
         let f32_view = w.with_dtype(DType::F32);
-        let mut overrides = HashMap::new();
-        for ((t, key), (shape, mods)) in &layers {
-            if *t != target {
-                continue;
-            }
-            let base = f32_view.get_any_shape(key)?;
-            let fused = add_update(base, w.is_computed(key), mods, shape)?;
-            overrides.insert(key.clone(), fused.to_dtype(w.dtype())?);
-        }
+        // Layers in parallel, each read, updated and cast on one thread: the file reads and page
+        // faults of one layer overlap another's product.
+        let overrides = layers
+            .par_iter()
+            .filter(|((t, _), _)| *t == target)
+            .map(|((_, key), (shape, mods))| {
+                let base = f32_view.get_any_shape(key)?;
+                let fused = add_update(base, w.is_computed(key), mods, shape)?;
+                Ok((key.clone(), fused.to_dtype(w.dtype())?))
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
         Ok(if overrides.is_empty() {
             w.clone()
         } else {
