@@ -10,12 +10,16 @@ use common::copy_dir;
 
 const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd");
 
-/// A copy of the tiny SD model in a temporary folder, to be damaged by a test.
-fn tiny_copy() -> (tempfile::TempDir, PathBuf) {
+/// A copy of the model folder `src` in a temporary folder, to be damaged by a test.
+fn copy_of(src: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("model");
-    copy_dir(Path::new(TINY), &dst);
+    copy_dir(Path::new(src), &dst);
     (tmp, dst)
+}
+
+fn tiny_copy() -> (tempfile::TempDir, PathBuf) {
+    copy_of(TINY)
 }
 
 /// Runs `fewstep generate` with `args` on `model`, expects failure, and returns the error line.
@@ -174,10 +178,7 @@ const TINY_XL: &str = concat!(
 );
 
 fn xl_copy() -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dst = tmp.path().join("xl");
-    copy_dir(Path::new(TINY_XL), &dst);
-    (tmp, dst)
+    copy_of(TINY_XL)
 }
 
 #[test]

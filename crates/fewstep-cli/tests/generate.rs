@@ -320,10 +320,12 @@ fn vae_tiling_engages_above_one_tile() {
     assert!(common::max_image_difference(&run("128", false), &run("128", true)) > 0);
 }
 
-/// The 8-bit picture at `path` against a diffusers NHWC float image: the largest difference in 1/255.
-fn max_diff_to_reference(path: &std::path::Path, want: &candle_core::Tensor) -> f32 {
+/// The 8-bit picture at `path` against diffusers' NHWC float image `key` of `tests/fixtures/{file}`: the
+/// largest difference in 1/255.
+fn max_diff_to_reference(path: &std::path::Path, file: &str, key: &str) -> f32 {
+    let refs = candle_core::safetensors::load(format!("{FIXTURES}/{file}"), &Device::Cpu).unwrap();
     let img = read_png(path).unwrap();
-    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = refs[key].flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(img.data.len(), want.len());
     img.data
         .iter()
@@ -332,35 +334,32 @@ fn max_diff_to_reference(path: &std::path::Path, want: &candle_core::Tensor) -> 
         .fold(0f32, f32::max)
 }
 
-#[test]
-fn sdxl_with_both_encoders_lora_matches_diffusers() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("xl.png");
+/// `fewstep generate` on tiny-sdxl with `args`, into `dir/xl.png`: the picture's path and stderr.
+fn generate_tiny_sdxl(dir: &std::path::Path, args: &[&str]) -> (std::path::PathBuf, String) {
+    let out = dir.join("xl.png");
     let res = Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args([
-            "generate",
-            "a red circle on a blue background",
-            "--seed",
-            "0",
-        ])
+        .args(["generate", "a red circle on a blue background"])
         .args(["--model", &format!("{FIXTURES}/tiny-sdxl")])
-        .args(["--lora", &format!("{FIXTURES}/sdxl/lora_xl.safetensors")])
+        .args(args)
         .arg("--output")
         .arg(&out)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&res.stderr);
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
     assert!(res.status.success(), "{stderr}");
+    (out, stderr)
+}
+
+#[test]
+fn sdxl_with_both_encoders_lora_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = format!("{FIXTURES}/sdxl/lora_xl.safetensors");
+    let (out, stderr) = generate_tiny_sdxl(dir.path(), &["--seed", "0", "--lora", &lora]);
     assert!(
         stderr.contains("257 UNet and 12 text-encoder and 18 second-text-encoder modules"),
         "{stderr}"
     );
-    let refs = candle_core::safetensors::load(
-        format!("{FIXTURES}/sdxl/lora_reference.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let max = max_diff_to_reference(&out, &refs["lora_xl.fused"]);
+    let max = max_diff_to_reference(&out, "sdxl/lora_reference.safetensors", "lora_xl.fused");
     assert!(max <= 1.0, "max |diff| {max}/255 against diffusers");
 }
 
@@ -368,31 +367,9 @@ fn sdxl_with_both_encoders_lora_matches_diffusers() {
 fn sdxl_euler_with_default_guidance_and_zero_negative() {
     // SDXL's default guidance (5) and no negative prompt: diffusers' force_zeros_for_empty_prompt picture.
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("euler.png");
-    let res = Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args([
-            "generate",
-            "a red circle on a blue background",
-            "--seed",
-            "4",
-        ])
-        .args(["--model", &format!("{FIXTURES}/tiny-sdxl")])
-        .args(["--scheduler", "euler", "--steps", "6"])
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    let refs = candle_core::safetensors::load(
-        format!("{FIXTURES}/sdxl/pipelines.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let max = max_diff_to_reference(&out, &refs["sdxl_euler_zeros"]);
+    let args = ["--seed", "4", "--scheduler", "euler", "--steps", "6"];
+    let (out, _) = generate_tiny_sdxl(dir.path(), &args);
+    let max = max_diff_to_reference(&out, "sdxl/pipelines.safetensors", "sdxl_euler_zeros");
     assert!(max <= 1.0, "max |diff| {max}/255 against diffusers");
     let params = read_parameters(&out).unwrap().unwrap();
     assert!(params.contains("CFG scale: 5"), "{params}");

@@ -1,6 +1,8 @@
 //! Whole pipelines against diffusers 0.42.1 (`tests/fixtures/reference/pipelines.*`): images within a mean
 //! absolute difference of 0.5/255 and a maximum of 3/255 per pixel.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -40,13 +42,7 @@ fn check_case(name: &str) {
         case["prompt"].as_str().unwrap(),
         case["seed"].as_u64().unwrap(),
     );
-    req.scheduler = match case["scheduler"].as_str().unwrap() {
-        "LCMScheduler" => SchedulerKind::Lcm,
-        "DDIMScheduler" => SchedulerKind::Ddim,
-        "EulerDiscreteScheduler" => SchedulerKind::Euler,
-        "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverPlusPlus,
-        other => panic!("unknown scheduler {other}"),
-    };
+    req.scheduler = common::scheduler_kind(case["scheduler"].as_str().unwrap());
     req.negative_prompt = case["negative_prompt"].as_str().unwrap_or("").to_string();
     req.guidance = case["guidance_scale"].as_f64().unwrap();
     req.width = case["width"].as_u64().unwrap() as usize;

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, image_diff, rel_err, PROMPT};
+use common::{assert_image_close, fixture, image_diff, rel_err, scheduler_kind, PROMPT};
 use fewstep::config::{load_json, ClipTextConfig, UNet2DConditionConfig};
 use fewstep::image::tensor_to_float_images;
 use fewstep::lora::{apply, LoraFile};
@@ -233,25 +233,13 @@ fn image(model: &StableDiffusion, req: &Request) -> Tensor {
     Tensor::from_vec(img, (b, h, w, 3), &Device::Cpu).unwrap()
 }
 
-fn check_image(name: &str, got: &Tensor, want: &Tensor) {
-    let (mean, max) = image_diff(got, want);
-    println!("{name}: mean |diff| {mean:.4}/255, max {max:.4}/255");
-    assert!(mean <= 0.5, "{name}: mean |diff| {mean}/255 > 0.5/255");
-    assert!(max <= 3.0, "{name}: max |diff| {max}/255 > 3/255");
-}
-
 fn request_of(model: &StableDiffusion, case: &Value) -> Request {
     let kw = &case["call_kwargs"];
     let mut req = model.request(
         kw["prompt"].as_str().unwrap(),
         case["seed"].as_u64().unwrap(),
     );
-    req.scheduler = match case["scheduler"].as_str().unwrap() {
-        "LCMScheduler" => SchedulerKind::Lcm,
-        "DDIMScheduler" => SchedulerKind::Ddim,
-        "EulerDiscreteScheduler" => SchedulerKind::Euler,
-        other => panic!("unknown scheduler {other}"),
-    };
+    req.scheduler = scheduler_kind(case["scheduler"].as_str().unwrap());
     req.steps = kw["num_inference_steps"].as_u64().unwrap() as usize;
     req.guidance = kw["guidance_scale"].as_f64().unwrap();
     req.negative_prompt = kw["negative_prompt"].as_str().unwrap_or("").to_string();
@@ -278,7 +266,7 @@ fn check_pipeline(name: &str) {
     )
     .unwrap();
     let req = request_of(&model, case);
-    check_image(name, &image(&model, &req), &refs("pipelines")[name]);
+    assert_image_close(name, &image(&model, &req), &refs("pipelines")[name]);
 }
 
 #[test]
@@ -344,14 +332,14 @@ fn sdxl_lora_with_both_text_encoders_matches_diffusers() {
         (257, 12, 18)
     );
     let model = StableDiffusion::from_parts(&fused, &Device::Cpu).unwrap();
-    check_image(
+    assert_image_close(
         "lora_xl fused",
         &image(&model, &lcm4_request(&model)),
         &r["lora_xl.fused"],
     );
     let (runtime, _) = apply::runtime(&parts, &loras).unwrap();
     let model = StableDiffusion::from_parts(&runtime, &Device::Cpu).unwrap();
-    check_image(
+    assert_image_close(
         "lora_xl runtime",
         &image(&model, &lcm4_request(&model)),
         &r["lora_xl"],
@@ -364,7 +352,7 @@ fn two_sdxl_loras_with_weights_match_set_adapters() {
     let loras = [(lora("lora_xl"), 1.0), (lora("lora_xl_te"), 0.8)];
     let (fused, _) = apply::fuse(&xl_parts(), &loras).unwrap();
     let model = StableDiffusion::from_parts(&fused, &Device::Cpu).unwrap();
-    check_image(
+    assert_image_close(
         "lora_xl+te0.8",
         &image(&model, &lcm4_request(&model)),
         &r["lora_xl+te0.8"],

@@ -37,12 +37,7 @@ fn reference(name: &str) -> Tensor {
     refs[name].clone()
 }
 
-fn assert_close(name: &str, ours: &Tensor, want: &Tensor) {
-    let (mean, max) = common::image_diff(ours, want);
-    println!("{name}: mean |diff| {mean:.4}/255, max {max:.4}/255");
-    assert!(mean <= 0.5, "{name}: mean |diff| {mean}/255 > 0.5/255");
-    assert!(max <= 3.0, "{name}: max |diff| {max}/255 > 3/255");
-}
+use common::assert_image_close as assert_close;
 
 #[test]
 fn detects_families() {

@@ -77,3 +77,24 @@ pub fn image_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
     let max = d.max_all().unwrap().to_scalar::<f32>().unwrap();
     (mean, max)
 }
+
+/// Asserts the foundation's image tolerance (NHWC in [0, 1]): mean |diff| ≤ 0.5/255, max ≤ 3/255.
+pub fn assert_image_close(name: &str, ours: &Tensor, want: &Tensor) {
+    let (mean, max) = image_diff(ours, want);
+    println!("{name}: mean |diff| {mean:.4}/255, max {max:.4}/255");
+    assert!(mean <= 0.5, "{name}: mean |diff| {mean}/255 > 0.5/255");
+    assert!(max <= 3.0, "{name}: max |diff| {max}/255 > 3/255");
+}
+
+/// The sampler of a diffusers scheduler class name (`LCMScheduler`, …).
+pub fn scheduler_kind(class: &str) -> SchedulerKind {
+    [
+        SchedulerKind::Lcm,
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::DpmSolverPlusPlus,
+    ]
+    .into_iter()
+    .find(|k| k.class_name() == class)
+    .unwrap_or_else(|| panic!("unknown scheduler {class}"))
+}
