@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_image_close, fixture, image_diff, rel_err, scheduler_kind, PROMPT};
+use common::{assert_image_close, fixture, image_diff, lcm4, rel_err, scheduler_kind, PROMPT};
 use fewstep::config::{load_json, ClipTextConfig, UNet2DConditionConfig};
 use fewstep::image::tensor_to_float_images;
 use fewstep::lora::{apply, LoraFile};
@@ -331,19 +331,9 @@ fn sdxl_lora_with_both_text_encoders_matches_diffusers() {
         (rep.unet, rep.text_encoder, rep.text_encoder_2),
         (257, 12, 18)
     );
-    let model = StableDiffusion::from_parts(&fused, &Device::Cpu).unwrap();
-    assert_image_close(
-        "lora_xl fused",
-        &image(&model, &lcm4_request(&model)),
-        &r["lora_xl.fused"],
-    );
+    assert_image_close("lora_xl fused", &lcm4(&fused), &r["lora_xl.fused"]);
     let (runtime, _) = apply::runtime(&parts, &loras).unwrap();
-    let model = StableDiffusion::from_parts(&runtime, &Device::Cpu).unwrap();
-    assert_image_close(
-        "lora_xl runtime",
-        &image(&model, &lcm4_request(&model)),
-        &r["lora_xl"],
-    );
+    assert_image_close("lora_xl runtime", &lcm4(&runtime), &r["lora_xl"]);
 }
 
 #[test]
@@ -351,12 +341,7 @@ fn two_sdxl_loras_with_weights_match_set_adapters() {
     let r = refs("lora_reference");
     let loras = [(lora("lora_xl"), 1.0), (lora("lora_xl_te"), 0.8)];
     let (fused, _) = apply::fuse(&xl_parts(), &loras).unwrap();
-    let model = StableDiffusion::from_parts(&fused, &Device::Cpu).unwrap();
-    assert_image_close(
-        "lora_xl+te0.8",
-        &image(&model, &lcm4_request(&model)),
-        &r["lora_xl+te0.8"],
-    );
+    assert_image_close("lora_xl+te0.8", &lcm4(&fused), &r["lora_xl+te0.8"]);
 }
 
 #[test]

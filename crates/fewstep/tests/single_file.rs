@@ -39,6 +39,12 @@ fn reference(name: &str) -> Tensor {
 
 use common::assert_image_close as assert_close;
 
+/// The lcm4 picture of the single file's parts equals that of its folder twin.
+fn assert_same_as_folder(img: &Tensor, folder: &ModelParts) {
+    let (mean, max) = common::image_diff(img, &common::lcm4(folder));
+    assert_eq!((mean, max), (0.0, 0.0), "single file vs folder");
+}
+
 #[test]
 fn detects_families() {
     let f = SafetensorsFile::open(sf("tiny-sd")).unwrap();
@@ -76,8 +82,7 @@ fn tiny_sd2_matches_diffusers() {
         &Device::Cpu,
     )
     .unwrap();
-    let (mean, max) = common::image_diff(&img, &common::lcm4(&folder));
-    assert_eq!((mean, max), (0.0, 0.0), "single file vs folder");
+    assert_same_as_folder(&img, &folder);
 }
 
 /// Every tensor the folder's components hold is mapped from the single file, with the same values
@@ -317,8 +322,7 @@ fn tiny_sdxl_single_file_matches_diffusers_and_its_folder() {
         &Device::Cpu,
     )
     .unwrap();
-    let (mean, max) = common::image_diff(&img, &common::lcm4(&folder));
-    assert_eq!((mean, max), (0.0, 0.0), "single file vs folder");
+    assert_same_as_folder(&img, &folder);
 }
 
 #[test]
