@@ -96,6 +96,19 @@ fn encode_prompt_matches_the_sdxl_pipeline() {
     let model = xl();
     assert!(model.is_sdxl() && model.force_zeros_for_empty_prompt);
     assert_eq!(model.native_size(), 64);
+    // Both tokenizers give transformers' ids: the first pads with EOS (49407), the second with "!" (0).
+    let (tokenizer_2, _) = model.text_encoder_2.as_ref().unwrap();
+    for (tok, key) in [
+        (&model.tokenizer, "text.input_ids"),
+        (tokenizer_2, "text_2.input_ids"),
+    ] {
+        let want = ids(&r[key]).to_vec2::<u32>().unwrap();
+        assert_eq!(tok.encode(PROMPT).unwrap(), want[0], "{key}");
+    }
+    assert_eq!(
+        ids(&r["text_2.input_ids"]).to_vec2::<u32>().unwrap()[0][76],
+        0
+    );
     for (i, prompt) in [PROMPT, "a photo of an astronaut riding a horse on mars"]
         .iter()
         .enumerate()
