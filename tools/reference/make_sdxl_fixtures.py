@@ -308,6 +308,26 @@ def make_pipelines():
                       "scheduler": type(pipe.scheduler).__name__, "scheduler_config": mf.sched_config(pipe.scheduler),
                       "seed": seed, "call_kwargs": mf.jsonable(kw), "unet_calls": calls, "n_unet_calls": len(calls)})
         print(f"  {name}: {len(calls)} UNet calls, mean {float(img.mean()):.4f}", flush=True)
+    # SDXL img2img, the LCM-LoRA recipe: StableDiffusionXLImg2ImgPipeline of tiny-sdxl's components with
+    # LCMScheduler, 4 steps at strength 0.5 = 2 UNet calls (499, 259), on reference/init64.png
+    from diffusers import LCMScheduler, StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    base = load_xl(XL)
+    i2i = StableDiffusionXLImg2ImgPipeline(**base.components)
+    i2i.scheduler = LCMScheduler.from_config(base.scheduler.config)
+    i2i.set_progress_bar_config(disable=True)
+    assert i2i.watermark is None
+    init = Image.open(mf.REF / "init64.png").convert("RGB")
+    kw = dict(prompt=PROMPT, image=init, strength=0.5, num_inference_steps=4, guidance_scale=1.0)
+    img, calls, cap = run_xl(i2i, kw, 6)
+    tensors["sdxl_img2img"] = img
+    kw_json = {k: v for k, v in kw.items() if k != "image"}
+    cases.append({"name": "sdxl_img2img", "model": "tiny-sdxl", "pipeline": "StableDiffusionXLImg2ImgPipeline",
+                  "scheduler": "LCMScheduler", "scheduler_config": mf.sched_config(i2i.scheduler), "seed": 6,
+                  "call_kwargs": dict(kw_json, width=64, height=64), "init_image": "reference/init64.png",
+                  "unet_calls": calls, "n_unet_calls": len(calls)})
+    print(f"  sdxl_img2img: {len(calls)} UNet calls at {[c['timestep'] for c in calls]}", flush=True)
     # SD 2.x: v-prediction DDIM with CFG and a negative prompt (the folder's own scheduler)
     sd2 = StableDiffusionPipeline.from_pretrained(str(SD2), dtype=torch.float32)
     assert isinstance(sd2.scheduler, DDIMScheduler) and sd2.scheduler.config.prediction_type == "v_prediction"

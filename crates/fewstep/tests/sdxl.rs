@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_image_close, fixture, image_diff, lcm4, rel_err, scheduler_kind, PROMPT};
 use fewstep::config::{load_json, ClipTextConfig, UNet2DConditionConfig};
-use fewstep::image::tensor_to_float_images;
+use fewstep::image::{read_png, tensor_to_float_images};
 use fewstep::lora::{apply, LoraFile};
 use fewstep::models::clip::ClipTextModel;
 use fewstep::models::unet::{guidance_scale_embedding, TextTimeCond, UNet2DConditionModel};
@@ -259,6 +259,13 @@ fn request_of(model: &StableDiffusion, case: &Value) -> Request {
     req.width = kw["width"].as_u64().unwrap() as usize;
     req.height = kw["height"].as_u64().unwrap() as usize;
     req.num_images = kw["num_images_per_prompt"].as_u64().unwrap_or(1) as usize;
+    if let Some(strength) = kw["strength"].as_f64() {
+        // fewstep's --steps counts UNet calls; the LCM schedule of that many calls at this strength is
+        // the one StableDiffusionXLImg2ImgPipeline runs (499, 259 for 4 steps at 0.5).
+        req.strength = strength;
+        req.steps = case["n_unet_calls"].as_u64().unwrap() as usize;
+        req.init_image = Some(read_png(&fixture(case["init_image"].as_str().unwrap())).unwrap());
+    }
     req
 }
 
@@ -305,6 +312,11 @@ fn sdxl_euler_cfg_zero_negative_matches_diffusers() {
 #[test]
 fn full_lcm_sdxl_matches_diffusers() {
     check_pipeline("sdxl_lcm_full");
+}
+
+#[test]
+fn sdxl_img2img_lcm_lora_recipe_matches_diffusers() {
+    check_pipeline("sdxl_img2img");
 }
 
 #[test]
