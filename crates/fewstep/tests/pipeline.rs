@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Tensor};
 use fewstep::image::{read_png, tensor_to_float_images};
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
-use serde_json::Value;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -18,16 +17,7 @@ fn fixtures() -> PathBuf {
 /// Runs fixture case `name` through our pipeline and compares image and latents with diffusers'.
 fn check_case(name: &str) {
     let root = fixtures();
-    let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("reference/pipelines.json")).unwrap(),
-    )
-    .unwrap();
-    let case = meta["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no fixture case {name}"));
+    let case = &common::fixture_case("reference/pipelines.json", name);
     let refs =
         candle_core::safetensors::load(root.join("reference/pipelines.safetensors"), &Device::Cpu)
             .unwrap();

@@ -147,6 +147,31 @@ fn encode_prompt_matches_the_sdxl_pipeline() {
     }
 }
 
+/// The components fixture's SDXL micro-conditioning (`unet.text_embeds`, `unet.time_ids`).
+fn fixture_added(r: &HashMap<String, Tensor>) -> TextTimeCond {
+    TextTimeCond {
+        text_embeds: r["unet.text_embeds"].clone(),
+        time_ids: r["unet.time_ids"].clone(),
+    }
+}
+
+/// `u` on the components fixture's `unet.sample` and `unet.encoder_hidden_states` at `t`.
+fn run_unet(
+    u: &UNet2DConditionModel,
+    r: &HashMap<String, Tensor>,
+    t: f64,
+    cond: Option<&Tensor>,
+    added: Option<&TextTimeCond>,
+) -> fewstep::Result<Tensor> {
+    u.forward(
+        &r["unet.sample"],
+        t,
+        &r["unet.encoder_hidden_states"],
+        cond,
+        added,
+    )
+}
+
 fn unet(model: &str) -> UNet2DConditionModel {
     let cfg: UNet2DConditionConfig =
         load_json(&fixture(&format!("{model}/unet/config.json"))).unwrap();
@@ -157,35 +182,16 @@ fn unet(model: &str) -> UNet2DConditionModel {
 #[test]
 fn sdxl_unet_with_micro_conditioning_matches_diffusers() {
     let r = refs("components");
-    let added = TextTimeCond {
-        text_embeds: r["unet.text_embeds"].clone(),
-        time_ids: r["unet.time_ids"].clone(),
-    };
+    let added = fixture_added(&r);
     let u = unet("tiny-sdxl");
     assert!(u.has_text_time());
     for (t, key) in [(999.0, "unet.out_t999"), (1.0, "unet.out_t1")] {
-        let out = u
-            .forward(
-                &r["unet.sample"],
-                t,
-                &r["unet.encoder_hidden_states"],
-                None,
-                Some(&added),
-            )
-            .unwrap();
-        assert_rel("tiny-sdxl {key}", &out, &r[key]);
+        let out = run_unet(&u, &r, t, None, Some(&added)).unwrap();
+        assert_rel(&format!("tiny-sdxl {key}"), &out, &r[key]);
     }
     let lcm = unet("tiny-sdxl-lcm");
     let cond = guidance_scale_embedding(&[7.5, 7.5], 32, DType::F32, &Device::Cpu).unwrap();
-    let out = lcm
-        .forward(
-            &r["unet.sample"],
-            999.0,
-            &r["unet.encoder_hidden_states"],
-            Some(&cond),
-            Some(&added),
-        )
-        .unwrap();
+    let out = run_unet(&lcm, &r, 999.0, Some(&cond), Some(&added)).unwrap();
     assert_rel("tiny-sdxl-lcm out_t999", &out, &r["lcm_unet.out_t999"]);
 }
 
@@ -193,14 +199,7 @@ fn sdxl_unet_with_micro_conditioning_matches_diffusers() {
 fn sdxl_unet_refuses_missing_or_misfit_conditioning() {
     let r = refs("components");
     let u = unet("tiny-sdxl");
-    let err = u
-        .forward(
-            &r["unet.sample"],
-            999.0,
-            &r["unet.encoder_hidden_states"],
-            None,
-            None,
-        )
+    let err = run_unet(&u, &r, 999.0, None, None)
         .err()
         .unwrap()
         .to_string();
@@ -209,14 +208,7 @@ fn sdxl_unet_refuses_missing_or_misfit_conditioning() {
         text_embeds: r["unet.text_embeds"].narrow(1, 0, 8).unwrap(),
         time_ids: r["unet.time_ids"].clone(),
     };
-    let err = u
-        .forward(
-            &r["unet.sample"],
-            999.0,
-            &r["unet.encoder_hidden_states"],
-            None,
-            Some(&short),
-        )
+    let err = run_unet(&u, &r, 999.0, None, Some(&short))
         .err()
         .unwrap()
         .to_string();
@@ -275,15 +267,7 @@ fn request_of(model: &StableDiffusion, case: &Value) -> Request {
 }
 
 fn check_pipeline(name: &str) {
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("sdxl/pipelines.json")).unwrap())
-            .unwrap();
-    let case = meta["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"));
+    let case = &common::fixture_case("sdxl/pipelines.json", name);
     let model = StableDiffusion::load_dir(
         &fixture(case["model"].as_str().unwrap()),
         DType::F32,
@@ -450,19 +434,8 @@ fn asymmetric_unet_with_per_layer_depths_matches_diffusers() {
     );
     let w = weights("sdxl", "asym-unet", "diffusion_pytorch_model.safetensors");
     let u = UNet2DConditionModel::new(&cfg, &w).unwrap();
-    let added = TextTimeCond {
-        text_embeds: r["unet.text_embeds"].clone(),
-        time_ids: r["unet.time_ids"].clone(),
-    };
-    let out = u
-        .forward(
-            &r["unet.sample"],
-            999.0,
-            &r["unet.encoder_hidden_states"],
-            None,
-            Some(&added),
-        )
-        .unwrap();
+    let added = fixture_added(&r);
+    let out = run_unet(&u, &r, 999.0, None, Some(&added)).unwrap();
     assert_rel("asymmetric UNet out_t999", &out, &r["asym_unet.out_t999"]);
 
     let mut no_reverse = cfg.clone();

@@ -2,7 +2,7 @@
 //! micro-conditioning (pooled prompt embedding + size ids), assembled as diffusers' `encode_prompt` and
 //! `_get_add_time_ids` do, with the unconditional half first under classifier-free guidance.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::StableDiffusion;
 use crate::models::unet::TextTimeCond;
@@ -109,7 +109,7 @@ impl StableDiffusion {
         let rows = pooled.dim(0)?;
         Ok(Some(TextTimeCond {
             text_embeds: pooled.to_dtype(self.dtype)?,
-            time_ids: time_ids(height, width, rows, &self.device)?.to_dtype(DType::F32)?,
+            time_ids: time_ids(height, width, rows, &self.device)?,
         }))
     }
 }

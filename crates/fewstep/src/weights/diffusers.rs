@@ -46,7 +46,6 @@ struct ShardIndex {
     weight_map: std::collections::HashMap<String, String>,
 }
 
-/// The weight-file stems diffusers and transformers use.
 /// The keys of `model_index.json` the loader reads.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ModelIndex {
@@ -71,6 +70,7 @@ impl ModelIndex {
     }
 }
 
+/// The weight-file stems diffusers and transformers use.
 const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
 impl DiffusersFolder {

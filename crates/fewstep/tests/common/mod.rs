@@ -98,3 +98,17 @@ pub fn scheduler_kind(class: &str) -> SchedulerKind {
     .find(|k| k.class_name() == class)
     .unwrap_or_else(|| panic!("unknown scheduler {class}"))
 }
+
+/// Case `name` of a fixture JSON of the form `{"cases": [{"name": …, …}, …]}` (`rel` under
+/// `tests/fixtures`).
+pub fn fixture_case(rel: &str, name: &str) -> serde_json::Value {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap();
+    meta["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name} in {rel}"))
+        .clone()
+}

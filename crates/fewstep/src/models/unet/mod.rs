@@ -1,5 +1,6 @@
 //! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x/2.x and SDXL layouts, including the LCM
-//! `time_cond_proj_dim` guidance conditioning and SDXL's `text_time` micro-conditioning. Weight keys are diffusers' (`down_blocks.0.attentions.1…`).
+//! `time_cond_proj_dim` guidance conditioning and SDXL's `text_time` micro-conditioning. Weight keys
+//! are diffusers' (`down_blocks.0.attentions.1…`).
 
 pub mod attention;
 pub mod blocks;
@@ -379,8 +380,8 @@ impl UNet2DConditionModel {
     /// UNet (`addition_embed_type: "text_time"`, required there, refused elsewhere). Inputs are cast to
     /// the model dtype; the output `[B, out_channels, H, W]` is in the model dtype.
     ///
-    /// `temb = time_embedding(sinusoid(t) + cond_proj(timestep_cond)) + add_embedding(added)`; `x = conv_in(sample)`; down
-    /// stages collect skip connections; mid block; up stages consume them (upsampling to the skip's
+    /// `temb = time_embedding(sinusoid(t) + cond_proj(timestep_cond)) + add_embedding(added)`;
+    /// `x = conv_in(sample)`; down stages collect skip connections; mid block; up stages consume them (upsampling to the skip's
     /// size when `H` or `W` is not a multiple of `2^(stages−1)`); `y = conv_out(silu(norm(x)))`.
     pub fn forward(
         &self,
