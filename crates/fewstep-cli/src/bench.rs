@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::ValueEnum;
+use fewstep::kernels::matmul_bf16;
 use fewstep::models::taesd::AutoencoderTiny;
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
@@ -72,7 +73,7 @@ struct Timing {
     times_s: Vec<f64>,
     gflop: f64,
     gflop_per_s: f64,
-    /// `gflop_per_s` over the f32 matrix-product rate measured in the same run.
+    /// `gflop_per_s` over the matrix-product rate of the same dtype measured in the same run.
     share_of_matmul_peak: Option<f64>,
     /// Peak resident memory of the process while the stage ran (weights included).
     peak_rss_mib: Option<f64>,
@@ -150,13 +151,17 @@ fn measure(
     Ok((times, flops, peak_ok.then(peak_rss_mib).flatten()))
 }
 
-/// `n×n · n×n` in `dtype` through candle: seconds (median) and GFLOP/s.
+/// `n×n · n×n` in `dtype` as the models multiply: bf16 by fewstep's AMX / AVX-512 BF16 kernel where
+/// the CPU has one, otherwise through candle. Seconds (median) and GFLOP/s.
 fn matmul_rate(n: usize, dtype: DType, repeats: usize) -> Result<MatmulRate> {
     let dev = Device::Cpu;
     let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
     let (times, _, _) = measure(repeats, || {
-        a.matmul(&b)?;
+        match matmul_bf16::available(&a) {
+            true => matmul_bf16::matmul(&a, &b, 1.0, dtype)?,
+            false => a.matmul(&b)?,
+        };
         Ok(())
     })?;
     let median_s = median(&times);
@@ -213,13 +218,14 @@ pub fn run(args: Args) -> Result<()> {
             report.matmul.push(r);
         }
     }
-    let peak = report
-        .matmul
-        .iter()
-        .find(|r| r.dtype == "f32")
-        .map(|r| r.gflop_per_s);
     for &d in &args.dtypes {
         let dtype = DType::from(d);
+        // A stage's share is of the matrix-product rate of its own dtype.
+        let peak = report
+            .matmul
+            .iter()
+            .find(|r| r.dtype == format!("{dtype:?}").to_lowercase())
+            .map(|r| r.gflop_per_s);
         // The parts (and the memory maps of their files) are dropped once the models are built: the
         // peak memory is that of the models. The TAESD is built on its own and lent to the model for
         // the TAESD stages only.

@@ -4,6 +4,8 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::kernels::matmul_bf16;
+
 /// Scores held at once, at most (elements): 2 MiB of f32, a core's share of the L2/L3 cache.
 const BLOCK_SCORES: usize = 1 << 19;
 
@@ -66,14 +68,24 @@ fn attend(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let scores = (q * scale)?.matmul(kt)?.to_dtype(DType::F32)?;
+    let bf16_dot = matmul_bf16::available(q) && matmul_bf16::available(kt);
+    let scores = match bf16_dot {
+        true => matmul_bf16::matmul(q, kt, scale, DType::F32)?,
+        false => (q * scale)?.matmul(kt)?.to_dtype(DType::F32)?,
+    };
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    crate::models::nn::softmax_last_dim(&scores)?
-        .to_dtype(v.dtype())?
-        .matmul(v)
+    match bf16_dot && matmul_bf16::available(v) {
+        true => {
+            let probs = crate::kernels::softmax::softmax_last_dim_bf16(&scores)?;
+            matmul_bf16::matmul(&probs, v, 1.0, DType::BF16)
+        }
+        false => crate::models::nn::softmax_last_dim(&scores)?
+            .to_dtype(v.dtype())?
+            .matmul(v),
+    }
 }
 
 #[cfg(test)]

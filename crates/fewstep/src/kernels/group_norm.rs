@@ -4,6 +4,7 @@
 //! every ResNet block for inference.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 /// `y = (x − μ_g) / √(σ²_g + ε) · γ_c + β_c` over `[B, C, …]`, with `μ_g`, `σ²_g` the mean and (biased)
@@ -60,6 +61,33 @@ fn moments(x: &[f32], eps: f64) -> (f32, f32) {
     (mean, (1.0 / (var + eps).sqrt()) as f32)
 }
 
+impl GroupNormOp {
+    /// `y` of the group `bg` (sample `bg / G`, group `bg % G`), `x` its `C/G` channels of `hw` values.
+    fn normalize_group(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        gamma: &[f32],
+        beta: &[f32],
+        bg: usize,
+        hw: usize,
+    ) {
+        let (mean, rstd) = moments(x, self.eps);
+        let c0 = (bg % self.groups) * (x.len() / hw);
+        for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+            let (g, b) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - mean) * g + b;
+            }
+            if self.silu {
+                for y in y.iter_mut() {
+                    *y /= 1.0 + (-*y).exp();
+                }
+            }
+        }
+    }
+}
+
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "group_norm"
@@ -74,29 +102,40 @@ impl CustomOp3 for GroupNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let (gamma, beta) = (slice(ws, wl)?, slice(bs, bl)?);
         let (_, c, hw) = bchw(xl.shape())?;
         let cg = c / self.groups;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(cg * hw)
-            .zip(x.par_chunks(cg * hw))
-            .enumerate()
-            .for_each(|(bg, (y, x))| {
-                let (mean, rstd) = moments(x, self.eps);
-                let c0 = (bg % self.groups) * cg;
-                for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                    let (g, b) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = (x - mean) * g + b;
-                    }
-                    if self.silu {
-                        for y in y.iter_mut() {
-                            *y /= 1.0 + (-*y).exp();
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        let storage = match xs {
+            CpuStorage::BF16(v) => {
+                let Some((a, b)) = xl.contiguous_offsets() else {
+                    bail!("group_norm: inputs must be contiguous")
+                };
+                let x = &v[a..b];
+                let mut y = vec![bf16::ZERO; x.len()];
+                y.par_chunks_mut(cg * hw)
+                    .zip(x.par_chunks(cg * hw))
+                    .enumerate()
+                    .for_each(|(bg, (y, x))| {
+                        let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+                        let mut out = vec![0f32; x.len()];
+                        self.normalize_group(&x, &mut out, gamma, beta, bg, hw);
+                        y.iter_mut()
+                            .zip(&out)
+                            .for_each(|(y, &v)| *y = bf16::from_f32(v));
+                    });
+                CpuStorage::BF16(y)
+            }
+            _ => {
+                let x = slice(xs, xl)?;
+                let mut y = vec![0f32; x.len()];
+                y.par_chunks_mut(cg * hw)
+                    .zip(x.par_chunks(cg * hw))
+                    .enumerate()
+                    .for_each(|(bg, (y, x))| self.normalize_group(x, y, gamma, beta, bg, hw));
+                CpuStorage::F32(y)
+            }
+        };
+        Ok((storage, xl.shape().clone()))
     }
 
     /// With `x̂ = (x − μ)·r`, `r = 1/√(σ² + ε)`, and `dx̂ = dy·γ`:
@@ -203,8 +242,8 @@ fn prepare(
     ))
 }
 
-/// GroupNorm of `x: [B, C, …]` (f32, CPU) with `groups` groups, affine `weight`/`bias: [C]`,
-/// differentiable in all three.
+/// GroupNorm of `x: [B, C, …]` (f32 or bf16, CPU; the statistics in f32) with `groups` groups, affine
+/// f32 `weight`/`bias: [C]`, differentiable in all three (in f32).
 pub fn group_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -216,7 +255,7 @@ pub fn group_norm(
     x.apply_op3(&w, &b, op)
 }
 
-/// `silu(group_norm(x))` in one pass (f32, CPU, inference: no backward pass).
+/// `silu(group_norm(x))` in one pass (f32 or bf16, CPU, inference: no backward pass).
 pub fn group_norm_silu(
     x: &Tensor,
     weight: &Tensor,

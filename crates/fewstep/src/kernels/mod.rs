@@ -2,10 +2,45 @@
 //! bottleneck. Other devices keep candle's ops; each kernel is tested against the plain candle op.
 
 pub mod attention;
+pub mod geglu;
 pub mod group_norm;
+pub mod matmul_bf16;
 pub mod softmax;
 pub mod unfold;
 pub mod winograd;
+
+/// `dst[i] = bf16(src[i])`, rounded to nearest even as `half::bf16::from_f32`: sixteen values at a
+/// time by `vcvtneps2bf16` where the CPU has AVX-512 BF16 (which flushes subnormal values to zero),
+/// `half`'s conversion elsewhere.
+pub(crate) fn narrow_to_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bf16") {
+        // SAFETY: checked just above.
+        return unsafe { narrow_avx512(src, dst) };
+    }
+    for (s, d) in src.iter().zip(dst) {
+        *d = half::bf16::from_f32(*s);
+    }
+}
+
+/// [`narrow_to_bf16`] by AVX-512 BF16.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512 BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn narrow_avx512(src: &[f32], dst: &mut [half::bf16]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let whole = n / 16 * 16;
+    for (s, d) in src[..whole].chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+        let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr()));
+        _mm256_storeu_si256(d.as_mut_ptr() as *mut __m256i, std::mem::transmute(v));
+    }
+    for (s, d) in src[whole..n].iter().zip(&mut dst[whole..n]) {
+        *d = half::bf16::from_f32(*s);
+    }
+}
 
 /// Uniform values in [-2, 2) from a linear congruential generator, reproducible per seed: the random
 /// inputs of the kernels' tests.

@@ -3,7 +3,8 @@
 //! takes the exponential of a billion scores a step, where the C library's scalar `expf` costs more than
 //! the rest of the softmax.
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 /// `eˣ` with a relative error below 3·10⁻⁷ (about 2 ulp) for `x < 88`: `x = n·ln2 + r` with `|r| ≤ ln2/2`,
@@ -11,7 +12,7 @@ use rayon::prelude::*;
 /// exponent bits; below `−87` (near where `eˣ` turns subnormal) it returns 0, so `exp(−∞) = 0`. The
 /// input is clamped first so no lane ever computes a subnormal product (each costs a hundred cycles).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     let below = x < -87.0;
     let x = x.max(-87.0);
     // Round to nearest by adding and removing 1.5·2²³: the sum's low mantissa bits hold `n`, so `2ⁿ` is
@@ -166,7 +167,15 @@ fn softmax_rows(data: &mut [f32], n: usize) {
     data.chunks_mut(n).for_each(softmax_row);
 }
 
-struct Softmax;
+/// The softmax op, its result in `out` (f32 or bf16).
+struct Softmax {
+    out: DType,
+}
+
+/// Rows a block of the softmax holds: about 64 Ki values, shared among the threads.
+fn block_rows(n: usize) -> usize {
+    (65536 / n).max(1)
+}
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -181,18 +190,42 @@ impl CustomOp1 for Softmax {
             bail!("softmax: input must be contiguous")
         };
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = v[a..b].to_vec();
-        // Blocks of whole rows, about 64 Ki values each, shared among the threads.
-        let rows = (65536 / n).max(1);
-        out.par_chunks_mut(rows * n)
-            .for_each(|block| softmax_rows(block, n));
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        let rows = block_rows(n);
+        let storage = match self.out {
+            DType::F32 => {
+                let mut out = v[a..b].to_vec();
+                out.par_chunks_mut(rows * n)
+                    .for_each(|block| softmax_rows(block, n));
+                CpuStorage::F32(out)
+            }
+            DType::BF16 => {
+                // Each block computed in a scratch copy that stays in cache, then narrowed.
+                let mut out = vec![bf16::ZERO; b - a];
+                out.par_chunks_mut(rows * n)
+                    .zip(v[a..b].par_chunks(rows * n))
+                    .for_each(|(dst, src)| {
+                        let mut block = src.to_vec();
+                        softmax_rows(&mut block, n);
+                        crate::kernels::narrow_to_bf16(&block, dst);
+                    });
+                CpuStorage::BF16(out)
+            }
+            d => bail!("softmax: no {d:?} output"),
+        };
+        Ok((storage, l.shape().clone()))
     }
 }
 
 /// `softmax(x)` over the last dimension of an f32 CPU tensor (no backward pass: inference).
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Softmax)
+    x.contiguous()?
+        .apply_op1_no_bwd(&Softmax { out: DType::F32 })
+}
+
+/// [`softmax_last_dim`] with the result rounded to bf16 in the same pass.
+pub fn softmax_last_dim_bf16(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&Softmax { out: DType::BF16 })
 }
 
 #[cfg(test)]
@@ -254,6 +287,16 @@ mod tests {
             let portable = Tensor::from_vec(rows, shape.as_slice(), x.device()).unwrap();
             let err = max_abs_diff(&portable, &want);
             assert!(err < 1e-6, "portable {shape:?}: {err}");
+            // The bf16 result is the f32 one rounded (to nearest even) once.
+            let narrowed = softmax_last_dim_bf16(&x).unwrap();
+            assert_eq!(narrowed.dtype(), DType::BF16);
+            let rounded = got.to_dtype(DType::BF16).unwrap();
+            let err = max_abs_diff(
+                &narrowed.to_dtype(DType::F32).unwrap(),
+                &rounded.to_dtype(DType::F32).unwrap(),
+            );
+            // (AVX-512 BF16's conversion flushes subnormal values, below 1.2·10⁻³⁸, to zero.)
+            assert!(err <= f32::MIN_POSITIVE, "bf16 {shape:?}: {err}");
         }
         // A causal mask's −∞ gives exact zeros.
         let x = Tensor::new(

@@ -8,6 +8,7 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::Conv2dConfig;
 
+use crate::kernels::matmul_bf16;
 use crate::kernels::unfold::unfold;
 use crate::kernels::winograd;
 use crate::lora::LoraBranch;
@@ -81,6 +82,9 @@ fn rows_of(v: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 /// (see [`rows_of`]).
 fn linear_forward(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     if !training_path(x, layer.weight()) {
+        if matmul_bf16::available(x) && layer.weight().dtype() == DType::BF16 {
+            return matmul_bf16::linear(x, layer.weight(), layer.bias());
+        }
         return layer.forward(x);
     }
     let dims = x.dims().to_vec();
@@ -190,6 +194,9 @@ fn conv_forward(conv: &candle_nn::Conv2d, x: &Tensor) -> candle_core::Result<Ten
         return conv.forward(x);
     }
     let (_, _, kh, kw) = conv.weight().dims4()?;
+    if kh == kw && matmul_bf16::available(x) && conv.weight().dtype() == DType::BF16 {
+        return matmul_bf16::conv2d(x, conv.weight(), conv.bias(), cfg.stride, cfg.padding);
+    }
     let (_, _, h, w) = x.dims4()?;
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let winograd = (kh, kw, cfg.stride, cfg.padding) == (3, 3, 1, 1)
@@ -351,14 +358,19 @@ impl GroupNorm {
         self.cpu_kernel(x, true)
     }
 
-    /// The CPU kernel in f32 (`silu`: fused, inference only), the result in `x`'s dtype.
+    /// The CPU kernel in f32 (`silu`: fused, inference only), the result in `x`'s dtype: bf16 is
+    /// read and written as it is (widened a group at a time), other dtypes converted around it.
     fn cpu_kernel(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let (x32, w, b) = (f32(x)?, f32(&self.weight)?, f32(&self.bias)?);
+        let (w, b) = (f32(&self.weight)?, f32(&self.bias)?);
+        let input = match x.dtype() {
+            DType::BF16 => x.clone(),
+            _ => f32(x)?,
+        };
         let y = if silu {
-            crate::kernels::group_norm::group_norm_silu(&x32, &w, &b, self.groups, self.eps)?
+            crate::kernels::group_norm::group_norm_silu(&input, &w, &b, self.groups, self.eps)?
         } else {
-            crate::kernels::group_norm::group_norm(&x32, &w, &b, self.groups, self.eps)?
+            crate::kernels::group_norm::group_norm(&input, &w, &b, self.groups, self.eps)?
         };
         y.to_dtype(x.dtype())
     }

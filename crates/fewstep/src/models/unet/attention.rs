@@ -4,7 +4,7 @@
 
 use crate::models::nn::GroupNorm;
 use crate::models::nn::Linear;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::kernels::attention::scaled_dot_product_attention;
 
@@ -160,6 +160,9 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let hg = apply(&self.proj, x)?;
+        if hg.dtype() == DType::BF16 && hg.device().is_cpu() && !hg.track_op() {
+            return apply(&self.out, &crate::kernels::geglu::geglu(&hg)?);
+        }
         let last = hg.rank() - 1;
         let h = hg.narrow(last, 0, self.inner)?;
         let g = hg.narrow(last, self.inner, self.inner)?.gelu_erf()?;

@@ -1,0 +1,907 @@
+//! The bf16 matrix product on CPUs with bf16 dot-product instructions, products exact and sums in
+//! f32, the way oneDNN multiplies bf16 for PyTorch:
+//! - AMX (`tdpbf16ps`: a 16×16 f32 tile accumulates the products of a 16×32 bf16 tile of `A` with a
+//!   32×16 tile of `B` stored as bf16 pairs), on Intel Xeons since Sapphire Rapids;
+//! - AVX-512 BF16 (`vdpbf16ps`, `_mm512_dpbf16_ps`: each of 16 f32 lanes accumulates
+//!   `a₂ᵢb₂ᵢ + a₂ᵢ₊₁b₂ᵢ₊₁`), on Cooper Lake and AMD Zen 4 and later.
+//!
+//! `C = α · A · B + bias` for bf16 `A: [M, K]` and `B: [K, N]`, with `B` read through strides (a
+//! weight `Wᵀ` is `W` read by columns) or gathered from an image as the patches of a convolution
+//! (implicit im2col: the patch matrix is never materialised, only a block of it at a time).
+//! The blocking is BLIS's: `B` packed into panels of [`NR`] columns as bf16 pairs along `K`, `A` into
+//! rows of pairs; a task owns a block of `MC × NC` results, so a panel of `B` stays in cache while
+//! the rows of `A` pass over it.
+//!
+//! [`available`] is the run-time check (bf16 tensors on the CPU of an x86-64 machine with either
+//! instruction set; AMX also needs the Linux kernel's permission, asked once); callers keep candle's
+//! own ops as the portable path.
+
+use std::sync::OnceLock;
+
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows of the AVX-512 register tile: 12 × 2 accumulators, two panel vectors and a broadcast in 32
+/// registers.
+const MR: usize = 12;
+/// Columns of a register tile: two vectors of 16 f32 lanes, or two AMX tiles of 16 columns.
+const NR: usize = 32;
+/// Pairs of `K` an AVX-512 register tile sums before its `B` panel (`KC · NR · 4` bytes, 16 KiB) is
+/// changed.
+const KC: usize = 128;
+/// Rows of an AMX tile.
+const AMX_TILE_ROWS: usize = 16;
+/// Rows of an AMX step: two tiles.
+const AMX_ROWS: usize = 2 * AMX_TILE_ROWS;
+/// Pairs of `K` one AMX tile holds: 16 rows of 64 bytes.
+const AMX_PAIRS: usize = 16;
+/// Rows of `C` a task's tile holds (a multiple of [`MR`] and of [`AMX_ROWS`]).
+const MC: usize = 96;
+/// Columns of `C` a task's tile holds (a multiple of [`NR`]).
+const NC: usize = 128;
+
+/// The instructions a product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Amx,
+    Avx512,
+}
+
+impl Isa {
+    /// Whether this CPU (and, for AMX, the operating system) runs it.
+    fn supported(self) -> bool {
+        static AMX: OnceLock<bool> = OnceLock::new();
+        match self {
+            Isa::Amx => *AMX.get_or_init(amx_enabled),
+            Isa::Avx512 => avx512_bf16(),
+        }
+    }
+
+    /// The fastest supported one.
+    fn best() -> Option<Isa> {
+        [Isa::Amx, Isa::Avx512].into_iter().find(|i| i.supported())
+    }
+
+    /// Pairs of `K` the packed operands hold: AMX reads whole tiles of [`AMX_PAIRS`] pairs.
+    fn pairs(self, k: usize) -> usize {
+        match self {
+            Isa::Amx => k.div_ceil(2 * AMX_PAIRS) * AMX_PAIRS,
+            Isa::Avx512 => k.div_ceil(2),
+        }
+    }
+}
+
+/// Whether [`matmul`], [`linear`] and [`conv2d`] run for this tensor: bf16 on the CPU of an x86-64
+/// machine that has AMX or AVX-512 BF16.
+pub fn available(t: &Tensor) -> bool {
+    t.dtype() == DType::BF16 && t.device().is_cpu() && Isa::best().is_some()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_bf16() -> bool {
+    false
+}
+
+/// AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), with the tile data state granted to
+/// this process (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_enabled() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    let cpu = edx >> 24 & 1 == 1 && edx >> 22 & 1 == 1;
+    // SAFETY: arch_prctl with these arguments only changes this process's permitted xsave state.
+    cpu && unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    } == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn amx_enabled() -> bool {
+    false
+}
+
+/// What is added to `α · A · B`: nothing, `bias[n]` to every row, or `bias[m]` to every column.
+#[derive(Clone, Debug)]
+enum Bias {
+    None,
+    Columns(Vec<f32>),
+    Rows(Vec<f32>),
+}
+
+/// Where `B[k][n]` is read.
+#[derive(Clone, Copy, Debug)]
+enum Rhs {
+    /// A matrix (a batch of them) through the tensor's strides.
+    Matrix,
+    /// The patches of a square `k×k` convolution with stride `s` and zero padding `p` over the
+    /// `[C, H, W]` images of a batch: `B[(c, u, v)][(i, j)] = x[c][s·i + u − p][s·j + v − p]`.
+    Patches { k: usize, s: usize, p: usize },
+}
+
+/// The operands of one product, as offsets into the bf16 bits of the two storages.
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    a: &'a [u16],
+    /// Row stride of `A` (its columns are contiguous).
+    a_row: usize,
+    b: &'a [u16],
+    /// `B`'s strides along `k` and `n` (for [`Rhs::Matrix`]).
+    b_k: usize,
+    b_n: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+/// An image seen as the patch matrix of a convolution.
+#[derive(Clone, Copy)]
+struct PatchGeometry {
+    k: usize,
+    s: usize,
+    p: usize,
+    h: usize,
+    w: usize,
+    wo: usize,
+}
+
+struct Product {
+    isa: Isa,
+    alpha: f32,
+    bias: Bias,
+    out: DType,
+    rhs: Rhs,
+}
+
+fn bits<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [u16]> {
+    match s {
+        CpuStorage::BF16(v) => {
+            // SAFETY: bf16 is a transparent u16.
+            Ok(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) })
+        }
+        _ => bail!("bf16 matmul: {what} must be bf16"),
+    }
+}
+
+/// The output buffer shared by the tasks of one product; each task writes its own tile of `C`.
+#[derive(Clone, Copy)]
+struct SharedOut<T>(*mut T);
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
+
+/// One output element type: f32 as is, bf16 rounded to nearest even.
+trait Element: Copy + Send + Sync + Default {
+    /// `dst[i] = src[i]` in this type.
+    ///
+    /// # Safety
+    /// The slices have one length.
+    unsafe fn store(src: &[f32], dst: &mut [Self]);
+}
+
+impl Element for f32 {
+    unsafe fn store(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
+    }
+}
+
+impl Element for bf16 {
+    unsafe fn store(src: &[f32], dst: &mut [Self]) {
+        crate::kernels::narrow_to_bf16(src, dst)
+    }
+}
+
+impl Product {
+    /// `C` for `batch` products into `out` (`batch · M · N` elements, row-major), operand `i` of the
+    /// batch found at `a_batch · i` and `b_batch · i` elements past the operands' offsets.
+    fn run<T: Element>(
+        &self,
+        ops: Operands,
+        batch: usize,
+        (a_batch, b_batch): (usize, usize),
+        patches: Option<PatchGeometry>,
+    ) -> Vec<T> {
+        let Operands { m, n, k, .. } = ops;
+        let mut out = vec![T::default(); batch * m * n];
+        let kp = self.isa.pairs(k);
+        let n_blocks = n.div_ceil(NC);
+        let m_blocks = m.div_ceil(MC);
+        let threads = rayon::current_num_threads().max(1);
+        // Enough tasks for the threads to share evenly; each packs its own block of `B`.
+        let m_chunks = (4 * threads).div_ceil(n_blocks).clamp(1, m_blocks);
+        let blocks_per_chunk = m_blocks.div_ceil(m_chunks);
+        for i in 0..batch {
+            let ops = Operands {
+                a: &ops.a[a_batch * i..],
+                b: &ops.b[b_batch * i..],
+                ..ops
+            };
+            let packed_a = match self.isa {
+                Isa::Amx => pack_a_tiles(&ops, kp),
+                Isa::Avx512 => pack_a_panels(&ops, kp),
+            };
+            let dst = SharedOut(out[i * m * n..].as_mut_ptr());
+            (0..n_blocks * m_chunks).into_par_iter().for_each(|task| {
+                let (nb, chunk) = (task / m_chunks, task % m_chunks);
+                let n0 = nb * NC;
+                let cols = NC.min(n - n0);
+                let packed_b = match patches {
+                    Some(g) => pack_patches(&ops, g, n0, cols, kp),
+                    None => pack_b(&ops, n0, cols, kp),
+                };
+                let mut tile = vec![0f32; MC * NC];
+                let first = chunk * blocks_per_chunk;
+                for mb in first..(first + blocks_per_chunk).min(m_blocks) {
+                    let m0 = mb * MC;
+                    let rows = MC.min(m - m0);
+                    let shape = TileShape { m0, rows, cols, kp };
+                    // SAFETY: `cpu_fwd` checked that the CPU runs `isa`; the operands were packed
+                    // for it, with `kp` pairs and rows padded to its row blocks.
+                    unsafe {
+                        match self.isa {
+                            Isa::Amx => amx::multiply_tile(&packed_a, &packed_b, shape, &mut tile),
+                            Isa::Avx512 => {
+                                avx512::multiply_tile(&packed_a, &packed_b, shape, &mut tile)
+                            }
+                        }
+                    };
+                    // SAFETY: the tile (rows m0.., columns n0..) is this task's alone.
+                    unsafe { self.write_tile(&mut tile, dst, m0, rows, n0, cols, n) };
+                }
+            });
+        }
+        out
+    }
+
+    /// `C[m0 + r][n0 + c] = α · tile[r][c] + bias` for the tile's valid rows and columns (the
+    /// tile's values are scaled in place first).
+    ///
+    /// # Safety
+    /// `dst` holds `M · n` elements and no other task writes this tile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn write_tile<T: Element>(
+        &self,
+        tile: &mut [f32],
+        dst: SharedOut<T>,
+        m0: usize,
+        rows: usize,
+        n0: usize,
+        cols: usize,
+        n: usize,
+    ) {
+        for r in 0..rows {
+            let src = &mut tile[r * NC..r * NC + cols];
+            match &self.bias {
+                Bias::None => src.iter_mut().for_each(|v| *v *= self.alpha),
+                Bias::Columns(b) => {
+                    for (v, &b) in src.iter_mut().zip(&b[n0..n0 + cols]) {
+                        *v = self.alpha * *v + b;
+                    }
+                }
+                Bias::Rows(b) => {
+                    let b = b[m0 + r];
+                    src.iter_mut().for_each(|v| *v = self.alpha * *v + b);
+                }
+            }
+            T::store(
+                src,
+                std::slice::from_raw_parts_mut(dst.0.add((m0 + r) * n + n0), cols),
+            );
+        }
+    }
+}
+
+/// `A` as panels of [`MR`] rows for the AVX-512 kernel: `[group][pair][row]` u32 values, each the
+/// bf16 pair `(A[r][2p], A[r][2p + 1])` (low half first), zero past `M` and `K`.
+fn pack_a_panels(ops: &Operands, kp: usize) -> Vec<u32> {
+    let mut packed = vec![0u32; ops.m.div_ceil(MR) * kp * MR];
+    packed
+        .par_chunks_mut(kp * MR)
+        .enumerate()
+        .for_each(|(g, panel)| {
+            for r in 0..MR.min(ops.m - g * MR) {
+                let row = &ops.a[(g * MR + r) * ops.a_row..][..ops.k];
+                for (p, pair) in row.chunks(2).enumerate() {
+                    panel[p * MR + r] = pair_bits(pair);
+                }
+            }
+        });
+    packed
+}
+
+/// `A` as AMX tiles: `[block of 16 rows][step of 16 pairs][row][pair]` u32 pairs, each tile 1 KiB
+/// contiguous (rows of a plain row-major `A` lie a power of two apart and evict each other from the
+/// cache), zero past `K` and in the rows that pad `M` to a multiple of [`MC`].
+fn pack_a_tiles(ops: &Operands, kp: usize) -> Vec<u32> {
+    let tile = AMX_TILE_ROWS * AMX_PAIRS;
+    let mut packed = vec![0u32; ops.m.div_ceil(MC) * MC * kp];
+    packed
+        .par_chunks_mut(AMX_TILE_ROWS * kp)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            for r in 0..AMX_TILE_ROWS.min(ops.m.saturating_sub(block * AMX_TILE_ROWS)) {
+                let row = &ops.a[(block * AMX_TILE_ROWS + r) * ops.a_row..][..ops.k];
+                for (p, pair) in row.chunks(2).enumerate() {
+                    dst[(p / AMX_PAIRS) * tile + r * AMX_PAIRS + p % AMX_PAIRS] = pair_bits(pair);
+                }
+            }
+        });
+    packed
+}
+
+/// A bf16 pair as one u32, the first value in the low half; a lone value pairs with zero.
+fn pair_bits(pair: &[u16]) -> u32 {
+    pair[0] as u32 | (pair.get(1).copied().unwrap_or(0) as u32) << 16
+}
+
+/// Columns `n0 .. n0 + cols` of `B` as panels of [`NR`] columns: `[panel][pair][column][2]` bf16,
+/// `(B[2p][c], B[2p + 1][c])`, zero past `K` and `N`.
+fn pack_b(ops: &Operands, n0: usize, cols: usize, kp: usize) -> Vec<u16> {
+    let panels = cols.div_ceil(NR);
+    let mut packed = vec![0u16; panels * kp * NR * 2];
+    for (panel, dst) in packed.chunks_mut(kp * NR * 2).enumerate() {
+        let c0 = n0 + panel * NR;
+        let width = NR.min(n0 + cols - c0);
+        if ops.b_k == 1 {
+            // Contiguous along `k` (a transposed weight): one column's pairs at a time.
+            for c in 0..width {
+                let column = &ops.b[(c0 + c) * ops.b_n..][..ops.k];
+                for (pair, out) in column.chunks(2).zip(dst[2 * c..].chunks_mut(2 * NR)) {
+                    out[0] = pair[0];
+                    if let Some(&hi) = pair.get(1) {
+                        out[1] = hi;
+                    }
+                }
+            }
+        } else {
+            for (p, out) in dst.chunks_mut(2 * NR).take(ops.k.div_ceil(2)).enumerate() {
+                for h in 0..2.min(ops.k - 2 * p) {
+                    let row = &ops.b[(2 * p + h) * ops.b_k + c0 * ops.b_n..];
+                    for c in 0..width {
+                        out[2 * c + h] = row[c * ops.b_n];
+                    }
+                }
+            }
+        }
+    }
+    packed
+}
+
+/// As [`pack_b`], for the patch matrix of a convolution over the image `ops.b` (`[C, H, W]`): the
+/// columns of a panel fall into runs along output rows, and each run of a tap `(u, v)` reads one
+/// input row with stride `s`.
+fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: usize) -> Vec<u16> {
+    let panels = cols.div_ceil(NR);
+    let mut packed = vec![0u16; panels * kp * NR * 2];
+    let taps = g.k * g.k;
+    for (panel, dst) in packed.chunks_mut(kp * NR * 2).enumerate() {
+        let c0 = n0 + panel * NR;
+        let width = NR.min(n0 + cols - c0);
+        // (first column in the panel, output row i, first output column j, length).
+        let mut runs = Vec::with_capacity(4);
+        let mut c = 0;
+        while c < width {
+            let (i, j) = ((c0 + c) / g.wo, (c0 + c) % g.wo);
+            let len = (g.wo - j).min(width - c);
+            runs.push((c, i, j, len));
+            c += len;
+        }
+        for kk in 0..ops.k {
+            let (ch, tap) = (kk / taps, kk % taps);
+            let (u, v) = (tap / g.k, tap % g.k);
+            let image = &ops.b[ch * g.h * g.w..(ch + 1) * g.h * g.w];
+            let out = &mut dst[(kk / 2) * NR * 2 + kk % 2..];
+            for &(c, i, j, len) in &runs {
+                // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
+                let Some(y) = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h) else {
+                    continue;
+                };
+                let x0 = g.s * j + v;
+                let t0 = g.p.saturating_sub(x0).div_ceil(g.s);
+                let t1 = (g.w + g.p).saturating_sub(x0).div_ceil(g.s).min(len);
+                let row = &image[y * g.w..(y + 1) * g.w];
+                for t in t0..t1 {
+                    out[2 * (c + t)] = row[x0 + g.s * t - g.p];
+                }
+            }
+        }
+    }
+    packed
+}
+
+/// Where a task's tile of `C` lies: rows `m0 .. m0 + rows`, `cols` columns, over `kp` pairs of `K`.
+#[derive(Clone, Copy)]
+struct TileShape {
+    m0: usize,
+    rows: usize,
+    cols: usize,
+    kp: usize,
+}
+
+/// The AVX-512 BF16 kernel.
+mod avx512 {
+    use super::{TileShape, KC, MR, NC, NR};
+
+    /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, `tile: [MC][NC]` f32 (rows past
+    /// `rows` and columns past `cols` hold the products of the zero padding), `A` packed by
+    /// `pack_a_panels`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; the operands hold the tile's `kp` pairs.
+    pub(super) unsafe fn multiply_tile(a: &[u32], b: &[u16], t: TileShape, tile: &mut [f32]) {
+        for k0 in (0..t.kp).step_by(KC) {
+            let kc = KC.min(t.kp - k0);
+            for panel in 0..t.cols.div_ceil(NR) {
+                let b = &b[(panel * t.kp + k0) * NR * 2..][..kc * NR * 2];
+                for g in 0..t.rows.div_ceil(MR) {
+                    let a = &a[((t.m0 / MR + g) * t.kp + k0) * MR..][..kc * MR];
+                    kernel(a, b, &mut tile[g * MR * NC + panel * NR..], kc, k0 > 0);
+                }
+            }
+        }
+    }
+
+    /// The register tile: `c[r][0..NR] (+)= Σₚ a[p][r] · b[p][0..NR]` over `kc` pairs, `c` with row
+    /// stride [`NC`], added to its contents when `accumulate`.
+    ///
+    /// # Safety
+    /// As [`multiply_tile`]; `a` holds `kc · MR` pairs, `b` `kc · NR` pairs, `c` at least
+    /// `(MR − 1) · NC + NR` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel(a: &[u32], b: &[u16], c: &mut [f32], kc: usize, accumulate: bool) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (a, b) = (a.as_ptr(), b.as_ptr() as *const __m512i);
+        for p in 0..kc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(2 * p)));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(2 * p + 1)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + r) as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+            }
+        }
+        let c = c.as_mut_ptr();
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, &v) in acc.iter().enumerate() {
+                let dst = c.add(r * NC + h * 16);
+                let v = if accumulate {
+                    _mm512_add_ps(_mm512_loadu_ps(dst), v)
+                } else {
+                    v
+                };
+                _mm512_storeu_ps(dst, v);
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn kernel(_: &[u32], _: &[u16], _: &mut [f32], _: usize, _: bool) {
+        unreachable!("AVX-512 is x86-64's")
+    }
+}
+
+/// The AMX kernel: tiles `tmm0..3` hold a 32×32 block of `C`, `tmm4/5` two 16-row tiles of `A`,
+/// `tmm6/7` two 16-column tiles of `B`.
+mod amx {
+    use super::{TileShape, AMX_PAIRS, AMX_ROWS, AMX_TILE_ROWS, NC, NR};
+
+    /// The tile configuration (palette 1): eight tiles of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    const CONFIG: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, as the AVX-512 kernel's, with `A`
+    /// packed by `pack_a_tiles`.
+    ///
+    /// # Safety
+    /// The CPU runs AMX-BF16 and the OS granted the tile state; the operands hold the tile's `kp`
+    /// pairs (a multiple of [`AMX_PAIRS`]) and `A` its rows up to a multiple of [`AMX_ROWS`].
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn multiply_tile(a: &[u32], b: &[u16], t: TileShape, tile: &mut [f32]) {
+        use std::arch::asm;
+        asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+        let (a_stride, b_stride, c_stride) = (AMX_PAIRS * 4, NR * 4, NC * 4);
+        let a_tile = AMX_TILE_ROWS * AMX_PAIRS;
+        for panel in 0..t.cols.div_ceil(NR) {
+            let b = b[panel * t.kp * NR * 2..][..t.kp * NR * 2].as_ptr();
+            for g in 0..t.rows.div_ceil(AMX_ROWS) {
+                let a = a[(t.m0 + g * AMX_ROWS) * t.kp..][..AMX_ROWS * t.kp].as_ptr();
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack)
+                );
+                for s in 0..t.kp / AMX_PAIRS {
+                    let (a0, b0) = (a.add(s * a_tile), b.add(s * AMX_PAIRS * NR * 2));
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0,
+                        a1 = in(reg) a0.add(AMX_TILE_ROWS * t.kp),
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b0.add(32),
+                        sa = in(reg) a_stride,
+                        sb = in(reg) b_stride,
+                        options(nostack, readonly)
+                    );
+                }
+                let c =
+                    tile[g * AMX_ROWS * NC + panel * NR..][..(AMX_ROWS - 1) * NC + NR].as_mut_ptr();
+                asm!(
+                    "tilestored [{c0} + {sc}*1], tmm0",
+                    "tilestored [{c1} + {sc}*1], tmm1",
+                    "tilestored [{c2} + {sc}*1], tmm2",
+                    "tilestored [{c3} + {sc}*1], tmm3",
+                    c0 = in(reg) c,
+                    c1 = in(reg) c.add(16),
+                    c2 = in(reg) c.add(16 * NC),
+                    c3 = in(reg) c.add(16 * NC + 16),
+                    sc = in(reg) c_stride,
+                    options(nostack)
+                );
+            }
+        }
+        asm!("tilerelease", options(nostack));
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) unsafe fn multiply_tile(_: &[u32], _: &[u16], _: TileShape, _: &mut [f32]) {
+        unreachable!("AMX is x86-64's")
+    }
+}
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "matmul-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a_s: &CpuStorage,
+        a_l: &Layout,
+        b_s: &CpuStorage,
+        b_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if !self.isa.supported() {
+            bail!("bf16 matmul: this CPU does not run {:?}", self.isa);
+        }
+        let (a, b) = (
+            &bits(a_s, "the left operand")?[a_l.start_offset()..],
+            &bits(b_s, "the right operand")?[b_l.start_offset()..],
+        );
+        let (ad, astr) = (a_l.dims(), a_l.stride());
+        let (bd, bstr) = (b_l.dims(), b_l.stride());
+        let (ar, br) = (ad.len(), bd.len());
+        if ar < 2 || astr[ar - 1] != 1 {
+            bail!("bf16 matmul: the left operand {ad:?} must have contiguous rows");
+        }
+        let (m, k) = (ad[ar - 2], ad[ar - 1]);
+        let a_row = astr[ar - 2];
+        let (ops, batch, strides, patches, shape) = match self.rhs {
+            Rhs::Matrix => {
+                if br < 2 || bd[br - 2] != k {
+                    bail!("bf16 matmul: shapes {ad:?} and {bd:?} do not chain");
+                }
+                let n = bd[br - 1];
+                let batch: usize = ad[..ar - 2].iter().product();
+                let b_batch = match br {
+                    2 => 0,
+                    _ if bd[..br - 2] == ad[..ar - 2] && br == 3 && ar == 3 => bstr[0],
+                    _ => bail!("bf16 matmul: batch dims of {ad:?} and {bd:?} differ"),
+                };
+                if ar > 3 {
+                    bail!("bf16 matmul: the left operand {ad:?} must be [M, K] or [B, M, K]");
+                }
+                let a_batch = if ar == 3 { astr[0] } else { 0 };
+                let mut shape = ad[..ar - 1].to_vec();
+                shape.push(n);
+                let ops = Operands {
+                    a,
+                    a_row,
+                    b,
+                    b_k: bstr[br - 2],
+                    b_n: bstr[br - 1],
+                    m,
+                    k,
+                    n,
+                };
+                (ops, batch, (a_batch, b_batch), None, shape)
+            }
+            Rhs::Patches { k: kk, s, p } => {
+                let (bn, c, h, w) = b_l.shape().dims4()?;
+                if b_l.contiguous_offsets().is_none() || c * kk * kk != k || ar != 2 {
+                    bail!("bf16 conv: weight {ad:?} does not fit a contiguous image {bd:?}");
+                }
+                let (ho, wo) = ((h + 2 * p - kk) / s + 1, (w + 2 * p - kk) / s + 1);
+                let ops = Operands {
+                    a,
+                    a_row,
+                    b,
+                    b_k: 0,
+                    b_n: 0,
+                    m,
+                    k,
+                    n: ho * wo,
+                };
+                let g = PatchGeometry {
+                    k: kk,
+                    s,
+                    p,
+                    h,
+                    w,
+                    wo,
+                };
+                (ops, bn, (0, c * h * w), Some(g), vec![bn, m, ho, wo])
+            }
+        };
+        let storage = match self.out {
+            DType::F32 => CpuStorage::F32(self.run(ops, batch, strides, patches)),
+            DType::BF16 => CpuStorage::BF16(self.run(ops, batch, strides, patches)),
+            d => bail!("bf16 matmul: no {d:?} output"),
+        };
+        Ok((storage, Shape::from(shape)))
+    }
+}
+
+fn f32_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// The fastest instructions this CPU runs, or an error naming what is missing.
+fn best_isa() -> candle_core::Result<Isa> {
+    match Isa::best() {
+        Some(isa) => Ok(isa),
+        None => bail!("bf16 matmul: this CPU has neither AMX-BF16 nor AVX-512 BF16"),
+    }
+}
+
+/// `α · a · b` in `out` (f32 or bf16) for bf16 `a: [M, K]` or `[B, M, K]` and `b: [K, N]` or
+/// `[B, K, N]` (any strides: a transposed view is read in place).
+pub fn matmul(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> candle_core::Result<Tensor> {
+    matmul_on(best_isa()?, a, b, alpha, out)
+}
+
+fn matmul_on(
+    isa: Isa,
+    a: &Tensor,
+    b: &Tensor,
+    alpha: f64,
+    out: DType,
+) -> candle_core::Result<Tensor> {
+    let a = match a.stride().last() {
+        Some(1) => a.clone(),
+        _ => a.contiguous()?,
+    };
+    let op = Product {
+        isa,
+        alpha: alpha as f32,
+        bias: Bias::None,
+        out,
+        rhs: Rhs::Matrix,
+    };
+    a.apply_op2_no_bwd(b, &op)
+}
+
+/// candle's `Linear`, `y = x Wᵀ + bias`, for bf16 `x: [.., K]` and `W: [N, K]`, in bf16.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    linear_on(best_isa()?, x, w, bias)
+}
+
+fn linear_on(
+    isa: Isa,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let x2 = x.contiguous()?.reshape((x.elem_count() / k, k))?;
+    let op = Product {
+        isa,
+        alpha: 1.0,
+        bias: match bias {
+            Some(b) => Bias::Columns(f32_values(b)?),
+            None => Bias::None,
+        },
+        out: DType::BF16,
+        rhs: Rhs::Matrix,
+    };
+    let y = x2.apply_op2_no_bwd(&w.t()?, &op)?;
+    let mut out = dims;
+    *out.last_mut().unwrap() = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// A square convolution with stride `s` and zero padding `p`, `y = W ⋆ x + bias`, for bf16
+/// `x: [B, C, H, W]` and `W: [O, C, k, k]`, in bf16: the product of `W: [O, C·k·k]` with the patch
+/// matrix of each image.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    s: usize,
+    p: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_on(best_isa()?, x, weight, bias, s, p)
+}
+
+fn conv2d_on(
+    isa: Isa,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    s: usize,
+    p: usize,
+) -> candle_core::Result<Tensor> {
+    let (o, c, k, _) = weight.dims4()?;
+    let op = Product {
+        isa,
+        alpha: 1.0,
+        bias: match bias {
+            Some(b) => Bias::Rows(f32_values(b)?),
+            None => Bias::None,
+        },
+        out: DType::BF16,
+        rhs: Rhs::Patches { k, s, p },
+    };
+    weight
+        .contiguous()?
+        .reshape((o, c * k * k))?
+        .apply_op2_no_bwd(&x.contiguous()?, &op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{max_abs, max_abs_diff, test_input};
+
+    fn bf16(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::BF16).unwrap()
+    }
+
+    fn f32(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::F32).unwrap()
+    }
+
+    /// The relative error of `got` against the f32 product of the same bf16 inputs, which only the
+    /// order of the f32 sums separates from the kernel's (and, for a bf16 output, its rounding).
+    fn relative(got: &Tensor, want: &Tensor) -> f32 {
+        max_abs_diff(&f32(got), want) / max_abs(want)
+    }
+
+    /// The instruction sets this machine runs: each is tested; the test asserts the check's answer
+    /// where there is none.
+    fn isas() -> Vec<Isa> {
+        let isas: Vec<Isa> = [Isa::Amx, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect();
+        let t = bf16(&test_input(&[2, 2], 0));
+        assert_eq!(available(&t), !isas.is_empty());
+        assert!(!available(&f32(&t)));
+        if isas.is_empty() {
+            assert!(matmul(&t, &t, 1.0, DType::F32).is_err());
+        }
+        isas
+    }
+
+    #[test]
+    fn matches_the_f32_product_at_awkward_sizes() {
+        // Sizes around the blocks (MR 12, NR 32, KC 128 pairs, AMX 32 rows and 16 pairs, MC 96,
+        // NC 128), odd K, one row.
+        for isa in isas() {
+            for (m, k, n) in [
+                (1, 1, 1),
+                (13, 7, 33),
+                (97, 257, 129),
+                (200, 320, 40),
+                (5, 1000, 300),
+            ] {
+                let (a, b) = (bf16(&test_input(&[m, k], 1)), bf16(&test_input(&[k, n], 2)));
+                let want = f32(&a).matmul(&f32(&b)).unwrap();
+                let got = matmul_on(isa, &a, &b, 1.0, DType::F32).unwrap();
+                assert_eq!(got.dims(), &[m, n]);
+                assert!(relative(&got, &want) < 1e-5, "{isa:?} {m}×{k}×{n}");
+                // A transposed right operand is read in place; α scales; a bf16 output is rounded
+                // once.
+                let bt = bf16(&test_input(&[n, k], 3));
+                let want = (f32(&a).matmul(&f32(&bt).t().unwrap()).unwrap() * 0.5).unwrap();
+                let got = matmul_on(isa, &a, &bt.t().unwrap(), 0.5, DType::BF16).unwrap();
+                assert_eq!(got.dtype(), DType::BF16);
+                assert!(
+                    relative(&got, &want) < 8e-3,
+                    "{isa:?} {m}×{k}×{n} transposed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn batches_and_linear_layers_match_candle() {
+        for isa in isas() {
+            let (q, kt) = (
+                bf16(&test_input(&[3, 50, 40], 4)),
+                bf16(&test_input(&[3, 77, 40], 5)),
+            );
+            let want = f32(&q).matmul(&f32(&kt).transpose(1, 2).unwrap()).unwrap();
+            let got = matmul_on(isa, &q, &kt.transpose(1, 2).unwrap(), 1.0, DType::F32).unwrap();
+            assert_eq!(got.dims(), &[3, 50, 77]);
+            assert!(relative(&got, &want) < 1e-5, "{isa:?}");
+
+            let (x, w, b) = (
+                bf16(&test_input(&[2, 45, 70], 6)),
+                bf16(&test_input(&[33, 70], 7)),
+                bf16(&test_input(&[33], 8)),
+            );
+            let want = f32(&x)
+                .broadcast_matmul(&f32(&w).t().unwrap())
+                .unwrap()
+                .broadcast_add(&f32(&b))
+                .unwrap();
+            let got = linear_on(isa, &x, &w, Some(&b)).unwrap();
+            assert_eq!(got.dims(), &[2, 45, 33]);
+            assert!(relative(&got, &want) < 8e-3, "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn convolutions_match_candle_at_awkward_sizes() {
+        // Kernel, stride, padding as the UNet and VAE use them, on sizes off the blocks.
+        for isa in isas() {
+            for (b, c, o, h, w, k, s, p) in [
+                (2, 5, 7, 9, 13, 3, 1, 1),
+                (1, 33, 17, 16, 15, 3, 2, 1),
+                (1, 20, 40, 7, 5, 1, 1, 0),
+                (1, 3, 2, 1, 1, 3, 1, 1),
+                (1, 64, 130, 12, 11, 3, 2, 0),
+            ] {
+                let x = bf16(&test_input(&[b, c, h, w], 9));
+                let g = bf16(&test_input(&[o, c, k, k], 10));
+                let bias = bf16(&test_input(&[o], 11));
+                let want = f32(&x)
+                    .conv2d(&f32(&g), p, s, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&f32(&bias).reshape((1, o, 1, 1)).unwrap())
+                    .unwrap();
+                let got = conv2d_on(isa, &x, &g, Some(&bias), s, p).unwrap();
+                assert_eq!(got.dims(), want.dims(), "{isa:?} {c}→{o} k{k} s{s} p{p}");
+                assert!(
+                    relative(&got, &want) < 8e-3,
+                    "{isa:?} {c}→{o} k{k} s{s} p{p}"
+                );
+            }
+        }
+    }
+}
