@@ -331,8 +331,16 @@ fn pack_a_tiles(ops: &Operands, kp: usize) -> Vec<u32> {
         .for_each(|(block, dst)| {
             for r in 0..AMX_TILE_ROWS.min(ops.m.saturating_sub(block * AMX_TILE_ROWS)) {
                 let row = &ops.a[(block * AMX_TILE_ROWS + r) * ops.a_row..][..ops.k];
-                for (p, pair) in row.chunks(2).enumerate() {
-                    dst[(p / AMX_PAIRS) * tile + r * AMX_PAIRS + p % AMX_PAIRS] = pair_bits(pair);
+                let mut steps = row.chunks_exact(2 * AMX_PAIRS);
+                for (step, src) in (&mut steps).enumerate() {
+                    let d = &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS];
+                    for (d, pair) in d.iter_mut().zip(src.chunks_exact(2)) {
+                        *d = pair[0] as u32 | (pair[1] as u32) << 16;
+                    }
+                }
+                let last = ops.k / (2 * AMX_PAIRS);
+                for (p, pair) in steps.remainder().chunks(2).enumerate() {
+                    dst[last * tile + r * AMX_PAIRS + p] = pair_bits(pair);
                 }
             }
         });
@@ -344,31 +352,36 @@ fn pair_bits(pair: &[u16]) -> u32 {
     pair[0] as u32 | (pair.get(1).copied().unwrap_or(0) as u32) << 16
 }
 
-/// Columns `n0 .. n0 + cols` of `B` as panels of [`NR`] columns: `[panel][pair][column][2]` bf16,
-/// `(B[2p][c], B[2p + 1][c])`, zero past `K` and `N`.
-fn pack_b(ops: &Operands, n0: usize, cols: usize, kp: usize) -> Vec<u16> {
+/// Columns `n0 .. n0 + cols` of `B` as panels of [`NR`] columns: `[panel][pair][column]` u32 pairs
+/// `(B[2p][c], B[2p + 1][c])` (low half first), zero past `K` and `N`.
+fn pack_b(ops: &Operands, n0: usize, cols: usize, kp: usize) -> Vec<u32> {
     let panels = cols.div_ceil(NR);
-    let mut packed = vec![0u16; panels * kp * NR * 2];
-    for (panel, dst) in packed.chunks_mut(kp * NR * 2).enumerate() {
+    let mut packed = vec![0u32; panels * kp * NR];
+    for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
         let c0 = n0 + panel * NR;
         let width = NR.min(n0 + cols - c0);
         if ops.b_k == 1 {
             // Contiguous along `k` (a transposed weight): one column's pairs at a time.
             for c in 0..width {
                 let column = &ops.b[(c0 + c) * ops.b_n..][..ops.k];
-                for (pair, out) in column.chunks(2).zip(dst[2 * c..].chunks_mut(2 * NR)) {
-                    out[0] = pair[0];
-                    if let Some(&hi) = pair.get(1) {
-                        out[1] = hi;
-                    }
+                for (p, pair) in column.chunks(2).enumerate() {
+                    dst[p * NR + c] = pair_bits(pair);
                 }
             }
         } else {
-            for (p, out) in dst.chunks_mut(2 * NR).take(ops.k.div_ceil(2)).enumerate() {
-                for h in 0..2.min(ops.k - 2 * p) {
-                    let row = &ops.b[(2 * p + h) * ops.b_k + c0 * ops.b_n..];
-                    for c in 0..width {
-                        out[2 * c + h] = row[c * ops.b_n];
+            for (p, out) in dst.chunks_mut(NR).take(ops.k.div_ceil(2)).enumerate() {
+                let r0 = &ops.b[2 * p * ops.b_k + c0 * ops.b_n..];
+                match 2 * p + 1 < ops.k {
+                    true => {
+                        let r1 = &ops.b[(2 * p + 1) * ops.b_k + c0 * ops.b_n..];
+                        for (c, o) in out[..width].iter_mut().enumerate() {
+                            *o = r0[c * ops.b_n] as u32 | (r1[c * ops.b_n] as u32) << 16;
+                        }
+                    }
+                    false => {
+                        for (c, o) in out[..width].iter_mut().enumerate() {
+                            *o = r0[c * ops.b_n] as u32;
+                        }
                     }
                 }
             }
@@ -380,11 +393,11 @@ fn pack_b(ops: &Operands, n0: usize, cols: usize, kp: usize) -> Vec<u16> {
 /// As [`pack_b`], for the patch matrix of a convolution over the image `ops.b` (`[C, H, W]`): the
 /// columns of a panel fall into runs along output rows, and each run of a tap `(u, v)` reads one
 /// input row with stride `s`.
-fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: usize) -> Vec<u16> {
+fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: usize) -> Vec<u32> {
     let panels = cols.div_ceil(NR);
-    let mut packed = vec![0u16; panels * kp * NR * 2];
+    let mut packed = vec![0u32; panels * kp * NR];
     let taps = g.k * g.k;
-    for (panel, dst) in packed.chunks_mut(kp * NR * 2).enumerate() {
+    for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
         let c0 = n0 + panel * NR;
         let width = NR.min(n0 + cols - c0);
         // (first column in the panel, output row i, first output column j, length).
@@ -400,7 +413,8 @@ fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: us
             let (ch, tap) = (kk / taps, kk % taps);
             let (u, v) = (tap / g.k, tap % g.k);
             let image = &ops.b[ch * g.h * g.w..(ch + 1) * g.h * g.w];
-            let out = &mut dst[(kk / 2) * NR * 2 + kk % 2..];
+            let out = &mut dst[(kk / 2) * NR..][..NR];
+            let shift = 16 * (kk % 2);
             for &(c, i, j, len) in &runs {
                 // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
                 let Some(y) = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h) else {
@@ -409,9 +423,12 @@ fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: us
                 let x0 = g.s * j + v;
                 let t0 = g.p.saturating_sub(x0).div_ceil(g.s);
                 let t1 = (g.w + g.p).saturating_sub(x0).div_ceil(g.s).min(len);
-                let row = &image[y * g.w..(y + 1) * g.w];
-                for t in t0..t1 {
-                    out[2 * (c + t)] = row[x0 + g.s * t - g.p];
+                if t0 >= t1 {
+                    continue;
+                }
+                let row = &image[y * g.w + x0 + g.s * t0 - g.p..];
+                for (o, t) in out[c + t0..c + t1].iter_mut().zip(0..) {
+                    *o |= (row[g.s * t] as u32) << shift;
                 }
             }
         }
@@ -438,11 +455,11 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU has AVX-512F and AVX-512 BF16; the operands hold the tile's `kp` pairs.
-    pub(super) unsafe fn multiply_tile(a: &[u32], b: &[u16], t: TileShape, tile: &mut [f32]) {
+    pub(super) unsafe fn multiply_tile(a: &[u32], b: &[u32], t: TileShape, tile: &mut [f32]) {
         for k0 in (0..t.kp).step_by(KC) {
             let kc = KC.min(t.kp - k0);
             for panel in 0..t.cols.div_ceil(NR) {
-                let b = &b[(panel * t.kp + k0) * NR * 2..][..kc * NR * 2];
+                let b = &b[(panel * t.kp + k0) * NR..][..kc * NR];
                 for g in 0..t.rows.div_ceil(MR) {
                     let a = &a[((t.m0 / MR + g) * t.kp + k0) * MR..][..kc * MR];
                     kernel(a, b, &mut tile[g * MR * NC + panel * NR..], kc, k0 > 0);
@@ -459,7 +476,7 @@ mod avx512 {
     /// `(MR − 1) · NC + NR` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn kernel(a: &[u32], b: &[u16], c: &mut [f32], kc: usize, accumulate: bool) {
+    unsafe fn kernel(a: &[u32], b: &[u32], c: &mut [f32], kc: usize, accumulate: bool) {
         use std::arch::x86_64::*;
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (a, b) = (a.as_ptr(), b.as_ptr() as *const __m512i);
@@ -488,7 +505,7 @@ mod avx512 {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn kernel(_: &[u32], _: &[u16], _: &mut [f32], _: usize, _: bool) {
+    unsafe fn kernel(_: &[u32], _: &[u32], _: &mut [f32], _: usize, _: bool) {
         unreachable!("AVX-512 is x86-64's")
     }
 }
@@ -521,13 +538,13 @@ mod amx {
     /// The CPU runs AMX-BF16 and the OS granted the tile state; the operands hold the tile's `kp`
     /// pairs (a multiple of [`AMX_PAIRS`]) and `A` its rows up to a multiple of [`AMX_ROWS`].
     #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn multiply_tile(a: &[u32], b: &[u16], t: TileShape, tile: &mut [f32]) {
+    pub(super) unsafe fn multiply_tile(a: &[u32], b: &[u32], t: TileShape, tile: &mut [f32]) {
         use std::arch::asm;
         asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
         let (a_stride, b_stride, c_stride) = (AMX_PAIRS * 4, NR * 4, NC * 4);
         let a_tile = AMX_TILE_ROWS * AMX_PAIRS;
         for panel in 0..t.cols.div_ceil(NR) {
-            let b = b[panel * t.kp * NR * 2..][..t.kp * NR * 2].as_ptr();
+            let b = b[panel * t.kp * NR..][..t.kp * NR].as_ptr();
             for g in 0..t.rows.div_ceil(AMX_ROWS) {
                 let a = a[(t.m0 + g * AMX_ROWS) * t.kp..][..AMX_ROWS * t.kp].as_ptr();
                 asm!(
@@ -538,7 +555,7 @@ mod amx {
                     options(nostack)
                 );
                 for s in 0..t.kp / AMX_PAIRS {
-                    let (a0, b0) = (a.add(s * a_tile), b.add(s * AMX_PAIRS * NR * 2));
+                    let (a0, b0) = (a.add(s * a_tile), b.add(s * AMX_PAIRS * NR));
                     asm!(
                         "tileloadd tmm4, [{a0} + {sa}*1]",
                         "tileloadd tmm5, [{a1} + {sa}*1]",
@@ -551,7 +568,7 @@ mod amx {
                         a0 = in(reg) a0,
                         a1 = in(reg) a0.add(AMX_TILE_ROWS * t.kp),
                         b0 = in(reg) b0,
-                        b1 = in(reg) b0.add(32),
+                        b1 = in(reg) b0.add(16),
                         sa = in(reg) a_stride,
                         sb = in(reg) b_stride,
                         options(nostack, readonly)
@@ -577,7 +594,7 @@ mod amx {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub(super) unsafe fn multiply_tile(_: &[u32], _: &[u16], _: TileShape, _: &mut [f32]) {
+    pub(super) unsafe fn multiply_tile(_: &[u32], _: &[u32], _: TileShape, _: &mut [f32]) {
         unreachable!("AMX is x86-64's")
     }
 }
