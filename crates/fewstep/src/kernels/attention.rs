@@ -8,6 +8,9 @@ use crate::kernels::matmul_bf16;
 
 /// Scores held at once, at most (elements): 2 MiB of f32, a core's share of the L2/L3 cache.
 const BLOCK_SCORES: usize = 1 << 19;
+/// The same bound for the bf16 products of [`matmul_bf16`], which pack the keys and values at every
+/// call: 16 MiB of f32 scores, so a head's keys are packed a few times, not once per 128 queries.
+const BLOCK_SCORES_BF16: usize = 1 << 22;
 
 /// `softmax(q kᵀ · scale + mask) v` per batch-head, with `q: [N, Lq, d]`, `k: [N, Lk, d]`,
 /// `v: [N, Lk, dv]`, an additive `mask` broadcast over `[N, Lq, Lk]` (f32: 0 or −∞) → `[N, Lq, dv]` in
@@ -34,10 +37,14 @@ pub fn scaled_dot_product_attention(
     } else {
         (q.clone(), k.clone())
     };
-    if n * lq * lk <= BLOCK_SCORES || mask.is_some_and(|m| m.rank() > 2) {
+    let block = match matmul_bf16::available(&q) && matmul_bf16::available(v) {
+        true => BLOCK_SCORES_BF16,
+        false => BLOCK_SCORES,
+    };
+    if n * lq * lk <= block || mask.is_some_and(|m| m.rank() > 2) {
         return attend(&q, &k.t()?, v, scale, mask);
     }
-    let rows = (BLOCK_SCORES / lk).clamp(16, lq);
+    let rows = (block / lk).clamp(16, lq);
     let heads = (0..n)
         .map(|h| {
             let (q, kt, v) = (q.get(h)?, k.get(h)?.t()?, v.get(h)?);

@@ -217,7 +217,8 @@ impl Product {
         let n_blocks = n.div_ceil(NC);
         let m_blocks = m.div_ceil(MC);
         let threads = rayon::current_num_threads().max(1);
-        // Enough tasks for the threads to share evenly; each packs its own block of `B`.
+        // Enough tasks for the threads to share evenly. A matrix `B` is packed once for all of them;
+        // the patches of an image (`k²` times its size) a block at a time, by the task that uses it.
         let m_chunks = (4 * threads).div_ceil(n_blocks).clamp(1, m_blocks);
         let blocks_per_chunk = m_blocks.div_ceil(m_chunks);
         for i in 0..batch {
@@ -230,14 +231,29 @@ impl Product {
                 Isa::Amx => pack_a_tiles(&ops, kp),
                 Isa::Avx512 => pack_a_panels(&ops, kp),
             };
+            let block_b = |nb: usize| {
+                let (n0, cols) = (nb * NC, NC.min(n - nb * NC));
+                match patches {
+                    Some(g) => pack_patches(&ops, g, n0, cols, kp),
+                    None => pack_b(&ops, n0, cols, kp),
+                }
+            };
+            let shared_b: Vec<Vec<u32>> = match patches {
+                Some(_) => Vec::new(),
+                None => (0..n_blocks).into_par_iter().map(block_b).collect(),
+            };
             let dst = SharedOut(out[i * m * n..].as_mut_ptr());
             (0..n_blocks * m_chunks).into_par_iter().for_each(|task| {
                 let (nb, chunk) = (task / m_chunks, task % m_chunks);
                 let n0 = nb * NC;
                 let cols = NC.min(n - n0);
-                let packed_b = match patches {
-                    Some(g) => pack_patches(&ops, g, n0, cols, kp),
-                    None => pack_b(&ops, n0, cols, kp),
+                let own_b;
+                let packed_b = match shared_b.get(nb) {
+                    Some(b) => b,
+                    None => {
+                        own_b = block_b(nb);
+                        &own_b
+                    }
                 };
                 let mut tile = vec![0f32; MC * NC];
                 let first = chunk * blocks_per_chunk;
@@ -249,9 +265,9 @@ impl Product {
                     // for it, with `kp` pairs and rows padded to its row blocks.
                     unsafe {
                         match self.isa {
-                            Isa::Amx => amx::multiply_tile(&packed_a, &packed_b, shape, &mut tile),
+                            Isa::Amx => amx::multiply_tile(&packed_a, packed_b, shape, &mut tile),
                             Isa::Avx512 => {
-                                avx512::multiply_tile(&packed_a, &packed_b, shape, &mut tile)
+                                avx512::multiply_tile(&packed_a, packed_b, shape, &mut tile)
                             }
                         }
                     };
