@@ -425,9 +425,10 @@ fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: us
             runs.push((c, i, j, len));
             c += len;
         }
-        for kk in 0..ops.k {
-            let (ch, tap) = (kk / taps, kk % taps);
-            let (u, v) = (tap / g.k, tap % g.k);
+        // k = (channel, u, v) in order, counted without divisions.
+        let taps = (0..ops.k / taps)
+            .flat_map(|ch| (0..g.k).flat_map(move |u| (0..g.k).map(move |v| (ch, u, v))));
+        for (kk, (ch, u, v)) in taps.enumerate() {
             let image = &ops.b[ch * g.h * g.w..(ch + 1) * g.h * g.w];
             let out = &mut dst[(kk / 2) * NR..][..NR];
             let shift = 16 * (kk % 2);

@@ -1,6 +1,7 @@
 //! CPU kernels as candle custom ops, for the paths where candle's own CPU implementation is the
 //! bottleneck. Other devices keep candle's ops; each kernel is tested against the plain candle op.
 
+pub mod add;
 pub mod attention;
 pub mod geglu;
 pub mod group_norm;

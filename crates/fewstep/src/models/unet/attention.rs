@@ -6,6 +6,7 @@ use crate::models::nn::GroupNorm;
 use crate::models::nn::Linear;
 use candle_core::{DType, Tensor};
 
+use crate::kernels::add::add;
 use crate::kernels::attention::scaled_dot_product_attention;
 
 use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear, LayerNorm};
@@ -211,12 +212,14 @@ impl BasicTransformerBlock {
 
     /// `x: [B, N, dim]`, `context: [B, M, cross_attention_dim]` → `[B, N, dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&apply(&self.norm1, x)?, None)? + x)?;
-        let x = (self
-            .attn2
-            .forward(&apply(&self.norm2, &x)?, Some(context))?
-            + &x)?;
-        Ok((self.ff.forward(&apply(&self.norm3, &x)?)? + &x)?)
+        let x = add(&self.attn1.forward(&apply(&self.norm1, x)?, None)?, x)?;
+        let x = add(
+            &self
+                .attn2
+                .forward(&apply(&self.norm2, &x)?, Some(context))?,
+            &x,
+        )?;
+        Ok(add(&self.ff.forward(&apply(&self.norm3, &x)?)?, &x)?)
     }
 }
 
@@ -311,6 +314,6 @@ impl Transformer2DModel {
                 to_image(t, c)?
             }
         };
-        Ok((out + x)?)
+        Ok(add(&out, x)?)
     }
 }

@@ -1,6 +1,7 @@
 //! diffusers' `ResnetBlock2D` (with `time_embedding_norm = "default"`), shared by the UNet (with a
 //! timestep embedding) and the VAE (without one), and the activation functions the configs name.
 
+use crate::kernels::add::add;
 use crate::models::nn::GroupNorm;
 use crate::models::nn::{Conv2d, Linear};
 use candle_core::Tensor;
@@ -108,7 +109,7 @@ impl ResnetBlock2D {
         let mut h = apply(&self.conv1, &h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = apply(proj, &self.act.forward(temb)?)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+            h = add(&h, &t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
         let h = self.act.after_norm(&self.norm2, &h)?;
         let h = apply(&self.conv2, &h)?;
@@ -116,7 +117,7 @@ impl ResnetBlock2D {
             Some(c) => apply(c, x)?,
             None => x.clone(),
         };
-        let y = (skip + h)?;
+        let y = add(&skip, &h)?;
         if self.output_scale_factor == 1.0 {
             Ok(y)
         } else {
