@@ -438,8 +438,10 @@ fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: us
                     continue;
                 };
                 let x0 = g.s * j + v;
-                let t0 = g.p.saturating_sub(x0).div_ceil(g.s);
-                let t1 = (g.w + g.p).saturating_sub(x0).div_ceil(g.s).min(len);
+                // ⌈a / s⌉, without a division for the common stride 1.
+                let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
+                let t0 = ceil(g.p.saturating_sub(x0));
+                let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
                 if t0 >= t1 {
                     continue;
                 }

@@ -199,14 +199,17 @@ impl CustomOp1 for Softmax {
                 CpuStorage::F32(out)
             }
             DType::BF16 => {
-                // Each block computed in a scratch copy that stays in cache, then narrowed.
+                // Each row computed in a scratch copy that stays in cache, then narrowed.
                 let mut out = vec![bf16::ZERO; b - a];
                 out.par_chunks_mut(rows * n)
                     .zip(v[a..b].par_chunks(rows * n))
                     .for_each(|(dst, src)| {
-                        let mut block = src.to_vec();
-                        softmax_rows(&mut block, n);
-                        crate::kernels::narrow_to_bf16(&block, dst);
+                        let mut row = vec![0f32; n];
+                        for (dst, src) in dst.chunks_mut(n).zip(src.chunks(n)) {
+                            row.copy_from_slice(src);
+                            softmax_rows(&mut row, n);
+                            crate::kernels::narrow_to_bf16(&row, dst);
+                        }
                     });
                 CpuStorage::BF16(out)
             }
