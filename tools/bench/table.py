@@ -4,8 +4,8 @@
     python tools/bench/table.py OURS.json [OURS2.json …] -- TORCH.json [TORCH2.json …]
 
 One row per (stage, size, dtype) measured by both sides (and by either alone, with a blank for the other):
-median seconds, GFLOP, GFLOP/s, share of the f32 matrix-product rate measured in the same run, peak resident
-memory, and the ratio fewstep / PyTorch (below 1: fewstep is faster).
+median seconds, GFLOP, GFLOP/s, share of the matrix-product rate of the same dtype measured in the same run,
+peak resident memory, and the ratio fewstep / PyTorch (below 1: fewstep is faster).
 """
 import json
 import sys
@@ -30,7 +30,7 @@ def main():
     split = args.index("--")
     ours, ours_mm = load(args[:split])
     torch, torch_mm = load(args[split + 1:])
-    print("| matrix product n³ | dtype | fewstep (candle) GFLOP/s | PyTorch GFLOP/s |")
+    print("| matrix product n³ | dtype | fewstep GFLOP/s | PyTorch GFLOP/s |")
     print("|---|---|---|---|")
     for m in ours_mm:
         t = next((x for x in torch_mm if x["n"] == m["n"] and x["dtype"] == m["dtype"]), None)

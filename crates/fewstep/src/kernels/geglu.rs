@@ -90,7 +90,7 @@ impl CustomOp1 for Geglu {
         };
         let dims = l.dims();
         let width = dims[dims.len() - 1];
-        if width % 2 != 0 {
+        if !width.is_multiple_of(2) {
             bail!("geglu: the last dimension ({width}) must be even");
         }
         let inner = width / 2;

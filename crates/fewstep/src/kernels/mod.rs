@@ -36,7 +36,10 @@ unsafe fn narrow_avx512(src: &[f32], dst: &mut [half::bf16]) {
     let whole = n / 16 * 16;
     for (s, d) in src[..whole].chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
         let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr()));
-        _mm256_storeu_si256(d.as_mut_ptr() as *mut __m256i, std::mem::transmute(v));
+        _mm256_storeu_si256(
+            d.as_mut_ptr() as *mut __m256i,
+            std::mem::transmute::<__m256bh, __m256i>(v),
+        );
     }
     for (s, d) in src[whole..n].iter().zip(&mut dst[whole..n]) {
         *d = half::bf16::from_f32(*s);

@@ -78,8 +78,8 @@ fn rows_of(v: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     Tensor::ones((n, 1), v.dtype(), v.device())?.matmul(&v.reshape((1, c))?)
 }
 
-/// candle's linear layer, or under autograd on the CPU in f32 `x Wᵀ + 1·bᵀ` over the flattened rows
-/// (see [`rows_of`]).
+/// candle's linear layer (in bf16 on a CPU with bf16 dot products [`matmul_bf16::linear`]), or under
+/// autograd on the CPU in f32 `x Wᵀ + 1·bᵀ` over the flattened rows (see [`rows_of`]).
 fn linear_forward(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     if !training_path(x, layer.weight()) {
         if matmul_bf16::available(x) && layer.weight().dtype() == DType::BF16 {
@@ -185,9 +185,10 @@ impl Module for Conv2d {
 const WINOGRAD_MIN_PIXELS: usize = 1024;
 
 /// The convolution of a layer: candle's on other devices; on the CPU (where candle re-lays the whole
-/// weight out at every call) 3×3 stride-1 padding-1 convolutions of images of at least
+/// weight out at every call) a bf16 square convolution by [`matmul_bf16::conv2d`] where the CPU has
+/// bf16 dot products; otherwise 3×3 stride-1 padding-1 convolutions of images of at least
 /// [`WINOGRAD_MIN_PIXELS`] by [`winograd::conv3x3`] in inference, the others by [`conv2d_unfolded`] —
-/// in f32 whatever the model's dtype (this CPU path has no faster half-precision product).
+/// in f32 whatever the model's dtype.
 fn conv_forward(conv: &candle_nn::Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
     let cfg = conv.config();
     if !x.device().is_cpu() || cfg.dilation != 1 || cfg.groups != 1 {
