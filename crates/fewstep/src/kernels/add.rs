@@ -7,46 +7,25 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::kernels::contiguous_bf16;
+
 /// Values a task adds: blocks of 64 Ki.
 const BLOCK: usize = 1 << 16;
 
 struct Add;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [bf16]> {
-    let CpuStorage::BF16(v) = s else {
-        bail!("add: only bf16 tensors")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("add: inputs must be contiguous"),
-    }
-}
-
-/// `out = a + b` elementwise, or `out = a + b[0]` (`b` one value) when `b` has one element.
+/// `out[i] = a[i] + b(i)` in f32, rounded to bf16 a block at a time.
 #[inline(always)]
-fn add_into(out: &mut [bf16], a: &[bf16], b: &[bf16]) {
+fn add_into(out: &mut [bf16], a: &[bf16], b: impl Fn(usize) -> f32) {
     let mut sum = [0f32; BLOCK / 16];
-    for ((o, a), b) in out
+    for (block, (o, a)) in out
         .chunks_mut(sum.len())
         .zip(a.chunks(sum.len()))
-        .zip(b.chunks(sum.len()))
+        .enumerate()
     {
         let s = &mut sum[..o.len()];
-        for ((s, a), b) in s.iter_mut().zip(a).zip(b) {
-            *s = a.to_f32() + b.to_f32();
-        }
-        crate::kernels::narrow_to_bf16(s, o);
-    }
-}
-
-/// `out = a + c` for one value `c`.
-#[inline(always)]
-fn add_scalar_into(out: &mut [bf16], a: &[bf16], c: f32) {
-    let mut sum = [0f32; BLOCK / 16];
-    for (o, a) in out.chunks_mut(sum.len()).zip(a.chunks(sum.len())) {
-        let s = &mut sum[..o.len()];
-        for (s, a) in s.iter_mut().zip(a) {
-            *s = a.to_f32() + c;
+        for (i, (s, a)) in s.iter_mut().zip(a).enumerate() {
+            *s = a.to_f32() + b(block * BLOCK / 16 + i);
         }
         crate::kernels::narrow_to_bf16(s, o);
     }
@@ -64,18 +43,21 @@ impl CustomOp2 for Add {
         b_s: &CpuStorage,
         b_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (contiguous(a_s, a_l)?, contiguous(b_s, b_l)?);
+        let (a, b) = (
+            contiguous_bf16(a_s, a_l, "add: the left operand")?,
+            contiguous_bf16(b_s, b_l, "add: the right operand")?,
+        );
         let mut out = vec![bf16::ZERO; a.len()];
         if b.len() == a.len() {
             out.par_chunks_mut(BLOCK)
                 .zip(a.par_chunks(BLOCK).zip(b.par_chunks(BLOCK)))
-                .for_each(|(o, (a, b))| add_into(o, a, b));
+                .for_each(|(o, (a, b))| add_into(o, a, |i| b[i].to_f32()));
         } else if !b.is_empty() && a.len() % b.len() == 0 {
             // One value of `b` for each run of `a.len() / b.len()` values.
             let run = a.len() / b.len();
             out.par_chunks_mut(run)
                 .zip(a.par_chunks(run).zip(b.par_iter()))
-                .for_each(|(o, (a, b))| add_scalar_into(o, a, b.to_f32()));
+                .for_each(|(o, (a, b))| add_into(o, a, |_| b.to_f32()));
         } else {
             bail!("add: shapes {:?} and {:?}", a_l.dims(), b_l.dims());
         }

@@ -37,12 +37,14 @@ pub fn scaled_dot_product_attention(
     } else {
         (q.clone(), k.clone())
     };
-    let block = match matmul_bf16::available(&q) && matmul_bf16::available(v) {
+    // Both products on the bf16 kernels (after the upcast, which leaves q and k in f32).
+    let bf16_dot = [&q, &k, v].into_iter().all(matmul_bf16::available);
+    let block = match bf16_dot {
         true => BLOCK_SCORES_BF16,
         false => BLOCK_SCORES,
     };
     if n * lq * lk <= block || mask.is_some_and(|m| m.rank() > 2) {
-        return attend(&q, &k.t()?, v, scale, mask);
+        return attend(&q, &k.t()?, v, scale, mask, bf16_dot);
     }
     let rows = (block / lk).clamp(16, lq);
     let heads = (0..n)
@@ -58,7 +60,14 @@ pub fn scaled_dot_product_attention(
                             _ => Ok(m.clone()),
                         })
                         .transpose()?;
-                    attend(&q.narrow(0, start, len)?, &kt, &v, scale, m.as_ref())
+                    attend(
+                        &q.narrow(0, start, len)?,
+                        &kt,
+                        &v,
+                        scale,
+                        m.as_ref(),
+                        bf16_dot,
+                    )
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::cat(&blocks, 0)
@@ -67,15 +76,16 @@ pub fn scaled_dot_product_attention(
     Tensor::stack(&heads, 0)
 }
 
-/// `softmax(q · kt · scale + mask) v` on whole matrices (`kt` the transposed keys), scores in f32.
+/// `softmax(q · kt · scale + mask) v` on whole matrices (`kt` the transposed keys), scores in f32;
+/// with `bf16_dot` both products on [`matmul_bf16`].
 fn attend(
     q: &Tensor,
     kt: &Tensor,
     v: &Tensor,
     scale: f64,
     mask: Option<&Tensor>,
+    bf16_dot: bool,
 ) -> candle_core::Result<Tensor> {
-    let bf16_dot = matmul_bf16::available(q) && matmul_bf16::available(kt);
     let scores = match bf16_dot {
         true => matmul_bf16::matmul(q, kt, scale, DType::F32)?,
         false => (q * scale)?.matmul(kt)?.to_dtype(DType::F32)?,
@@ -84,7 +94,7 @@ fn attend(
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    match bf16_dot && matmul_bf16::available(v) {
+    match bf16_dot {
         true => {
             let probs = crate::kernels::softmax::softmax_last_dim_bf16(&scores)?;
             matmul_bf16::matmul(&probs, v, 1.0, DType::BF16)

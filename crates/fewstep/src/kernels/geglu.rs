@@ -7,6 +7,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::kernels::contiguous_bf16;
 use crate::kernels::softmax::exp;
 
 /// `erf(x)` with an absolute error below 1.5·10⁻⁷ in exact arithmetic, 6·10⁻⁷ in f32 (Abramowitz &
@@ -28,34 +29,19 @@ fn erf(x: f32) -> f32 {
     (1.0 - poly * exp(-z * z)).copysign(x)
 }
 
-/// bf16 bits to f32: the high half of the f32 bits.
+/// `out[r][i] = h · gelu(g)` with `h = hg[r][i]`, `g = hg[r][inner + i]`, for the rows of `hg`: each
+/// row in f32, then rounded to bf16.
 #[inline(always)]
-fn widen(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
-/// f32 to bf16 bits, rounded to nearest even (NaN stays NaN), as `half::bf16::from_f32`.
-#[inline(always)]
-fn narrow(v: f32) -> u16 {
-    let bits = v.to_bits();
-    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-    if v.is_nan() {
-        0x7fc0
-    } else {
-        rounded
-    }
-}
-
-/// `out[r][i] = h · gelu(g)` with `h = hg[r][i]`, `g = hg[r][inner + i]`, for the rows of `hg`.
-#[inline(always)]
-fn rows(hg: &[u16], out: &mut [u16], inner: usize) {
+fn rows(hg: &[bf16], out: &mut [bf16], inner: usize) {
+    let mut gated = vec![0f32; inner];
     for (src, dst) in hg.chunks_exact(2 * inner).zip(out.chunks_exact_mut(inner)) {
         let (h, g) = src.split_at(inner);
-        for ((d, &h), &g) in dst.iter_mut().zip(h).zip(g) {
-            let g = widen(g);
+        for ((v, h), g) in gated.iter_mut().zip(h).zip(g) {
+            let g = g.to_f32();
             let gelu = 0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
-            *d = narrow(widen(h) * gelu);
+            *v = h.to_f32() * gelu;
         }
+        crate::kernels::narrow_to_bf16(&gated, dst);
     }
 }
 
@@ -65,7 +51,7 @@ fn rows(hg: &[u16], out: &mut [u16], inner: usize) {
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_avx512(hg: &[u16], out: &mut [u16], inner: usize) {
+unsafe fn rows_avx512(hg: &[bf16], out: &mut [bf16], inner: usize) {
     rows(hg, out, inner)
 }
 
@@ -82,21 +68,14 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::BF16(v) = s else {
-            bail!("geglu: only bf16 tensors")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            bail!("geglu: the input must be contiguous")
-        };
+        let hg = contiguous_bf16(s, l, "geglu: the input")?;
         let dims = l.dims();
         let width = dims[dims.len() - 1];
         if !width.is_multiple_of(2) {
             bail!("geglu: the last dimension ({width}) must be even");
         }
         let inner = width / 2;
-        // SAFETY: bf16 is a transparent u16.
-        let hg = unsafe { std::slice::from_raw_parts(v[a..b].as_ptr() as *const u16, b - a) };
-        let mut out = vec![0u16; hg.len() / 2];
+        let mut out = vec![bf16::ZERO; hg.len() / 2];
         let block = inner * (4096 / inner).max(1);
         out.par_chunks_mut(block)
             .zip(hg.par_chunks(2 * block))
@@ -108,7 +87,6 @@ impl CustomOp1 for Geglu {
                 }
                 rows(src, dst, inner)
             });
-        let out = out.into_iter().map(bf16::from_bits).collect();
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap() = inner;
         Ok((CpuStorage::BF16(out), Shape::from(shape)))

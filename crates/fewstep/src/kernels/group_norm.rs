@@ -3,6 +3,7 @@
 //! pixel axes, is the slowest CPU path of a training step), and fused with the SiLU that follows it in
 //! every ResNet block for inference.
 
+use crate::kernels::{contiguous_bf16, contiguous_f32, narrow_to_bf16};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -23,16 +24,6 @@ fn bchw(shape: &Shape) -> candle_core::Result<(usize, usize, usize)> {
         bail!("group_norm: input rank must be at least 3 (got {d:?})");
     }
     Ok((d[0], d[1], d[2..].iter().product()))
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("group_norm: only f32 tensors")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("group_norm: inputs must be contiguous"),
-    }
 }
 
 /// `Σ f(x)` over a slice, in eight f32 lanes (which the compiler vectorises) summed in f64 per block of
@@ -102,15 +93,15 @@ impl CustomOp3 for GroupNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (gamma, beta) = (slice(ws, wl)?, slice(bs, bl)?);
+        let (gamma, beta) = (
+            contiguous_f32(ws, wl, "group_norm: the weight")?,
+            contiguous_f32(bs, bl, "group_norm: the bias")?,
+        );
         let (_, c, hw) = bchw(xl.shape())?;
         let cg = c / self.groups;
         let storage = match xs {
-            CpuStorage::BF16(v) => {
-                let Some((a, b)) = xl.contiguous_offsets() else {
-                    bail!("group_norm: inputs must be contiguous")
-                };
-                let x = &v[a..b];
+            CpuStorage::BF16(_) => {
+                let x = contiguous_bf16(xs, xl, "group_norm: the input")?;
                 let mut y = vec![bf16::ZERO; x.len()];
                 y.par_chunks_mut(cg * hw)
                     .zip(x.par_chunks(cg * hw))
@@ -119,14 +110,12 @@ impl CustomOp3 for GroupNormOp {
                         let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
                         let mut out = vec![0f32; x.len()];
                         self.normalize_group(&x, &mut out, gamma, beta, bg, hw);
-                        y.iter_mut()
-                            .zip(&out)
-                            .for_each(|(y, &v)| *y = bf16::from_f32(v));
+                        narrow_to_bf16(&out, y);
                     });
                 CpuStorage::BF16(y)
             }
             _ => {
-                let x = slice(xs, xl)?;
+                let x = contiguous_f32(xs, xl, "group_norm: the input")?;
                 let mut y = vec![0f32; x.len()];
                 y.par_chunks_mut(cg * hw)
                     .zip(x.par_chunks(cg * hw))

@@ -120,6 +120,17 @@ enum Bias {
     Rows(Vec<f32>),
 }
 
+impl Bias {
+    /// An optional bias tensor as f32 values, added along `along` ([`Bias::Columns`] or
+    /// [`Bias::Rows`]).
+    fn of(bias: Option<&Tensor>, along: fn(Vec<f32>) -> Bias) -> candle_core::Result<Bias> {
+        Ok(match bias {
+            Some(b) => along(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            None => Bias::None,
+        })
+    }
+}
+
 /// Where `B[k][n]` is read.
 #[derive(Clone, Copy, Debug)]
 enum Rhs {
@@ -711,10 +722,6 @@ impl CustomOp2 for Product {
     }
 }
 
-fn f32_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
-}
-
 /// The fastest instructions this CPU runs, or an error naming what is missing.
 fn best_isa() -> candle_core::Result<Isa> {
     match Isa::best() {
@@ -767,10 +774,7 @@ fn linear_on(
     let op = Product {
         isa,
         alpha: 1.0,
-        bias: match bias {
-            Some(b) => Bias::Columns(f32_values(b)?),
-            None => Bias::None,
-        },
+        bias: Bias::of(bias, Bias::Columns)?,
         out: DType::BF16,
         rhs: Rhs::Matrix,
     };
@@ -805,10 +809,7 @@ fn conv2d_on(
     let op = Product {
         isa,
         alpha: 1.0,
-        bias: match bias {
-            Some(b) => Bias::Rows(f32_values(b)?),
-            None => Bias::None,
-        },
+        bias: Bias::of(bias, Bias::Rows)?,
         out: DType::BF16,
         rhs: Rhs::Patches { k, s, p },
     };

@@ -10,6 +10,51 @@ pub mod softmax;
 pub mod unfold;
 pub mod winograd;
 
+use candle_core::{bail, CpuStorage, Layout};
+
+/// The values of a contiguous operand of a custom op, or an error naming it (`what`, e.g.
+/// "group_norm: the input") and what was expected.
+fn contiguous<'a, T>(
+    values: Option<&'a [T]>,
+    l: &Layout,
+    what: &str,
+    dtype: &str,
+) -> candle_core::Result<&'a [T]> {
+    let Some(v) = values else {
+        bail!("{what} must be {dtype}")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what} must be contiguous"),
+    }
+}
+
+/// The values of a contiguous f32 operand (see [`contiguous`]).
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let values = match s {
+        CpuStorage::F32(v) => Some(v.as_slice()),
+        _ => None,
+    };
+    contiguous(values, l, what, "f32")
+}
+
+/// The values of a contiguous bf16 operand (see [`contiguous`]).
+pub(crate) fn contiguous_bf16<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [half::bf16]> {
+    let values = match s {
+        CpuStorage::BF16(v) => Some(v.as_slice()),
+        _ => None,
+    };
+    contiguous(values, l, what, "bf16")
+}
+
 /// `dst[i] = bf16(src[i])`, rounded to nearest even as `half::bf16::from_f32`: sixteen values at a
 /// time by `vcvtneps2bf16` where the CPU has AVX-512 BF16 (which flushes subnormal values to zero),
 /// `half`'s conversion elsewhere.

@@ -3,6 +3,7 @@
 //! takes the exponential of a billion scores a step, where the C library's scalar `expf` costs more than
 //! the rest of the softmax.
 
+use crate::kernels::contiguous_f32;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -183,26 +184,21 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            bail!("softmax: only f32")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            bail!("softmax: input must be contiguous")
-        };
+        let v = contiguous_f32(s, l, "softmax: the input")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let rows = block_rows(n);
         let storage = match self.out {
             DType::F32 => {
-                let mut out = v[a..b].to_vec();
+                let mut out = v.to_vec();
                 out.par_chunks_mut(rows * n)
                     .for_each(|block| softmax_rows(block, n));
                 CpuStorage::F32(out)
             }
             DType::BF16 => {
                 // Each row computed in a scratch copy that stays in cache, then narrowed.
-                let mut out = vec![bf16::ZERO; b - a];
+                let mut out = vec![bf16::ZERO; v.len()];
                 out.par_chunks_mut(rows * n)
-                    .zip(v[a..b].par_chunks(rows * n))
+                    .zip(v.par_chunks(rows * n))
                     .for_each(|(dst, src)| {
                         let mut row = vec![0f32; n];
                         for (dst, src) in dst.chunks_mut(n).zip(src.chunks(n)) {

@@ -1,6 +1,7 @@
 //! Unfold (im2col) and its adjoint fold (col2im), PyTorch's `F.unfold`/`F.fold`, as candle custom ops
 //! with a backward pass: the training path's convolutions are one matrix product over these patches.
 
+use crate::kernels::contiguous_f32;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -47,20 +48,6 @@ impl Geometry {
     }
 }
 
-fn f32_contiguous<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = storage else {
-        bail!("{op}: only f32 tensors")
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("{op}: the input must be contiguous"),
-    }
-}
-
 /// `[B, C, H, W]` → `[C·k·k, B·L]`, `cols[(c·k + u)·k + v, b·L + i·wo + j] = x̃[b, c, s·i + u, s·j + v]`
 /// (`L = ho·wo`): the right operand of `W[O, C·k·k] · cols`.
 struct Unfold(Geometry);
@@ -75,7 +62,7 @@ impl CustomOp1 for Unfold {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_contiguous(storage, layout, "unfold")?;
+        let x = contiguous_f32(storage, layout, "unfold: the input")?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let g = self.0;
         let (ho, wo) = g.out();
@@ -128,7 +115,7 @@ impl CustomOp1 for Fold {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let cols = f32_contiguous(storage, layout, "fold")?;
+        let cols = contiguous_f32(storage, layout, "fold: the input")?;
         let (ckk, _) = layout.shape().dims2()?;
         let (g, b) = (self.g, self.batch);
         let (ho, wo) = g.out();

@@ -13,6 +13,7 @@
 //! interpolation points 0, ±1, ±2 (Lavin & Gray's matrices below); in f32 the result is within a few
 //! 10⁻⁶ of the direct convolution's, relative to the output's magnitude.
 
+use crate::kernels::contiguous_f32;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -192,16 +193,6 @@ fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], o: usize, c: usize, n: usize) {
 
 struct Winograd;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("winograd conv: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("winograd conv: {what} must be contiguous"),
-    }
-}
-
 impl CustomOp3 for Winograd {
     fn name(&self) -> &'static str {
         "winograd-conv3x3"
@@ -217,9 +208,9 @@ impl CustomOp3 for Winograd {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, g, bias) = (
-            contiguous(xs, xl, "input")?,
-            contiguous(gs, gl, "weight")?,
-            contiguous(bs, bl, "bias")?,
+            contiguous_f32(xs, xl, "winograd conv: the input")?,
+            contiguous_f32(gs, gl, "winograd conv: the weight")?,
+            contiguous_f32(bs, bl, "winograd conv: the bias")?,
         );
         let (b, c, h, w) = xl.shape().dims4()?;
         let (o, gc, kh, kw) = gl.shape().dims4()?;
