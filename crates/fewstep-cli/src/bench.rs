@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::ValueEnum;
-use fewstep::kernels::matmul_bf16;
+use fewstep::kernels::matmul;
 use fewstep::models::taesd::AutoencoderTiny;
 use fewstep::pipeline::StableDiffusion;
 use fewstep::schedulers::SchedulerKind;
@@ -151,15 +151,15 @@ fn measure(
     Ok((times, flops, peak_ok.then(peak_rss_mib).flatten()))
 }
 
-/// `n×n · n×n` in `dtype` as the models multiply: bf16 by fewstep's AMX / AVX-512 BF16 kernel where
-/// the CPU has one, otherwise through candle. Seconds (median) and GFLOP/s.
+/// `n×n · n×n` in `dtype` as the models multiply: by fewstep's kernel where the CPU has one for the
+/// dtype (bf16: AMX or AVX-512 BF16; f32: AVX-512F), otherwise through candle. Seconds (median) and GFLOP/s.
 fn matmul_rate(n: usize, dtype: DType, repeats: usize) -> Result<MatmulRate> {
     let dev = Device::Cpu;
     let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
     let (times, _, _) = measure(repeats, || {
-        match matmul_bf16::available(&a) {
-            true => matmul_bf16::matmul(&a, &b, 1.0, dtype)?,
+        match matmul::available(&a) {
+            true => matmul::matmul(&a, &b, 1.0, dtype)?,
             false => a.matmul(&b)?,
         };
         Ok(())

@@ -1,6 +1,7 @@
 //! fewstep: text-to-image and image-to-image in 1–8 steps with Latent Consistency Models (LCM) and
 //! LCM-LoRA, with diffusers' semantics. See `DESIGN.md` for how the pieces fit.
 
+pub mod allocator;
 pub mod config;
 pub mod error;
 pub mod eval;

@@ -4,13 +4,13 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::kernels::matmul_bf16;
+use crate::kernels::matmul;
 
 /// Scores held at once, at most (elements): 2 MiB of f32, a core's share of the L2/L3 cache.
 const BLOCK_SCORES: usize = 1 << 19;
-/// The same bound for the bf16 products of [`matmul_bf16`], which pack the keys and values at every
-/// call: 16 MiB of f32 scores, so a head's keys are packed a few times, not once per 128 queries.
-const BLOCK_SCORES_BF16: usize = 1 << 22;
+/// The same bound for the products of [`matmul`], which pack the keys and values at every call: 16 MiB
+/// of f32 scores, so a head's keys are packed a few times, not once per 128 queries.
+const BLOCK_SCORES_KERNEL: usize = 1 << 22;
 
 /// `softmax(q kᵀ · scale + mask) v` per batch-head, with `q: [N, Lq, d]`, `k: [N, Lk, d]`,
 /// `v: [N, Lk, dv]`, an additive `mask` broadcast over `[N, Lq, Lk]` (f32: 0 or −∞) → `[N, Lq, dv]` in
@@ -37,14 +37,17 @@ pub fn scaled_dot_product_attention(
     } else {
         (q.clone(), k.clone())
     };
-    // Both products on the bf16 kernels (after the upcast, which leaves q and k in f32).
-    let bf16_dot = [&q, &k, v].into_iter().all(matmul_bf16::available);
-    let block = match bf16_dot {
-        true => BLOCK_SCORES_BF16,
+    // Both products on the CPU kernels where q, k and v share a dtype they run (after an upcast,
+    // q and k are f32 and v is not), outside autograd (the kernels have no backward pass).
+    let kernel = [&q, &k, v]
+        .into_iter()
+        .all(|t| matmul::available(t) && t.dtype() == q.dtype() && !t.track_op());
+    let block = match kernel {
+        true => BLOCK_SCORES_KERNEL,
         false => BLOCK_SCORES,
     };
     if n * lq * lk <= block || mask.is_some_and(|m| m.rank() > 2) {
-        return attend(&q, &k.t()?, v, scale, mask, bf16_dot);
+        return attend(&q, &k.t()?, v, scale, mask, kernel);
     }
     let rows = (block / lk).clamp(16, lq);
     let heads = (0..n)
@@ -66,7 +69,7 @@ pub fn scaled_dot_product_attention(
                         &v,
                         scale,
                         m.as_ref(),
-                        bf16_dot,
+                        kernel,
                     )
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
@@ -77,29 +80,33 @@ pub fn scaled_dot_product_attention(
 }
 
 /// `softmax(q · kt · scale + mask) v` on whole matrices (`kt` the transposed keys), scores in f32;
-/// with `bf16_dot` both products on [`matmul_bf16`].
+/// with `kernel` both products on [`matmul`].
 fn attend(
     q: &Tensor,
     kt: &Tensor,
     v: &Tensor,
     scale: f64,
     mask: Option<&Tensor>,
-    bf16_dot: bool,
+    kernel: bool,
 ) -> candle_core::Result<Tensor> {
-    let scores = match bf16_dot {
-        true => matmul_bf16::matmul(q, kt, scale, DType::F32)?,
+    let scores = match kernel {
+        true => matmul::matmul(q, kt, scale, DType::F32)?,
         false => (q * scale)?.matmul(kt)?.to_dtype(DType::F32)?,
     };
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    match bf16_dot {
-        true => {
+    match (kernel, v.dtype()) {
+        (true, DType::BF16) => {
             let probs = crate::kernels::softmax::softmax_last_dim_bf16(&scores)?;
-            matmul_bf16::matmul(&probs, v, 1.0, DType::BF16)
+            matmul::matmul(&probs, v, 1.0, DType::BF16)
         }
-        false => crate::models::nn::softmax_last_dim(&scores)?
+        (true, _) => {
+            let probs = crate::models::nn::softmax_last_dim(&scores)?;
+            matmul::matmul(&probs, v, 1.0, DType::F32)
+        }
+        (false, _) => crate::models::nn::softmax_last_dim(&scores)?
             .to_dtype(v.dtype())?
             .matmul(v),
     }

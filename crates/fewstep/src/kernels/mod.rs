@@ -5,7 +5,7 @@ pub mod add;
 pub mod attention;
 pub mod geglu;
 pub mod group_norm;
-pub mod matmul_bf16;
+pub mod matmul;
 pub mod softmax;
 pub mod unfold;
 pub mod winograd;

@@ -14,6 +14,7 @@
 //! 10⁻⁶ of the direct convolution's, relative to the output's magnitude.
 
 use crate::kernels::contiguous_f32;
+use crate::kernels::matmul::PackedLhs;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -163,7 +164,8 @@ fn transform_output(
     }
 }
 
-/// `dst[O, n] = a[O, C] · b[C, n]`, row-major, on the calling thread.
+/// `dst[O, n] = a[O, C] · b[C, n]`, row-major, on the calling thread, by `gemm` (CPUs without
+/// AVX-512F).
 fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], o: usize, c: usize, n: usize) {
     // SAFETY: the three slices hold O·n, O·C and C·n elements, row-major with the strides given.
     unsafe {
@@ -223,6 +225,11 @@ impl CustomOp3 for Winograd {
             );
         }
         let u = transform_weights(g, o, c);
+        // The 36 `U_ξ` packed once for the AVX-512F product where the CPU has it.
+        let packed: Option<Vec<PackedLhs>> = (0..XI)
+            .into_par_iter()
+            .map(|xi| PackedLhs::f32(&u[xi * o * c..(xi + 1) * o * c], o, c))
+            .collect();
         let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
         let tiles = th * tw;
         let threads = rayon::current_num_threads().max(1);
@@ -241,14 +248,14 @@ impl CustomOp3 for Winograd {
                 let mut m = vec![0f32; XI * o * n];
                 transform_input(x, c, h, w, tw, first, n, &mut v);
                 for xi in 0..XI {
-                    matmul(
+                    let (m, v) = (
                         &mut m[xi * o * n..(xi + 1) * o * n],
-                        &u[xi * o * c..(xi + 1) * o * c],
                         &v[xi * c * n..(xi + 1) * c * n],
-                        o,
-                        c,
-                        n,
                     );
+                    match &packed {
+                        Some(p) => p[xi].multiply(v, n, m),
+                        None => matmul(m, &u[xi * o * c..(xi + 1) * o * c], v, o, c, n),
+                    }
                 }
                 // SAFETY: see `SharedOut`.
                 let out = unsafe { out.slice() };

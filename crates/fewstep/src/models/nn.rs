@@ -8,7 +8,7 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::Conv2dConfig;
 
-use crate::kernels::matmul_bf16;
+use crate::kernels::matmul;
 use crate::kernels::unfold::unfold;
 use crate::kernels::winograd;
 use crate::lora::LoraBranch;
@@ -78,12 +78,12 @@ fn rows_of(v: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     Tensor::ones((n, 1), v.dtype(), v.device())?.matmul(&v.reshape((1, c))?)
 }
 
-/// candle's linear layer (in bf16 on a CPU with bf16 dot products [`matmul_bf16::linear`]), or under
+/// candle's linear layer (on a CPU with a product kernel for the dtype [`matmul::linear`]), or under
 /// autograd on the CPU in f32 `x Wᵀ + 1·bᵀ` over the flattened rows (see [`rows_of`]).
 fn linear_forward(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     if !training_path(x, layer.weight()) {
-        if matmul_bf16::available(x) && layer.weight().dtype() == DType::BF16 {
-            return matmul_bf16::linear(x, layer.weight(), layer.bias());
+        if matmul::available(x) && layer.weight().dtype() == x.dtype() {
+            return matmul::linear(x, layer.weight(), layer.bias());
         }
         return layer.forward(x);
     }
@@ -185,24 +185,29 @@ impl Module for Conv2d {
 const WINOGRAD_MIN_PIXELS: usize = 1024;
 
 /// The convolution of a layer: candle's on other devices; on the CPU (where candle re-lays the whole
-/// weight out at every call) a bf16 square convolution by [`matmul_bf16::conv2d`] where the CPU has
-/// bf16 dot products; otherwise 3×3 stride-1 padding-1 convolutions of images of at least
-/// [`WINOGRAD_MIN_PIXELS`] by [`winograd::conv3x3`] in inference, the others by [`conv2d_unfolded`] —
-/// in f32 whatever the model's dtype.
+/// weight out at every call) 3×3 stride-1 padding-1 f32 convolutions of images of at least
+/// [`WINOGRAD_MIN_PIXELS`] by [`winograd::conv3x3`] in inference; other square convolutions by
+/// [`matmul::conv2d`] where the CPU has a product kernel for the dtype (bf16 always: its products
+/// are exact and a bf16 Winograd transform would round); the rest by [`conv2d_unfolded`] in f32.
 fn conv_forward(conv: &candle_nn::Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
     let cfg = conv.config();
     if !x.device().is_cpu() || cfg.dilation != 1 || cfg.groups != 1 {
         return conv.forward(x);
     }
     let (_, _, kh, kw) = conv.weight().dims4()?;
-    if kh == kw && matmul_bf16::available(x) && conv.weight().dtype() == DType::BF16 {
-        return matmul_bf16::conv2d(x, conv.weight(), conv.bias(), cfg.stride, cfg.padding);
-    }
     let (_, _, h, w) = x.dims4()?;
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let training = training_path(x, conv.weight());
+    let kernel =
+        kh == kw && !training && matmul::available(x) && conv.weight().dtype() == x.dtype();
     let winograd = (kh, kw, cfg.stride, cfg.padding) == (3, 3, 1, 1)
         && h * w >= WINOGRAD_MIN_PIXELS
-        && !training_path(x, conv.weight());
+        && !training
+        && conv.bias().is_some()
+        && !(kernel && x.dtype() == DType::BF16);
+    if kernel && !winograd {
+        return matmul::conv2d(x, conv.weight(), conv.bias(), cfg.stride, cfg.padding);
+    }
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let y = match conv.bias() {
         Some(bias) if winograd => winograd::conv3x3(&f32(x)?, &f32(conv.weight())?, &f32(bias)?)?,
         _ if kh == kw => conv2d_unfolded(

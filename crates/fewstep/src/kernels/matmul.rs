@@ -1,23 +1,24 @@
-//! The bf16 matrix product on CPUs with bf16 dot-product instructions, products exact and sums in
-//! f32, the way oneDNN multiplies bf16 for PyTorch:
-//! - AMX (`tdpbf16ps`: a 16×16 f32 tile accumulates the products of a 16×32 bf16 tile of `A` with a
-//!   32×16 tile of `B` stored as bf16 pairs), on Intel Xeons since Sapphire Rapids;
-//! - AVX-512 BF16 (`vdpbf16ps`, `_mm512_dpbf16_ps`: each of 16 f32 lanes accumulates
-//!   `a₂ᵢb₂ᵢ + a₂ᵢ₊₁b₂ᵢ₊₁`), on Cooper Lake and AMD Zen 4 and later.
+//! The CPU matrix product for bf16 and f32, the way oneDNN multiplies for PyTorch:
+//! - bf16, products exact and sums in f32: AMX (`tdpbf16ps`: a 16×16 f32 tile accumulates the
+//!   products of a 16×32 bf16 tile of `A` with a 32×16 tile of `B` stored as bf16 pairs), on Intel
+//!   Xeons since Sapphire Rapids; else AVX-512 BF16 (`vdpbf16ps`, `_mm512_dpbf16_ps`: each of 16 f32
+//!   lanes accumulates `a₂ᵢb₂ᵢ + a₂ᵢ₊₁b₂ᵢ₊₁`), on Cooper Lake and AMD Zen 4 and later;
+//! - f32: AVX-512F fused multiply-adds (`vfmadd231ps` with a broadcast `A` value), on any AVX-512 CPU.
 //!
-//! `C = α · A · B + bias` for bf16 `A: [M, K]` and `B: [K, N]`, with `B` read through strides (a
+//! `C = α · A · B + bias` for `A: [M, K]` and `B: [K, N]`, with `B` read through strides (a
 //! weight `Wᵀ` is `W` read by columns) or gathered from an image as the patches of a convolution
 //! (implicit im2col: the patch matrix is never materialised, only a block of it at a time).
-//! The blocking is BLIS's: `B` packed into panels of [`NR`] columns as bf16 pairs along `K`, `A` into
-//! rows of pairs; a task owns a block of `MC × NC` results, so a panel of `B` stays in cache while
-//! the rows of `A` pass over it.
+//! The blocking is BLIS's: `B` packed into panels of [`NR`] columns of 32-bit slots along `K` (a bf16
+//! pair or one f32), `A` into rows of slots; a task owns a block of `MC × NC` results, so a panel of
+//! `B` stays in cache while the rows of `A` pass over it.
 //!
-//! [`available`] is the run-time check (bf16 tensors on the CPU of an x86-64 machine with either
-//! instruction set; AMX also needs the Linux kernel's permission, asked once); callers keep candle's
-//! own ops as the portable path.
+//! [`available`] is the run-time check (bf16 or f32 tensors on the CPU of an x86-64 machine with one
+//! of the instruction sets for that dtype; AMX also needs the Linux kernel's permission, asked once);
+//! callers keep candle's own ops as the portable path.
 
 use std::sync::OnceLock;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -44,8 +45,12 @@ const NC: usize = 128;
 /// The instructions a product runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
+    /// bf16 on AMX tiles.
     Amx,
-    Avx512,
+    /// bf16 on AVX-512 BF16 dot products.
+    Avx512Bf16,
+    /// f32 on AVX-512F fused multiply-adds.
+    Avx512F,
 }
 
 impl Isa {
@@ -54,34 +59,56 @@ impl Isa {
         static AMX: OnceLock<bool> = OnceLock::new();
         match self {
             Isa::Amx => *AMX.get_or_init(amx_enabled),
-            Isa::Avx512 => avx512_bf16(),
+            Isa::Avx512Bf16 => avx512_bf16(),
+            Isa::Avx512F => avx512f(),
         }
     }
 
-    /// The fastest supported one.
-    fn best() -> Option<Isa> {
-        [Isa::Amx, Isa::Avx512].into_iter().find(|i| i.supported())
+    /// The dtype of the operands it multiplies.
+    fn dtype(self) -> DType {
+        match self {
+            Isa::Amx | Isa::Avx512Bf16 => DType::BF16,
+            Isa::Avx512F => DType::F32,
+        }
     }
 
-    /// Pairs of `K` the packed operands hold: AMX reads whole tiles of [`AMX_PAIRS`] pairs.
-    fn pairs(self, k: usize) -> usize {
+    /// The fastest supported one for operands of `dtype`.
+    fn best(dtype: DType) -> Option<Isa> {
+        [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512F]
+            .into_iter()
+            .find(|i| i.dtype() == dtype && i.supported())
+    }
+
+    /// 32-bit slots of `K` the packed operands hold: a bf16 pair or one f32 each; AMX reads whole
+    /// tiles of [`AMX_PAIRS`] pairs.
+    fn slots(self, k: usize) -> usize {
         match self {
             Isa::Amx => k.div_ceil(2 * AMX_PAIRS) * AMX_PAIRS,
-            Isa::Avx512 => k.div_ceil(2),
+            Isa::Avx512Bf16 => k.div_ceil(2),
+            Isa::Avx512F => k,
         }
     }
 }
 
 /// Whether [`matmul`], [`linear`] and [`conv2d`] run for this tensor: bf16 on the CPU of an x86-64
-/// machine that has AMX or AVX-512 BF16.
+/// machine that has AMX or AVX-512 BF16, or f32 on one that has AVX-512F.
 pub fn available(t: &Tensor) -> bool {
-    t.dtype() == DType::BF16 && t.device().is_cpu() && Isa::best().is_some()
+    t.device().is_cpu() && Isa::best(t.dtype()).is_some()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512f() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512f() -> bool {
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_bf16() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
+    avx512f() && std::arch::is_x86_feature_detected!("avx512bf16")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -141,13 +168,47 @@ enum Rhs {
     Patches { k: usize, s: usize, p: usize },
 }
 
-/// The operands of one product, as offsets into the bf16 bits of the two storages.
+/// An operand's element as packed: [`Source::PER_SLOT`] consecutive values of `K` share one 32-bit
+/// slot (a bf16 pair, the first value in the low half, or one f32) — which is how they lie in
+/// memory on a little-endian machine.
+trait Source: Copy + Send + Sync {
+    const PER_SLOT: usize;
+    /// The value's bits in the low end of a slot.
+    fn bits(self) -> u32;
+
+    /// The slots of consecutive values of `K`: each whole slot read as it lies in memory, a lone
+    /// last bf16 paired with zero.
+    fn slots(values: &[Self]) -> impl Iterator<Item = u32> + '_ {
+        const { assert!(std::mem::size_of::<Self>() * Self::PER_SLOT == 4) };
+        let whole = values.chunks_exact(Self::PER_SLOT);
+        let last = whole.remainder().first().map(|v| v.bits());
+        // SAFETY: a chunk of PER_SLOT values is 4 bytes (asserted above).
+        let whole = whole.map(|c| unsafe { (c.as_ptr() as *const u32).read_unaligned() });
+        whole.chain(last)
+    }
+}
+
+impl Source for bf16 {
+    const PER_SLOT: usize = 2;
+    fn bits(self) -> u32 {
+        self.to_bits() as u32
+    }
+}
+
+impl Source for f32 {
+    const PER_SLOT: usize = 1;
+    fn bits(self) -> u32 {
+        self.to_bits()
+    }
+}
+
+/// The operands of one product, from the offsets of the two storages.
 #[derive(Clone, Copy)]
-struct Operands<'a> {
-    a: &'a [u16],
+struct Operands<'a, S> {
+    a: &'a [S],
     /// Row stride of `A` (its columns are contiguous).
     a_row: usize,
-    b: &'a [u16],
+    b: &'a [S],
     /// `B`'s strides along `k` and `n` (for [`Rhs::Matrix`]).
     b_k: usize,
     b_n: usize,
@@ -173,16 +234,6 @@ struct Product {
     bias: Bias,
     out: DType,
     rhs: Rhs,
-}
-
-fn bits<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [u16]> {
-    match s {
-        CpuStorage::BF16(v) => {
-            // SAFETY: bf16 is a transparent u16.
-            Ok(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) })
-        }
-        _ => bail!("bf16 matmul: {what} must be bf16"),
-    }
 }
 
 /// The output buffer shared by the tasks of one product; each task writes its own tile of `C`.
@@ -215,16 +266,16 @@ impl Element for bf16 {
 impl Product {
     /// `C` for `batch` products into `out` (`batch · M · N` elements, row-major), operand `i` of the
     /// batch found at `a_batch · i` and `b_batch · i` elements past the operands' offsets.
-    fn run<T: Element>(
+    fn run<S: Source, T: Element>(
         &self,
-        ops: Operands,
+        ops: Operands<S>,
         batch: usize,
         (a_batch, b_batch): (usize, usize),
         patches: Option<PatchGeometry>,
     ) -> Vec<T> {
         let Operands { m, n, k, .. } = ops;
         let mut out = vec![T::default(); batch * m * n];
-        let kp = self.isa.pairs(k);
+        let kp = self.isa.slots(k);
         let n_blocks = n.div_ceil(NC);
         let m_blocks = m.div_ceil(MC);
         let threads = rayon::current_num_threads().max(1);
@@ -240,7 +291,7 @@ impl Product {
             };
             let packed_a = match self.isa {
                 Isa::Amx => pack_a_tiles(&ops, kp),
-                Isa::Avx512 => pack_a_panels(&ops, kp),
+                Isa::Avx512Bf16 | Isa::Avx512F => pack_a_panels(&ops, kp),
             };
             let block_b = |nb: usize| {
                 let (n0, cols) = (nb * NC, NC.min(n - nb * NC));
@@ -273,13 +324,24 @@ impl Product {
                     let rows = MC.min(m - m0);
                     let shape = TileShape { m0, rows, cols, kp };
                     // SAFETY: `cpu_fwd` checked that the CPU runs `isa`; the operands were packed
-                    // for it, with `kp` pairs and rows padded to its row blocks.
+                    // for it, with `kp` slots and rows padded to its row blocks.
                     unsafe {
                         match self.isa {
                             Isa::Amx => amx::multiply_tile(&packed_a, packed_b, shape, &mut tile),
-                            Isa::Avx512 => {
-                                avx512::multiply_tile(&packed_a, packed_b, shape, &mut tile)
-                            }
+                            Isa::Avx512Bf16 => avx512::multiply_tile(
+                                avx512::dot_bf16,
+                                &packed_a,
+                                packed_b,
+                                shape,
+                                &mut tile,
+                            ),
+                            Isa::Avx512F => avx512::multiply_tile(
+                                avx512::fma_f32,
+                                &packed_a,
+                                packed_b,
+                                shape,
+                                &mut tile,
+                            ),
                         }
                     };
                     // SAFETY: the tile (rows m0.., columns n0..) is this task's alone.
@@ -328,9 +390,93 @@ impl Product {
     }
 }
 
-/// `A` as panels of [`MR`] rows for the AVX-512 kernel: `[group][pair][row]` u32 values, each the
-/// bf16 pair `(A[r][2p], A[r][2p + 1])` (low half first), zero past `M` and `K`.
-fn pack_a_panels(ops: &Operands, kp: usize) -> Vec<u32> {
+/// An f32 left operand `A: [M, K]` packed once for many products on the calling thread, as the
+/// 36 products `U_ξ · V_ξ` of a Winograd convolution share their `U_ξ` across all tiles.
+pub(crate) struct PackedLhs {
+    slots: Vec<u32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedLhs {
+    /// The row-major f32 `a: [m, k]` packed for the AVX-512F kernel, or `None` where the CPU has
+    /// no AVX-512F.
+    pub(crate) fn f32(a: &[f32], m: usize, k: usize) -> Option<PackedLhs> {
+        Isa::Avx512F.supported().then(|| {
+            let ops = Operands {
+                a,
+                a_row: k,
+                b: a,
+                b_k: 0,
+                b_n: 0,
+                m,
+                k,
+                n: 0,
+            };
+            PackedLhs {
+                slots: pack_a_panels(&ops, Isa::Avx512F.slots(k)),
+                m,
+                k,
+            }
+        })
+    }
+
+    /// `dst[M, N] = A · b` for the row-major f32 `b: [K, n]`, on the calling thread.
+    pub(crate) fn multiply(&self, b: &[f32], n: usize, dst: &mut [f32]) {
+        let (m, k) = (self.m, self.k);
+        assert!(
+            b.len() >= k * n && dst.len() >= m * n,
+            "PackedLhs: operand sizes"
+        );
+        let ops = Operands {
+            a: b,
+            a_row: 0,
+            b,
+            b_k: n,
+            b_n: 1,
+            m,
+            k,
+            n,
+        };
+        let product = Product {
+            isa: Isa::Avx512F,
+            alpha: 1.0,
+            bias: Bias::None,
+            out: DType::F32,
+            rhs: Rhs::Matrix,
+        };
+        let mut tile = vec![0f32; MC * NC];
+        let out = SharedOut(dst.as_mut_ptr());
+        for n0 in (0..n).step_by(NC) {
+            let cols = NC.min(n - n0);
+            let packed_b = pack_b(&ops, n0, cols, k);
+            for m0 in (0..m).step_by(MC) {
+                let shape = TileShape {
+                    m0,
+                    rows: MC.min(m - m0),
+                    cols,
+                    kp: k,
+                };
+                // SAFETY: `f32` checked AVX-512F; both operands were packed for it with `k`
+                // slots; the tile lies inside `dst`, which this call alone writes.
+                unsafe {
+                    avx512::multiply_tile(
+                        avx512::fma_f32,
+                        &self.slots,
+                        &packed_b,
+                        shape,
+                        &mut tile,
+                    );
+                    product.write_tile(&mut tile, out, m0, shape.rows, n0, cols, n);
+                }
+            }
+        }
+    }
+}
+
+/// `A` as panels of [`MR`] rows for the AVX-512 kernels: `[group][slot][row]` u32 slots, slot `p` of
+/// row `r` holding `A[r][p·PER_SLOT ..]` ([`Source::slots`]), zero past `M` and `K`.
+fn pack_a_panels<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
     let mut packed = vec![0u32; ops.m.div_ceil(MR) * kp * MR];
     packed
         .par_chunks_mut(kp * MR)
@@ -338,18 +484,18 @@ fn pack_a_panels(ops: &Operands, kp: usize) -> Vec<u32> {
         .for_each(|(g, panel)| {
             for r in 0..MR.min(ops.m - g * MR) {
                 let row = &ops.a[(g * MR + r) * ops.a_row..][..ops.k];
-                for (p, pair) in row.chunks(2).enumerate() {
-                    panel[p * MR + r] = pair_bits(pair);
+                for (p, slot) in S::slots(row).enumerate() {
+                    panel[p * MR + r] = slot;
                 }
             }
         });
     packed
 }
 
-/// `A` as AMX tiles: `[block of 16 rows][step of 16 pairs][row][pair]` u32 pairs, each tile 1 KiB
+/// `A` as AMX tiles: `[block of 16 rows][step of 16 slots][row][slot]` u32 slots, each tile 1 KiB
 /// contiguous (rows of a plain row-major `A` lie a power of two apart and evict each other from the
 /// cache), zero past `K` and in the rows that pad `M` to a multiple of [`MC`].
-fn pack_a_tiles(ops: &Operands, kp: usize) -> Vec<u32> {
+fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
     let tile = AMX_TILE_ROWS * AMX_PAIRS;
     let mut packed = vec![0u32; ops.m.div_ceil(MC) * MC * kp];
     packed
@@ -358,58 +504,41 @@ fn pack_a_tiles(ops: &Operands, kp: usize) -> Vec<u32> {
         .for_each(|(block, dst)| {
             for r in 0..AMX_TILE_ROWS.min(ops.m.saturating_sub(block * AMX_TILE_ROWS)) {
                 let row = &ops.a[(block * AMX_TILE_ROWS + r) * ops.a_row..][..ops.k];
-                let mut steps = row.chunks_exact(2 * AMX_PAIRS);
-                for (step, src) in (&mut steps).enumerate() {
+                for (step, src) in row.chunks(S::PER_SLOT * AMX_PAIRS).enumerate() {
                     let d = &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS];
-                    for (d, pair) in d.iter_mut().zip(src.chunks_exact(2)) {
-                        *d = pair[0] as u32 | (pair[1] as u32) << 16;
+                    for (d, slot) in d.iter_mut().zip(S::slots(src)) {
+                        *d = slot;
                     }
-                }
-                let last = ops.k / (2 * AMX_PAIRS);
-                for (p, pair) in steps.remainder().chunks(2).enumerate() {
-                    dst[last * tile + r * AMX_PAIRS + p] = pair_bits(pair);
                 }
             }
         });
     packed
 }
 
-/// A bf16 pair as one u32, the first value in the low half; a lone value pairs with zero.
-fn pair_bits(pair: &[u16]) -> u32 {
-    pair[0] as u32 | (pair.get(1).copied().unwrap_or(0) as u32) << 16
-}
-
-/// Columns `n0 .. n0 + cols` of `B` as panels of [`NR`] columns: `[panel][pair][column]` u32 pairs
-/// `(B[2p][c], B[2p + 1][c])` (low half first), zero past `K` and `N`.
-fn pack_b(ops: &Operands, n0: usize, cols: usize, kp: usize) -> Vec<u32> {
+/// Columns `n0 .. n0 + cols` of `B` as panels of [`NR`] columns: `[panel][slot][column]` u32 slots,
+/// slot `p` of column `c` holding `B[p·PER_SLOT ..][c]`, zero past `K` and `N`.
+fn pack_b<S: Source>(ops: &Operands<S>, n0: usize, cols: usize, kp: usize) -> Vec<u32> {
     let panels = cols.div_ceil(NR);
     let mut packed = vec![0u32; panels * kp * NR];
+    let shift = 32 / S::PER_SLOT;
     for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
         let c0 = n0 + panel * NR;
         let width = NR.min(n0 + cols - c0);
         if ops.b_k == 1 {
-            // Contiguous along `k` (a transposed weight): one column's pairs at a time.
+            // Contiguous along `k` (a transposed weight): one column's slots at a time.
             for c in 0..width {
                 let column = &ops.b[(c0 + c) * ops.b_n..][..ops.k];
-                for (p, pair) in column.chunks(2).enumerate() {
-                    dst[p * NR + c] = pair_bits(pair);
+                for (p, slot) in S::slots(column).enumerate() {
+                    dst[p * NR + c] = slot;
                 }
             }
         } else {
-            for (p, out) in dst.chunks_mut(NR).take(ops.k.div_ceil(2)).enumerate() {
-                let r0 = &ops.b[2 * p * ops.b_k + c0 * ops.b_n..];
-                match 2 * p + 1 < ops.k {
-                    true => {
-                        let r1 = &ops.b[(2 * p + 1) * ops.b_k + c0 * ops.b_n..];
-                        for (c, o) in out[..width].iter_mut().enumerate() {
-                            *o = r0[c * ops.b_n] as u32 | (r1[c * ops.b_n] as u32) << 16;
-                        }
-                    }
-                    false => {
-                        for (c, o) in out[..width].iter_mut().enumerate() {
-                            *o = r0[c * ops.b_n] as u32;
-                        }
-                    }
+            for kk in 0..ops.k {
+                let row = &ops.b[kk * ops.b_k + c0 * ops.b_n..];
+                let out = &mut dst[(kk / S::PER_SLOT) * NR..][..width];
+                let shift = shift * (kk % S::PER_SLOT);
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o |= row[c * ops.b_n].bits() << shift;
                 }
             }
         }
@@ -420,10 +549,17 @@ fn pack_b(ops: &Operands, n0: usize, cols: usize, kp: usize) -> Vec<u32> {
 /// As [`pack_b`], for the patch matrix of a convolution over the image `ops.b` (`[C, H, W]`): the
 /// columns of a panel fall into runs along output rows, and each run of a tap `(u, v)` reads one
 /// input row with stride `s`.
-fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: usize) -> Vec<u32> {
+fn pack_patches<S: Source>(
+    ops: &Operands<S>,
+    g: PatchGeometry,
+    n0: usize,
+    cols: usize,
+    kp: usize,
+) -> Vec<u32> {
     let panels = cols.div_ceil(NR);
     let mut packed = vec![0u32; panels * kp * NR];
     let taps = g.k * g.k;
+    let slot_shift = 32 / S::PER_SLOT;
     for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
         let c0 = n0 + panel * NR;
         let width = NR.min(n0 + cols - c0);
@@ -441,8 +577,8 @@ fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: us
             .flat_map(|ch| (0..g.k).flat_map(move |u| (0..g.k).map(move |v| (ch, u, v))));
         for (kk, (ch, u, v)) in taps.enumerate() {
             let image = &ops.b[ch * g.h * g.w..(ch + 1) * g.h * g.w];
-            let out = &mut dst[(kk / 2) * NR..][..NR];
-            let shift = 16 * (kk % 2);
+            let out = &mut dst[(kk / S::PER_SLOT) * NR..][..NR];
+            let shift = slot_shift * (kk % S::PER_SLOT);
             for &(c, i, j, len) in &runs {
                 // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
                 let Some(y) = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h) else {
@@ -458,7 +594,7 @@ fn pack_patches(ops: &Operands, g: PatchGeometry, n0: usize, cols: usize, kp: us
                 }
                 let row = &image[y * g.w + x0 + g.s * t0 - g.p..];
                 for (o, t) in out[c + t0..c + t1].iter_mut().zip(0..) {
-                    *o |= (row[g.s * t] as u32) << shift;
+                    *o |= row[g.s * t].bits() << shift;
                 }
             }
         }
@@ -475,17 +611,31 @@ struct TileShape {
     kp: usize,
 }
 
-/// The AVX-512 BF16 kernel.
+/// The AVX-512 kernels: a register tile of [`MR`] × [`NR`] f32 sums over packed slots.
 mod avx512 {
     use super::{TileShape, KC, MR, NC, NR};
+
+    /// A register tile: `c[r][0..NR] (+)= Σₚ a[p][r] · b[p][0..NR]` over `kc` slots, `c` with row
+    /// stride [`NC`], added to its contents when `accumulate`.
+    ///
+    /// # Safety
+    /// The CPU runs the kernel's instructions; `a` holds `kc · MR` slots, `b` `kc · NR` slots, `c`
+    /// at least `(MR − 1) · NC + NR` values.
+    pub(super) type Kernel = unsafe fn(&[u32], &[u32], &mut [f32], usize, bool);
 
     /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, `tile: [MC][NC]` f32 (rows past
     /// `rows` and columns past `cols` hold the products of the zero padding), `A` packed by
     /// `pack_a_panels`.
     ///
     /// # Safety
-    /// The CPU has AVX-512F and AVX-512 BF16; the operands hold the tile's `kp` pairs.
-    pub(super) unsafe fn multiply_tile(a: &[u32], b: &[u32], t: TileShape, tile: &mut [f32]) {
+    /// The CPU runs `kernel`; the operands hold the tile's `kp` slots.
+    pub(super) unsafe fn multiply_tile(
+        kernel: Kernel,
+        a: &[u32],
+        b: &[u32],
+        t: TileShape,
+        tile: &mut [f32],
+    ) {
         for k0 in (0..t.kp).step_by(KC) {
             let kc = KC.min(t.kp - k0);
             for panel in 0..t.cols.div_ceil(NR) {
@@ -498,46 +648,70 @@ mod avx512 {
         }
     }
 
-    /// The register tile: `c[r][0..NR] (+)= Σₚ a[p][r] · b[p][0..NR]` over `kc` pairs, `c` with row
-    /// stride [`NC`], added to its contents when `accumulate`.
-    ///
-    /// # Safety
-    /// As [`multiply_tile`]; `a` holds `kc · MR` pairs, `b` `kc · NR` pairs, `c` at least
-    /// `(MR − 1) · NC + NR` values.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn kernel(a: &[u32], b: &[u32], c: &mut [f32], kc: usize, accumulate: bool) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let (a, b) = (a.as_ptr(), b.as_ptr() as *const __m512i);
-        for p in 0..kc {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(2 * p)));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(2 * p + 1)));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let av: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + r) as i32));
-                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
-                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+    /// A [`Kernel`] for the target features `$features` whose step `$step(acc, a, b)` adds the
+    /// products of the broadcast slot `a` (an `__m512i`) with 16 slots `b` of a panel to `acc`.
+    macro_rules! register_tile {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $step:expr) => {
+            $(#[$doc])*
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(
+                a: &[u32],
+                b: &[u32],
+                c: &mut [f32],
+                kc: usize,
+                accumulate: bool,
+            ) {
+                use std::arch::x86_64::*;
+                let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+                let (a, b) = (a.as_ptr(), b.as_ptr() as *const __m512i);
+                for p in 0..kc {
+                    let b0 = _mm512_loadu_si512(b.add(2 * p));
+                    let b1 = _mm512_loadu_si512(b.add(2 * p + 1));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_epi32(*a.add(p * MR + r) as i32);
+                        acc[0] = $step(acc[0], av, b0);
+                        acc[1] = $step(acc[1], av, b1);
+                    }
+                }
+                let c = c.as_mut_ptr();
+                for (r, acc) in acc.iter().enumerate() {
+                    for (h, &v) in acc.iter().enumerate() {
+                        let dst = c.add(r * NC + h * 16);
+                        let v = if accumulate {
+                            _mm512_add_ps(_mm512_loadu_ps(dst), v)
+                        } else {
+                            v
+                        };
+                        _mm512_storeu_ps(dst, v);
+                    }
+                }
             }
-        }
-        let c = c.as_mut_ptr();
-        for (r, acc) in acc.iter().enumerate() {
-            for (h, &v) in acc.iter().enumerate() {
-                let dst = c.add(r * NC + h * 16);
-                let v = if accumulate {
-                    _mm512_add_ps(_mm512_loadu_ps(dst), v)
-                } else {
-                    v
-                };
-                _mm512_storeu_ps(dst, v);
+
+            #[cfg(not(target_arch = "x86_64"))]
+            pub(super) unsafe fn $name(_: &[u32], _: &[u32], _: &mut [f32], _: usize, _: bool) {
+                unreachable!("AVX-512 is x86-64's")
             }
-        }
+        };
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn kernel(_: &[u32], _: &[u32], _: &mut [f32], _: usize, _: bool) {
-        unreachable!("AVX-512 is x86-64's")
-    }
+    register_tile!(
+        /// bf16 pairs by `vdpbf16ps`: each lane adds `a₀b₀ + a₁b₁`.
+        dot_bf16,
+        "avx512f,avx512bf16",
+        |acc, a: __m512i, b: __m512i| _mm512_dpbf16_ps(
+            acc,
+            std::mem::transmute::<__m512i, __m512bh>(a),
+            std::mem::transmute::<__m512i, __m512bh>(b)
+        )
+    );
+
+    register_tile!(
+        /// f32 values by `vfmadd231ps`: each lane adds `a · b`.
+        fma_f32,
+        "avx512f",
+        |acc, a, b| _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc)
+    );
 }
 
 /// The AMX kernel: tiles `tmm0..3` hold a 32×32 block of `C`, `tmm4/5` two 16-row tiles of `A`,
@@ -629,9 +803,129 @@ mod amx {
     }
 }
 
+/// A product's shape, read off the operands' layouts: everything [`Operands`] holds but the values.
+struct Plan {
+    a_row: usize,
+    b_k: usize,
+    b_n: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    batch: usize,
+    /// Elements between the operands of consecutive products of the batch.
+    strides: (usize, usize),
+    patches: Option<PatchGeometry>,
+    shape: Vec<usize>,
+}
+
+impl Plan {
+    fn operands<'a, S>(&self, a: &'a [S], b: &'a [S]) -> Operands<'a, S> {
+        let Plan {
+            a_row,
+            b_k,
+            b_n,
+            m,
+            k,
+            n,
+            ..
+        } = *self;
+        Operands {
+            a,
+            a_row,
+            b,
+            b_k,
+            b_n,
+            m,
+            k,
+            n,
+        }
+    }
+}
+
+impl Product {
+    /// The shape of `A · B` for these layouts, or an error naming what does not fit.
+    fn plan(&self, a_l: &Layout, b_l: &Layout) -> candle_core::Result<Plan> {
+        let (ad, astr) = (a_l.dims(), a_l.stride());
+        let (bd, bstr) = (b_l.dims(), b_l.stride());
+        let (ar, br) = (ad.len(), bd.len());
+        if ar < 2 || astr[ar - 1] != 1 {
+            bail!("matmul: the left operand {ad:?} must have contiguous rows");
+        }
+        let (m, k) = (ad[ar - 2], ad[ar - 1]);
+        let a_row = astr[ar - 2];
+        match self.rhs {
+            Rhs::Matrix => {
+                if br < 2 || bd[br - 2] != k {
+                    bail!("matmul: shapes {ad:?} and {bd:?} do not chain");
+                }
+                let n = bd[br - 1];
+                let b_batch = match br {
+                    2 => 0,
+                    _ if bd[..br - 2] == ad[..ar - 2] && br == 3 && ar == 3 => bstr[0],
+                    _ => bail!("matmul: batch dims of {ad:?} and {bd:?} differ"),
+                };
+                if ar > 3 {
+                    bail!("matmul: the left operand {ad:?} must be [M, K] or [B, M, K]");
+                }
+                let a_batch = if ar == 3 { astr[0] } else { 0 };
+                let mut shape = ad[..ar - 1].to_vec();
+                shape.push(n);
+                Ok(Plan {
+                    a_row,
+                    b_k: bstr[br - 2],
+                    b_n: bstr[br - 1],
+                    m,
+                    k,
+                    n,
+                    batch: ad[..ar - 2].iter().product(),
+                    strides: (a_batch, b_batch),
+                    patches: None,
+                    shape,
+                })
+            }
+            Rhs::Patches { k: kk, s, p } => {
+                let (bn, c, h, w) = b_l.shape().dims4()?;
+                if b_l.contiguous_offsets().is_none() || c * kk * kk != k || ar != 2 {
+                    bail!("conv: weight {ad:?} does not fit a contiguous image {bd:?}");
+                }
+                let (ho, wo) = ((h + 2 * p - kk) / s + 1, (w + 2 * p - kk) / s + 1);
+                Ok(Plan {
+                    a_row,
+                    b_k: 0,
+                    b_n: 0,
+                    m,
+                    k,
+                    n: ho * wo,
+                    batch: bn,
+                    strides: (0, c * h * w),
+                    patches: Some(PatchGeometry {
+                        k: kk,
+                        s,
+                        p,
+                        h,
+                        w,
+                        wo,
+                    }),
+                    shape: vec![bn, m, ho, wo],
+                })
+            }
+        }
+    }
+
+    /// The product of these values in the output dtype.
+    fn storage<S: Source>(&self, plan: &Plan, a: &[S], b: &[S]) -> candle_core::Result<CpuStorage> {
+        let ops = plan.operands(a, b);
+        Ok(match self.out {
+            DType::F32 => CpuStorage::F32(self.run(ops, plan.batch, plan.strides, plan.patches)),
+            DType::BF16 => CpuStorage::BF16(self.run(ops, plan.batch, plan.strides, plan.patches)),
+            d => bail!("matmul: no {d:?} output"),
+        })
+    }
+}
+
 impl CustomOp2 for Product {
     fn name(&self) -> &'static str {
-        "matmul-bf16"
+        "matmul-cpu"
     }
 
     fn cpu_fwd(
@@ -642,98 +936,44 @@ impl CustomOp2 for Product {
         b_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         if !self.isa.supported() {
-            bail!("bf16 matmul: this CPU does not run {:?}", self.isa);
+            bail!("matmul: this CPU does not run {:?}", self.isa);
         }
-        let (a, b) = (
-            &bits(a_s, "the left operand")?[a_l.start_offset()..],
-            &bits(b_s, "the right operand")?[b_l.start_offset()..],
-        );
-        let (ad, astr) = (a_l.dims(), a_l.stride());
-        let (bd, bstr) = (b_l.dims(), b_l.stride());
-        let (ar, br) = (ad.len(), bd.len());
-        if ar < 2 || astr[ar - 1] != 1 {
-            bail!("bf16 matmul: the left operand {ad:?} must have contiguous rows");
-        }
-        let (m, k) = (ad[ar - 2], ad[ar - 1]);
-        let a_row = astr[ar - 2];
-        let (ops, batch, strides, patches, shape) = match self.rhs {
-            Rhs::Matrix => {
-                if br < 2 || bd[br - 2] != k {
-                    bail!("bf16 matmul: shapes {ad:?} and {bd:?} do not chain");
-                }
-                let n = bd[br - 1];
-                let batch: usize = ad[..ar - 2].iter().product();
-                let b_batch = match br {
-                    2 => 0,
-                    _ if bd[..br - 2] == ad[..ar - 2] && br == 3 && ar == 3 => bstr[0],
-                    _ => bail!("bf16 matmul: batch dims of {ad:?} and {bd:?} differ"),
-                };
-                if ar > 3 {
-                    bail!("bf16 matmul: the left operand {ad:?} must be [M, K] or [B, M, K]");
-                }
-                let a_batch = if ar == 3 { astr[0] } else { 0 };
-                let mut shape = ad[..ar - 1].to_vec();
-                shape.push(n);
-                let ops = Operands {
-                    a,
-                    a_row,
-                    b,
-                    b_k: bstr[br - 2],
-                    b_n: bstr[br - 1],
-                    m,
-                    k,
-                    n,
-                };
-                (ops, batch, (a_batch, b_batch), None, shape)
+        let plan = self.plan(a_l, b_l)?;
+        let (a0, b0) = (a_l.start_offset(), b_l.start_offset());
+        let storage = match (self.isa.dtype(), a_s, b_s) {
+            (DType::BF16, CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                self.storage(&plan, &a[a0..], &b[b0..])?
             }
-            Rhs::Patches { k: kk, s, p } => {
-                let (bn, c, h, w) = b_l.shape().dims4()?;
-                if b_l.contiguous_offsets().is_none() || c * kk * kk != k || ar != 2 {
-                    bail!("bf16 conv: weight {ad:?} does not fit a contiguous image {bd:?}");
-                }
-                let (ho, wo) = ((h + 2 * p - kk) / s + 1, (w + 2 * p - kk) / s + 1);
-                let ops = Operands {
-                    a,
-                    a_row,
-                    b,
-                    b_k: 0,
-                    b_n: 0,
-                    m,
-                    k,
-                    n: ho * wo,
-                };
-                let g = PatchGeometry {
-                    k: kk,
-                    s,
-                    p,
-                    h,
-                    w,
-                    wo,
-                };
-                (ops, bn, (0, c * h * w), Some(g), vec![bn, m, ho, wo])
+            (DType::F32, CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                self.storage(&plan, &a[a0..], &b[b0..])?
             }
+            (d, ..) => bail!(
+                "matmul: {:?} runs {d:?} operands, not {:?} and {:?}",
+                self.isa,
+                a_s.dtype(),
+                b_s.dtype()
+            ),
         };
-        let storage = match self.out {
-            DType::F32 => CpuStorage::F32(self.run(ops, batch, strides, patches)),
-            DType::BF16 => CpuStorage::BF16(self.run(ops, batch, strides, patches)),
-            d => bail!("bf16 matmul: no {d:?} output"),
-        };
-        Ok((storage, Shape::from(shape)))
+        Ok((storage, Shape::from(plan.shape)))
     }
 }
 
-/// The fastest instructions this CPU runs, or an error naming what is missing.
-fn best_isa() -> candle_core::Result<Isa> {
-    match Isa::best() {
-        Some(isa) => Ok(isa),
-        None => bail!("bf16 matmul: this CPU has neither AMX-BF16 nor AVX-512 BF16"),
+/// The fastest instructions this CPU runs for operands like `t`, or an error naming what is missing.
+fn best_isa(t: &Tensor) -> candle_core::Result<Isa> {
+    match Isa::best(t.dtype()) {
+        Some(isa) if t.device().is_cpu() => Ok(isa),
+        _ => bail!(
+            "matmul: no kernel for {:?} on {:?} (bf16 needs AMX-BF16 or AVX-512 BF16, f32 AVX-512F)",
+            t.dtype(),
+            t.device().location()
+        ),
     }
 }
 
-/// `α · a · b` in `out` (f32 or bf16) for bf16 `a: [M, K]` or `[B, M, K]` and `b: [K, N]` or
-/// `[B, K, N]` (any strides: a transposed view is read in place).
+/// `α · a · b` in `out` (f32 or bf16) for bf16 or f32 `a: [M, K]` or `[B, M, K]` and `b: [K, N]`
+/// or `[B, K, N]` of the same dtype (any strides: a transposed view is read in place).
 pub fn matmul(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> candle_core::Result<Tensor> {
-    matmul_on(best_isa()?, a, b, alpha, out)
+    matmul_on(best_isa(a)?, a, b, alpha, out)
 }
 
 fn matmul_on(
@@ -757,9 +997,10 @@ fn matmul_on(
     a.apply_op2_no_bwd(b, &op)
 }
 
-/// candle's `Linear`, `y = x Wᵀ + bias`, for bf16 `x: [.., K]` and `W: [N, K]`, in bf16.
+/// candle's `Linear`, `y = x Wᵀ + bias`, for bf16 or f32 `x: [.., K]` and `W: [N, K]`, in `x`'s
+/// dtype.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    linear_on(best_isa()?, x, w, bias)
+    linear_on(best_isa(x)?, x, w, bias)
 }
 
 fn linear_on(
@@ -775,7 +1016,7 @@ fn linear_on(
         isa,
         alpha: 1.0,
         bias: Bias::of(bias, Bias::Columns)?,
-        out: DType::BF16,
+        out: x.dtype(),
         rhs: Rhs::Matrix,
     };
     let y = x2.apply_op2_no_bwd(&w.t()?, &op)?;
@@ -784,8 +1025,8 @@ fn linear_on(
     y.reshape(out)
 }
 
-/// A square convolution with stride `s` and zero padding `p`, `y = W ⋆ x + bias`, for bf16
-/// `x: [B, C, H, W]` and `W: [O, C, k, k]`, in bf16: the product of `W: [O, C·k·k]` with the patch
+/// A square convolution with stride `s` and zero padding `p`, `y = W ⋆ x + bias`, for bf16 or f32
+/// `x: [B, C, H, W]` and `W: [O, C, k, k]`, in `x`'s dtype: the product of `W: [O, C·k·k]` with the patch
 /// matrix of each image.
 pub fn conv2d(
     x: &Tensor,
@@ -794,7 +1035,7 @@ pub fn conv2d(
     s: usize,
     p: usize,
 ) -> candle_core::Result<Tensor> {
-    conv2d_on(best_isa()?, x, weight, bias, s, p)
+    conv2d_on(best_isa(x)?, x, weight, bias, s, p)
 }
 
 fn conv2d_on(
@@ -810,7 +1051,7 @@ fn conv2d_on(
         isa,
         alpha: 1.0,
         bias: Bias::of(bias, Bias::Rows)?,
-        out: DType::BF16,
+        out: x.dtype(),
         rhs: Rhs::Patches { k, s, p },
     };
     weight
@@ -824,39 +1065,53 @@ mod tests {
     use super::*;
     use crate::kernels::{max_abs, max_abs_diff, test_input};
 
-    fn bf16(t: &Tensor) -> Tensor {
-        t.to_dtype(DType::BF16).unwrap()
-    }
-
     fn f32(t: &Tensor) -> Tensor {
         t.to_dtype(DType::F32).unwrap()
     }
 
-    /// The relative error of `got` against the f32 product of the same bf16 inputs, which only the
-    /// order of the f32 sums separates from the kernel's (and, for a bf16 output, its rounding).
-    fn relative(got: &Tensor, want: &Tensor) -> f32 {
-        max_abs_diff(&f32(got), want) / max_abs(want)
+    /// `t` in the dtype `isa` multiplies.
+    fn cast(isa: Isa, t: &Tensor) -> Tensor {
+        t.to_dtype(isa.dtype()).unwrap()
+    }
+
+    /// The relative error of `got` against the f32 product of the same inputs, which only the order
+    /// of the f32 sums separates from the kernel's (and, for a bf16 output, its rounding), and the
+    /// bound it must meet.
+    fn relative(got: &Tensor, want: &Tensor) -> (f32, f32) {
+        let bound = match got.dtype() {
+            DType::BF16 => 8e-3,
+            _ => 1e-5,
+        };
+        (max_abs_diff(&f32(got), want) / max_abs(want), bound)
+    }
+
+    fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+        let (err, bound) = relative(got, want);
+        assert!(err < bound, "{what}: relative error {err} ≥ {bound}");
     }
 
     /// The instruction sets this machine runs: each is tested; the test asserts the check's answer
     /// where there is none.
     fn isas() -> Vec<Isa> {
-        let isas: Vec<Isa> = [Isa::Amx, Isa::Avx512]
+        let isas: Vec<Isa> = [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512F]
             .into_iter()
             .filter(|i| i.supported())
             .collect();
-        let t = bf16(&test_input(&[2, 2], 0));
-        assert_eq!(available(&t), !isas.is_empty());
-        assert!(!available(&f32(&t)));
-        if isas.is_empty() {
-            assert!(matmul(&t, &t, 1.0, DType::F32).is_err());
+        for dtype in [DType::BF16, DType::F32] {
+            let t = test_input(&[2, 2], 0).to_dtype(dtype).unwrap();
+            let runs = isas.iter().any(|i| i.dtype() == dtype);
+            assert_eq!(available(&t), runs, "{dtype:?}");
+            assert_eq!(matmul(&t, &t, 1.0, DType::F32).is_ok(), runs, "{dtype:?}");
         }
+        assert!(!available(
+            &test_input(&[2, 2], 0).to_dtype(DType::F16).unwrap()
+        ));
         isas
     }
 
     #[test]
     fn matches_the_f32_product_at_awkward_sizes() {
-        // Sizes around the blocks (MR 12, NR 32, KC 128 pairs, AMX 32 rows and 16 pairs, MC 96,
+        // Sizes around the blocks (MR 12, NR 32, KC 128 slots, AMX 32 rows and 16 pairs, MC 96,
         // NC 128), odd K, one row.
         for isa in isas() {
             for (m, k, n) in [
@@ -866,22 +1121,35 @@ mod tests {
                 (200, 320, 40),
                 (5, 1000, 300),
             ] {
-                let (a, b) = (bf16(&test_input(&[m, k], 1)), bf16(&test_input(&[k, n], 2)));
+                let (a, b) = (
+                    cast(isa, &test_input(&[m, k], 1)),
+                    cast(isa, &test_input(&[k, n], 2)),
+                );
                 let want = f32(&a).matmul(&f32(&b)).unwrap();
                 let got = matmul_on(isa, &a, &b, 1.0, DType::F32).unwrap();
                 assert_eq!(got.dims(), &[m, n]);
-                assert!(relative(&got, &want) < 1e-5, "{isa:?} {m}×{k}×{n}");
+                assert_close(&got, &want, &format!("{isa:?} {m}×{k}×{n}"));
                 // A transposed right operand is read in place; α scales; a bf16 output is rounded
                 // once.
-                let bt = bf16(&test_input(&[n, k], 3));
+                let bt = cast(isa, &test_input(&[n, k], 3));
                 let want = (f32(&a).matmul(&f32(&bt).t().unwrap()).unwrap() * 0.5).unwrap();
                 let got = matmul_on(isa, &a, &bt.t().unwrap(), 0.5, DType::BF16).unwrap();
                 assert_eq!(got.dtype(), DType::BF16);
-                assert!(
-                    relative(&got, &want) < 8e-3,
-                    "{isa:?} {m}×{k}×{n} transposed"
-                );
+                assert_close(&got, &want, &format!("{isa:?} {m}×{k}×{n} transposed"));
             }
+        }
+    }
+
+    #[test]
+    fn operands_of_another_dtype_are_refused() {
+        for isa in isas() {
+            let other = match isa.dtype() {
+                DType::F32 => DType::BF16,
+                _ => DType::F32,
+            };
+            let a = test_input(&[3, 4], 1).to_dtype(other).unwrap();
+            let err = matmul_on(isa, &a, &a.t().unwrap(), 1.0, DType::F32).unwrap_err();
+            assert!(err.to_string().contains("operands"), "{isa:?}: {err}");
         }
     }
 
@@ -889,18 +1157,18 @@ mod tests {
     fn batches_and_linear_layers_match_candle() {
         for isa in isas() {
             let (q, kt) = (
-                bf16(&test_input(&[3, 50, 40], 4)),
-                bf16(&test_input(&[3, 77, 40], 5)),
+                cast(isa, &test_input(&[3, 50, 40], 4)),
+                cast(isa, &test_input(&[3, 77, 40], 5)),
             );
             let want = f32(&q).matmul(&f32(&kt).transpose(1, 2).unwrap()).unwrap();
             let got = matmul_on(isa, &q, &kt.transpose(1, 2).unwrap(), 1.0, DType::F32).unwrap();
             assert_eq!(got.dims(), &[3, 50, 77]);
-            assert!(relative(&got, &want) < 1e-5, "{isa:?}");
+            assert_close(&got, &want, &format!("{isa:?}"));
 
             let (x, w, b) = (
-                bf16(&test_input(&[2, 45, 70], 6)),
-                bf16(&test_input(&[33, 70], 7)),
-                bf16(&test_input(&[33], 8)),
+                cast(isa, &test_input(&[2, 45, 70], 6)),
+                cast(isa, &test_input(&[33, 70], 7)),
+                cast(isa, &test_input(&[33], 8)),
             );
             let want = f32(&x)
                 .broadcast_matmul(&f32(&w).t().unwrap())
@@ -909,7 +1177,8 @@ mod tests {
                 .unwrap();
             let got = linear_on(isa, &x, &w, Some(&b)).unwrap();
             assert_eq!(got.dims(), &[2, 45, 33]);
-            assert!(relative(&got, &want) < 8e-3, "{isa:?}");
+            assert_eq!(got.dtype(), isa.dtype());
+            assert_close(&got, &want, &format!("{isa:?} linear"));
         }
     }
 
@@ -924,20 +1193,18 @@ mod tests {
                 (1, 3, 2, 1, 1, 3, 1, 1),
                 (1, 64, 130, 12, 11, 3, 2, 0),
             ] {
-                let x = bf16(&test_input(&[b, c, h, w], 9));
-                let g = bf16(&test_input(&[o, c, k, k], 10));
-                let bias = bf16(&test_input(&[o], 11));
+                let x = cast(isa, &test_input(&[b, c, h, w], 9));
+                let g = cast(isa, &test_input(&[o, c, k, k], 10));
+                let bias = cast(isa, &test_input(&[o], 11));
                 let want = f32(&x)
                     .conv2d(&f32(&g), p, s, 1, 1)
                     .unwrap()
                     .broadcast_add(&f32(&bias).reshape((1, o, 1, 1)).unwrap())
                     .unwrap();
                 let got = conv2d_on(isa, &x, &g, Some(&bias), s, p).unwrap();
-                assert_eq!(got.dims(), want.dims(), "{isa:?} {c}→{o} k{k} s{s} p{p}");
-                assert!(
-                    relative(&got, &want) < 8e-3,
-                    "{isa:?} {c}→{o} k{k} s{s} p{p}"
-                );
+                let what = format!("{isa:?} {c}→{o} k{k} s{s} p{p}");
+                assert_eq!(got.dims(), want.dims(), "{what}");
+                assert_close(&got, &want, &what);
             }
         }
     }
