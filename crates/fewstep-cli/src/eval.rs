@@ -11,7 +11,7 @@ use fewstep::eval::classifier::{
 };
 use fewstep::eval::score::{classify, score, Reference, Scores};
 use fewstep::files::write_atomic;
-use fewstep::image::{tensor_to_images, RgbImage};
+use fewstep::image::{grid, tensor_to_images, RgbImage};
 use fewstep::lora::LoraSpec;
 use fewstep::schedulers::SchedulerKind;
 use fewstep::world::{scenes, Style};
@@ -203,7 +203,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let scores = score(&classifier, &reference, &pictures, &asked, &device)?;
     if let Some(path) = &args.samples {
         let n = pictures.len().min(64);
-        fewstep::image::write_png(path, &grid(&pictures[..n], 8), None)?;
+        fewstep::image::write_png(path, &grid(&pictures[..n], 8)?, None)?;
     }
     let row = Row {
         model: model_spec,
@@ -229,21 +229,4 @@ fn write_json(path: &Path, text: &str) -> Result<()> {
         w.write_all(text.as_bytes())?;
         w.write_all(b"\n")
     })?)
-}
-
-/// Lays pictures of one size out in rows of `cols`, with a 2-pixel white gap.
-fn grid(pictures: &[RgbImage], cols: usize) -> RgbImage {
-    const GAP: usize = 2;
-    let (w, h) = (pictures[0].width, pictures[0].height);
-    let rows = pictures.len().div_ceil(cols);
-    let mut canvas = RgbImage::new(cols * (w + GAP), rows * (h + GAP));
-    canvas.data.fill(255);
-    for (i, p) in pictures.iter().enumerate() {
-        let (x0, y0) = ((i % cols) * (w + GAP), (i / cols) * (h + GAP));
-        for y in 0..h {
-            let dst = ((y0 + y) * canvas.width + x0) * 3;
-            canvas.data[dst..dst + w * 3].copy_from_slice(&p.data[y * w * 3..(y + 1) * w * 3]);
-        }
-    }
-    canvas
 }

@@ -5,6 +5,7 @@ mod convert;
 mod distill;
 mod eval;
 mod generate;
+mod grid;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Time text encoding, a UNet step, VAE and TAESD decoding and a whole LCM picture on this machine.
     Bench(bench::Args),
+    /// Draw world captions beside a model's pictures of them (the README's grid, the 50-prompt sheet).
+    Grid(grid::Args),
     /// Copy a diffusers pipeline folder with its weights stored in another dtype (f16 by default).
     Convert(convert::Args),
 }
@@ -57,6 +60,7 @@ fn main() {
         Command::Distill(args) => distill::run(args),
         Command::TrainClassifier(args) => eval::train_classifier(args),
         Command::Eval(args) => eval::eval(args),
+        Command::Grid(args) => grid::run(args),
     };
     if let Err(e) = result {
         // One line: the error chain, without any backtrace a dependency attached.

@@ -125,6 +125,13 @@ pub struct Args {
     /// UNet stage: share of empty captions (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     caption_dropout: f64,
+    /// UNet stage: export an exponential moving average of the weights with this decay (diffusers'
+    /// --use_ema; the decay ramps up as min(decay, (1+step)/(10+step))).
+    #[arg(long)]
+    ema_decay: Option<f64>,
+    /// UNet stage: Min-SNR-γ loss weighting (diffusers' --snr_gamma; 5 is the paper's choice).
+    #[arg(long)]
+    snr_gamma: Option<f64>,
     /// UNet stage: the trained VAE (the vae stage's --out folder).
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -156,6 +163,8 @@ fn config(args: &Args) -> Result<TrainConfig> {
     c.kl_weight = args.kl_weight;
     c.caption_dropout = args.caption_dropout;
     c.freeze_text_encoder = args.freeze_text_encoder;
+    c.ema_decay = args.ema_decay;
+    c.snr_gamma = args.snr_gamma;
     if stage == Stage::Unet {
         if let Some(init) = &args.init_from {
             c.unet = Some(fewstep::config::load_json(&init.join("unet/config.json"))?);

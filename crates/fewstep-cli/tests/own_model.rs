@@ -351,3 +351,64 @@ fn init_from_fine_tunes_a_trained_model() {
     let msg = String::from_utf8_lossy(&err.stderr);
     assert!(msg.contains("unet") && msg.lines().count() == 1, "{msg}");
 }
+
+/// `fewstep grid` lays out (world | model) pairs: the numbered captions are the world's scenes of the
+/// prompt seed, each left cell is the world's own picture enlarged, each right cell the model's picture for
+/// seed = index; a count of 0 is refused.
+#[test]
+fn grid_pairs_the_world_picture_with_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid.png");
+    let text = ok(fewstep(&[
+        "grid",
+        "--count",
+        "3",
+        "--cols",
+        "2",
+        "--scale",
+        "2",
+        "--steps",
+        "4",
+        "--prompt-seed",
+        "7",
+        "--output",
+        out.to_str().unwrap(),
+    ]));
+    let scenes = fewstep::world::scenes(7, 3, fewstep::world::Style::Filled);
+    let want: Vec<String> = scenes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{}. {}", i + 1, s.caption()))
+        .collect();
+    assert_eq!(text.lines().collect::<Vec<_>>(), want);
+    let grid = read_png(&out).unwrap();
+    // 2 pairs a row, 2 rows; 64-pixel cells with a 2-pixel gap.
+    assert_eq!((grid.width, grid.height), (4 * 66, 2 * 66));
+    let world = scenes[2].render(32);
+    let (x0, y0) = (0, 66); // the third pair starts the second row
+    for (x, y) in [(0, 0), (31, 17), (16, 16), (5, 29)] {
+        assert_eq!(grid.pixel(x0 + 2 * x, y0 + 2 * y), world.pixel(x, y));
+    }
+    let model = dir.path().join("one.png");
+    ok(fewstep(&[
+        "generate",
+        &scenes[2].caption(),
+        "--no-lcm",
+        "--steps",
+        "4",
+        "--seed",
+        "2",
+        "-o",
+        model.to_str().unwrap(),
+    ]));
+    let model = read_png(&model).unwrap();
+    for (x, y) in [(0, 0), (31, 17), (16, 16)] {
+        assert_eq!(
+            grid.pixel(x0 + 66 + 2 * x + 1, y0 + 2 * y + 1),
+            model.pixel(x, y)
+        );
+    }
+    let err = fewstep(&["grid", "--count", "0", "--output", out.to_str().unwrap()]);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("count"));
+}

@@ -55,6 +55,44 @@ impl RgbImage {
     }
 }
 
+/// Lays pictures of one size out in rows of `cols`, with a 2-pixel white gap after each.
+pub fn grid(pictures: &[RgbImage], cols: usize) -> Result<RgbImage> {
+    const GAP: usize = 2;
+    let Some(first) = pictures.first() else {
+        return Err(Error::invalid("grid", "no pictures to lay out"));
+    };
+    let (w, h) = (first.width, first.height);
+    if cols == 0 || pictures.iter().any(|p| (p.width, p.height) != (w, h)) {
+        return Err(Error::invalid(
+            "grid",
+            format!("needs at least one column and pictures of one size ({w}x{h})"),
+        ));
+    }
+    let rows = pictures.len().div_ceil(cols);
+    let mut canvas = RgbImage::new(cols * (w + GAP), rows * (h + GAP));
+    canvas.data.fill(255);
+    for (i, p) in pictures.iter().enumerate() {
+        let (x0, y0) = ((i % cols) * (w + GAP), (i / cols) * (h + GAP));
+        for y in 0..h {
+            let dst = ((y0 + y) * canvas.width + x0) * 3;
+            canvas.data[dst..dst + w * 3].copy_from_slice(&p.data[y * w * 3..(y + 1) * w * 3]);
+        }
+    }
+    Ok(canvas)
+}
+
+/// The picture enlarged `k` times by repeating pixels (nearest neighbour), to look at small pictures.
+pub fn upscale(img: &RgbImage, k: usize) -> RgbImage {
+    let mut out = RgbImage::new(img.width * k, img.height * k);
+    for y in 0..out.height {
+        for x in 0..out.width {
+            let i = (y * out.width + x) * 3;
+            out.data[i..i + 3].copy_from_slice(&img.pixel(x / k, y / k));
+        }
+    }
+    out
+}
+
 /// Checks `t` is `[B, 3, H, W]` and returns it as f32 on the CPU with its dims.
 fn to_cpu_f32(t: &Tensor) -> Result<(Tensor, (usize, usize, usize, usize))> {
     let dims = t.dims4()?;

@@ -138,10 +138,7 @@ fn full_lcm_exports_a_pipeline_and_resumes_exactly() {
     for _ in 0..2 {
         c.train_step().unwrap();
     }
-    let (ea, ec) = (
-        &a.distill.as_ref().unwrap().ema,
-        &c.distill.as_ref().unwrap().ema,
-    );
+    let (ea, ec) = (&a.ema, &c.ema);
     assert_eq!(ea.len(), ec.len());
     for (k, t) in ea {
         let (x, y) = (

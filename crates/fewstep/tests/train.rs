@@ -107,6 +107,13 @@ fn assert_same_state(a: &Trainer, b: &Trainer) {
         assert!(bits(&a.opt.m[k]) == bits(&b.opt.m[k]), "adam m {k} differs");
         assert!(bits(&a.opt.v[k]) == bits(&b.opt.v[k]), "adam v {k} differs");
     }
+    assert_eq!(
+        a.ema.keys().collect::<Vec<_>>(),
+        b.ema.keys().collect::<Vec<_>>()
+    );
+    for (k, e) in &a.ema {
+        assert!(bits(e) == bits(&b.ema[k]), "ema {k} differs");
+    }
 }
 
 #[test]
@@ -114,6 +121,9 @@ fn a_resumed_run_continues_bit_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny_vae(dir.path(), 2);
     cfg.steps = 4;
+    // With the weight average and Min-SNR weighting, whose state must survive too.
+    cfg.ema_decay = Some(0.9);
+    cfg.snr_gamma = Some(5.0);
     let sources = unet_sources(dir.path());
     let mut straight = Trainer::new(cfg.clone(), &sources, &Device::Cpu).unwrap();
     for _ in 0..4 {
@@ -129,10 +139,62 @@ fn a_resumed_run_continues_bit_exactly() {
     } // the first process "dies" here
     let mut resumed = load_checkpoint(&ckpt, cfg, &sources, &Device::Cpu).unwrap();
     assert_eq!(resumed.step, 2);
+    assert_eq!(resumed.ema.len(), resumed.params.len());
     for _ in 0..2 {
         resumed.train_step().unwrap();
     }
     assert_same_state(&straight, &resumed);
+}
+
+#[test]
+fn min_snr_weights_and_the_ema_decay_ramp_equal_hand_values() {
+    // ᾱ = 0.9: SNR 9 > γ = 5 → 5/9; ᾱ = 0.5: SNR 1 → 1; ᾱ = 0.02: SNR 0.0204 → 1.
+    let w = fewstep::train::diffusion::min_snr_weights(&[0.9, 0.5, 0.02], 5.0);
+    let want = [5.0 / 9.0, 1.0, 1.0];
+    for (g, e) in w.iter().zip(want) {
+        assert!((g - e).abs() < 1e-6, "{w:?} vs {want:?}");
+    }
+    let at = fewstep::train::diffusion::ema_decay_at;
+    assert_eq!(at(0.999, 0), 0.1);
+    assert_eq!(at(0.999, 8), 0.5);
+    assert_eq!(at(0.9, 1000), 0.9);
+}
+
+#[test]
+fn the_ema_run_exports_the_average_not_the_last_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_vae(dir.path(), 3);
+    cfg.ema_decay = Some(0.5);
+    let mut t = Trainer::new(cfg, &unet_sources(dir.path()), &Device::Cpu).unwrap();
+    for _ in 0..3 {
+        t.train_step().unwrap();
+    }
+    let out = dir.path().join("out");
+    t.export(&out).unwrap();
+    let file = fewstep::weights::SafetensorsFile::open(
+        out.join("unet/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let key = "conv_in.weight";
+    let saved = file.load(key, &Device::Cpu).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let ema = &t.ema[&format!("unet.{key}")];
+    let last = t.params.get(&format!("unet.{key}")).unwrap().as_tensor();
+    assert_eq!(diff(&saved, ema), 0.0);
+    assert!(
+        diff(&saved, last) > 0.0,
+        "the average equals the last weights"
+    );
+    // Decays 0.1, 0.1818, 0.25 (capped at 0.5 later): e₃ = 0.25·e₂ + 0.75·p₃ differs from p₃.
 }
 
 #[test]
@@ -236,6 +298,14 @@ fn bad_values_are_refused_in_one_line() {
             .unwrap(),
     );
     assert!(e.contains("batch size"), "{e}");
+    let mut c = unet_config(1);
+    c.ema_decay = Some(1.0);
+    let e = one_line(c.validate().err().unwrap());
+    assert!(e.contains("ema decay") && e.contains("[0, 1)"), "{e}");
+    let mut c = unet_config(1);
+    c.snr_gamma = Some(f64::NAN);
+    let e = one_line(c.validate().err().unwrap());
+    assert!(e.contains("snr gamma") && e.contains("NaN"), "{e}");
     let c = unet_config(1);
     let e = one_line(
         Trainer::new(c, &Sources::default(), &Device::Cpu)

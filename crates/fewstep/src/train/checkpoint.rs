@@ -50,10 +50,8 @@ pub fn save_checkpoint(trainer: &Trainer, path: &Path) -> Result<()> {
     for (k, v) in &trainer.opt.v {
         tensors.push((format!("adam_v/{k}"), v.clone()));
     }
-    if let Some(d) = &trainer.distill {
-        for (k, t) in &d.ema {
-            tensors.push((format!("ema/{k}"), t.clone()));
-        }
+    for (k, t) in &trainer.ema {
+        tensors.push((format!("ema/{k}"), t.clone()));
     }
     let state = State {
         format_version: 1,
@@ -162,8 +160,8 @@ pub fn load_checkpoint(
             }
         }
     }
-    if let Some(d) = trainer.distill.as_mut().filter(|d| !d.ema.is_empty()) {
-        for k in d.ema.keys() {
+    if !trainer.ema.is_empty() {
+        for k in trainer.ema.keys() {
             if !ema.contains_key(k) {
                 return Err(Error::MissingKey {
                     file: path.display().to_string(),
@@ -171,7 +169,7 @@ pub fn load_checkpoint(
                 });
             }
         }
-        d.ema = ema;
+        trainer.ema = ema;
     }
     trainer.opt = AdamW {
         config: trainer.config.optim.clone(),

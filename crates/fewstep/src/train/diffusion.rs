@@ -111,6 +111,14 @@ pub struct TrainConfig {
     /// alone (the fine-tune then shares the base's text encoder file).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub freeze_text_encoder: bool,
+    /// UNet stage: keep an exponential moving average of the trained weights with this decay (diffusers'
+    /// `--use_ema`, see [`ema_decay_at`]); the exported model is the average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f64>,
+    /// UNet stage: Min-SNR-γ loss weighting (Hang et al. 2023, diffusers' `--snr_gamma`), see
+    /// [`min_snr_weights`]; none: the plain mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snr_gamma: Option<f64>,
 }
 
 /// Named model sizes.
@@ -222,6 +230,8 @@ impl TrainConfig {
             text_encoder: (stage == Stage::Unet).then(|| preset.text_encoder()),
             distill: None,
             freeze_text_encoder: false,
+            ema_decay: None,
+            snr_gamma: None,
         }
     }
 
@@ -260,6 +270,28 @@ impl TrainConfig {
             return Err(Error::invalid(
                 "config",
                 "the unet and distillation stages need unet and text_encoder configs",
+            ));
+        }
+        if let Some(d) = self.ema_decay {
+            if !(0.0..1.0).contains(&d) {
+                return Err(Error::invalid(
+                    "ema decay",
+                    format!("must be in [0, 1) (got {d})"),
+                ));
+            }
+        }
+        if let Some(g) = self.snr_gamma {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(Error::invalid(
+                    "snr gamma",
+                    format!("must be a finite number > 0 (got {g})"),
+                ));
+            }
+        }
+        if (self.ema_decay.is_some() || self.snr_gamma.is_some()) && self.stage != Stage::Unet {
+            return Err(Error::invalid(
+                "config",
+                "ema decay and snr gamma belong to the unet stage",
             ));
         }
         match (&self.distill, self.stage.is_distillation()) {
@@ -317,8 +349,6 @@ pub struct DistillState {
     pub teacher_unet: Weights,
     /// LCM-LoRA: the modules carrying a LoRA, with their down/up shapes.
     pub lora_modules: BTreeMap<String, (Vec<usize>, Vec<usize>)>,
-    /// Full LCM: the target network θ⁻, an EMA of the student (keys as the parameters', `unet.…`).
-    pub ema: BTreeMap<String, Tensor>,
 }
 
 /// One training run: parameters, optimiser, random stream, data.
@@ -333,8 +363,11 @@ pub struct Trainer {
     tokenizer: Option<ClipTokenizer>,
     tokenizer_dir: Option<PathBuf>,
     vae: Option<FrozenVae>,
-    /// Distillation stages: the frozen teacher and the target network's state.
+    /// Distillation stages: the frozen teacher.
     pub distill: Option<DistillState>,
+    /// An exponential moving average of the parameters (keys as theirs): the full LCM's target network
+    /// θ⁻, or the UNet stage's averaged weights with [`TrainConfig::ema_decay`]; empty otherwise.
+    pub ema: BTreeMap<String, Tensor>,
     /// A fine-tune with [`TrainConfig::freeze_text_encoder`]: the frozen text encoder and its folder.
     frozen_text_encoder: Option<(ClipTextModel, PathBuf)>,
     alphas_cumprod: Vec<f32>,
@@ -351,6 +384,28 @@ pub fn sd_noise_schedule() -> NoiseSchedule {
         trained_betas: None,
         rescale_betas_zero_snr: false,
     }
+}
+
+/// Min-SNR-γ weights of the epsilon objective (Hang et al. 2023, "Efficient Diffusion Training via
+/// Min-SNR Weighting Strategy"; diffusers' `compute_snr` and `mse_loss_weights`): with the signal-to-noise
+/// ratio `SNR(t) = ᾱ_t / (1 − ᾱ_t)`, the weight of a sample is `min(SNR(t), γ) / SNR(t)`, so the
+/// low-noise timesteps, whose ε is easy to predict and whose gradients dominate, count less.
+pub fn min_snr_weights(alphas: &[f32], gamma: f64) -> Vec<f32> {
+    alphas
+        .iter()
+        .map(|&a| {
+            let snr = a as f64 / (1.0 - a as f64);
+            (snr.min(gamma) / snr) as f32
+        })
+        .collect()
+}
+
+/// The EMA decay used after `step` optimisation steps (0-based) for a configured `decay`: diffusers'
+/// `EMAModel.get_decay` without warm-up power, `min(decay, (1 + step) / (10 + step))`, so the average
+/// follows the fast-moving early weights and settles at `decay`.
+pub fn ema_decay_at(decay: f64, step: usize) -> f64 {
+    let s = step as f64;
+    decay.min((1.0 + s) / (10.0 + s))
 }
 
 /// The forward diffusion `z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε` per sample, `alphas` the `ᾱ_t` of each sample
@@ -592,11 +647,19 @@ impl Trainer {
             Stage::Lcm | Stage::LcmLora => Some(Self::distill_state(
                 &config,
                 teacher_dir(sources)?,
-                &params,
                 &data,
                 device,
             )?),
             _ => None,
+        };
+        // The average starts as the initial parameters (the full LCM's target network as the student).
+        let ema = if config.stage == Stage::Lcm || config.ema_decay.is_some() {
+            params
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
+                .collect::<Result<BTreeMap<_, _>>>()?
+        } else {
+            BTreeMap::new()
         };
         let frozen_text_encoder = match (config.freeze_text_encoder, &sources.init_from) {
             (false, _) => None,
@@ -624,6 +687,7 @@ impl Trainer {
             tokenizer_dir,
             vae,
             distill,
+            ema,
             frozen_text_encoder,
             alphas_cumprod: alphas_cumprod(&sd_noise_schedule())?,
             device: device.clone(),
@@ -717,7 +781,16 @@ impl Trainer {
         let context = te.encode(&batch.ids, None)?;
         let ts: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
         let pred = unet.forward_timesteps(&zt, &ts, &context, None, None)?;
-        Ok((pred - noise)?.sqr()?.mean_all()?)
+        let se = (pred - noise)?.sqr()?;
+        match self.config.snr_gamma {
+            None => Ok(se.mean_all()?),
+            Some(gamma) => {
+                // Per-sample means, weighted, then the batch mean (diffusers' `mse_loss_weights`).
+                let per_sample = se.flatten_from(1)?.mean(1)?;
+                let w = Tensor::from_vec(min_snr_weights(&alphas, gamma), b, &self.device)?;
+                Ok((per_sample * w)?.mean_all()?)
+            }
+        }
     }
 
     /// `z₀ = scaling_factor · (μ + σ ε')` for the dataset rows `idx`, from the frozen VAE's posteriors.
@@ -729,12 +802,10 @@ impl Trainer {
         Ok(((mean + (std * post_noise)?)? * self.config.vae.scaling_factor)?)
     }
 
-    /// The frozen teacher of a distillation run (its UNet, the dataset's prompt embeddings, the solver)
-    /// and the initial target network (the EMA starts as the student).
+    /// The frozen teacher of a distillation run (its UNet, the dataset's prompt embeddings, the solver).
     fn distill_state(
         config: &TrainConfig,
         dir: &Path,
-        params: &ParamStore,
         data: &WorldData,
         device: &Device,
     ) -> Result<DistillState> {
@@ -745,19 +816,11 @@ impl Trainer {
             Stage::LcmLora => lora_modules(&unet_shapes(&parts.unet_config)?, d.lora_rank),
             _ => BTreeMap::new(),
         };
-        let ema = match config.stage {
-            Stage::Lcm => params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach().copy().unwrap()))
-                .collect(),
-            _ => BTreeMap::new(),
-        };
         Ok(DistillState {
             teacher,
             teacher_dir: dir.to_path_buf(),
             teacher_unet: parts.unet,
             lora_modules,
-            ema,
         })
     }
 
@@ -782,7 +845,7 @@ impl Trainer {
             Stage::Lcm => {
                 let student =
                     UNet2DConditionModel::new(unet_cfg, &self.params.weights().pp("unet"))?;
-                let index = state
+                let index = self
                     .ema
                     .iter()
                     .map(|(k, t)| {
@@ -835,10 +898,13 @@ impl Trainer {
         }
         let grads = loss.backward()?;
         self.opt.step(&self.params, &grads)?;
-        if self.config.stage == Stage::Lcm {
-            let decay = self.config.distill.as_ref().unwrap().ema_decay;
-            let state = self.distill.as_mut().unwrap();
-            super::distill::ema_update(&mut state.ema, &self.params, decay)?;
+        let decay = match (self.config.stage, self.config.ema_decay) {
+            (Stage::Lcm, _) => Some(self.config.distill.as_ref().unwrap().ema_decay),
+            (_, Some(d)) => Some(ema_decay_at(d, self.step)),
+            _ => None,
+        };
+        if let Some(decay) = decay {
+            super::distill::ema_update(&mut self.ema, &self.params, decay)?;
         }
         self.step += 1;
         Ok(value)

@@ -108,6 +108,24 @@ fn copy_dir_files(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes the f32 weights of one component (the keys under `prefix`, without it) to `path`: the
+/// exponential moving average where the run keeps one ([`Trainer::ema`]), else the parameters.
+fn save_trained(trainer: &Trainer, prefix: &str, path: &Path) -> Result<()> {
+    if trainer.ema.is_empty() {
+        return trainer.params.save_component(prefix, path, DType::F32);
+    }
+    let tensors: Vec<(String, candle_core::Tensor)> = trainer
+        .ema
+        .iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix(prefix)?.to_string(), t.clone())))
+        .collect();
+    write_safetensors(
+        path,
+        &tensors,
+        &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+    )
+}
+
 /// See [`Trainer::export`].
 pub fn export(trainer: &Trainer, out: &Path) -> Result<()> {
     mkdir(out)?;
@@ -140,10 +158,10 @@ pub fn export(trainer: &Trainer, out: &Path) -> Result<()> {
                 &unet_dir.join("config.json"),
                 &diffusers_config("UNet2DConditionModel", unet_cfg),
             )?;
-            trainer.params.save_component(
+            save_trained(
+                trainer,
                 "unet.",
                 &unet_dir.join("diffusion_pytorch_model.safetensors"),
-                DType::F32,
             )?;
             let te_dir = out.join("text_encoder");
             match trainer.frozen_text_encoder_dir() {
@@ -157,11 +175,7 @@ pub fn export(trainer: &Trainer, out: &Path) -> Result<()> {
                     obj.insert("model_type".into(), json!("clip_text_model"));
                     obj.insert("torch_dtype".into(), json!("float32"));
                     write_json(&te_dir.join("config.json"), &te_cfg)?;
-                    trainer.params.save_component(
-                        "text_encoder.",
-                        &te_dir.join("model.safetensors"),
-                        DType::F32,
-                    )?;
+                    save_trained(trainer, "text_encoder.", &te_dir.join("model.safetensors"))?;
                 }
             }
             if let Some(tok) = trainer.tokenizer_dir() {
@@ -184,15 +198,10 @@ pub fn export(trainer: &Trainer, out: &Path) -> Result<()> {
                 &unet_dir.join("config.json"),
                 &diffusers_config("UNet2DConditionModel", cfg.unet.as_ref().unwrap()),
             )?;
-            let ema: Vec<(String, candle_core::Tensor)> = state
-                .ema
-                .iter()
-                .map(|(k, t)| (k.strip_prefix("unet.").unwrap_or(k).to_string(), t.clone()))
-                .collect();
-            write_safetensors(
+            save_trained(
+                trainer,
+                "unet.",
                 &unet_dir.join("diffusion_pytorch_model.safetensors"),
-                &ema,
-                &BTreeMap::from([("format".to_string(), "pt".to_string())]),
             )?;
             for part in ["text_encoder", "tokenizer", "vae"] {
                 copy_dir_files(&state.teacher_dir.join(part), &out.join(part))?;
