@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use candle_core::DType;
-use fewstep::image::{grid, tensor_to_images, upscale, write_png};
+use fewstep::image::{grid, images_to_tensor, tensor_to_images, upscale, write_png};
 use fewstep::lora::LoraSpec;
 use fewstep::schedulers::SchedulerKind;
 use fewstep::world::{scenes, Style};
@@ -41,6 +41,10 @@ pub struct Args {
     /// Each picture enlarged this many times.
     #[arg(long, default_value_t = 4)]
     scale: usize,
+    /// Put the VAE's reconstruction of the world picture (decoder of the posterior mean) in the right
+    /// cell instead of a generated picture: what the autoencoder alone can draw.
+    #[arg(long)]
+    autoencoder: bool,
     /// The grid (PNG); the numbered captions go to standard output.
     #[arg(long)]
     output: PathBuf,
@@ -65,13 +69,23 @@ pub fn run(args: Args) -> Result<()> {
         .enumerate()
     {
         let caption = scene.caption();
-        let mut req = model.request(&caption, i as u64);
-        req.scheduler = SchedulerKind::from(args.scheduler);
-        req.steps = args.steps;
-        req.guidance = args.guidance;
-        let out = model.generate(&req, &mut |_, _| {})?;
-        let drawn = tensor_to_images(&out.decoded)?.remove(0);
-        pictures.push(upscale(&scene.render(side), args.scale));
+        let world = scene.render(side);
+        let decoded = if args.autoencoder {
+            let x = images_to_tensor(
+                std::slice::from_ref(&world),
+                model.vae.dtype(),
+                model.device(),
+            )?;
+            model.vae.decode(&model.vae.encode(&x)?.mean)?
+        } else {
+            let mut req = model.request(&caption, i as u64);
+            req.scheduler = SchedulerKind::from(args.scheduler);
+            req.steps = args.steps;
+            req.guidance = args.guidance;
+            model.generate(&req, &mut |_, _| {})?.decoded
+        };
+        let drawn = tensor_to_images(&decoded.to_dtype(DType::F32)?)?.remove(0);
+        pictures.push(upscale(&world, args.scale));
         pictures.push(upscale(&drawn, args.scale));
         println!("{}. {caption}", i + 1);
     }

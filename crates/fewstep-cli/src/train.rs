@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::ValueEnum;
 use fewstep::train::checkpoint::{load_checkpoint, save_checkpoint};
+use fewstep::train::diffusion::ReconLoss;
 use fewstep::train::{Preset, Sources, Stage, TrainConfig, Trainer, WorldStyle, CHECKPOINT_FILE};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -32,6 +33,12 @@ pub enum PresetArg {
     Tiny,
     /// The proposed shipped size, 32×32 images (see docs/training.md).
     Small,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ReconLossArg {
+    L1,
+    L2,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -122,6 +129,9 @@ pub struct Args {
     /// VAE stage: weight of the KL term.
     #[arg(long, default_value_t = 1e-6)]
     kl_weight: f64,
+    /// VAE stage: the reconstruction term, l1 (LDM's) or l2.
+    #[arg(long, value_enum, default_value = "l1")]
+    recon_loss: ReconLossArg,
     /// UNet stage: share of empty captions (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     caption_dropout: f64,
@@ -161,6 +171,10 @@ fn config(args: &Args) -> Result<TrainConfig> {
     c.optim.weight_decay = args.weight_decay;
     c.optim.max_grad_norm = (args.max_grad_norm > 0.0).then_some(args.max_grad_norm);
     c.kl_weight = args.kl_weight;
+    c.recon_loss = match args.recon_loss {
+        ReconLossArg::L1 => ReconLoss::L1,
+        ReconLossArg::L2 => ReconLoss::L2,
+    };
     c.caption_dropout = args.caption_dropout;
     c.freeze_text_encoder = args.freeze_text_encoder;
     c.ema_decay = args.ema_decay;

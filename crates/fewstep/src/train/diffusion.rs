@@ -1,6 +1,7 @@
 //! Teacher training, the two stages of Stable Diffusion:
 //!
-//! - **VAE** (`Stage::Vae`): `AutoencoderKL` on world images, `loss = mean|x − D(z)| + kl_weight · KL`,
+//! - **VAE** (`Stage::Vae`): `AutoencoderKL` on world images, `loss = mean|x − D(z)| + kl_weight · KL`
+//!   (or `mean (x − D(z))²` with [`ReconLoss::L2`]),
 //!   `z ~ q(z|x) = N(μ, σ²)` drawn by reparameterisation, `KL = Σ ½(μ² + σ² − 1 − log σ²) / (B·3·H·W)`
 //!   (LDM's `sum / batch` losses with both terms divided by the same pixel count, so `kl_weight` keeps LDM's
 //!   meaning; its default 1e-6 is LDM's). When the VAE is saved its `scaling_factor` is measured from the
@@ -60,6 +61,24 @@ impl Stage {
     }
 }
 
+/// The VAE's reconstruction term.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconLoss {
+    /// `mean|x − D(z)|`, LDM's pixel term.
+    #[default]
+    L1,
+    /// `mean (x − D(z))²`: a wrong colour over a small shape costs far more than a slightly-off
+    /// background, so small shapes are learnt first rather than last.
+    L2,
+}
+
+impl ReconLoss {
+    fn is_l1(&self) -> bool {
+        *self == ReconLoss::L1
+    }
+}
+
 /// The world's drawing style, as a config value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -94,6 +113,9 @@ pub struct TrainConfig {
     pub optim: AdamWConfig,
     /// VAE stage: weight of the KL term.
     pub kl_weight: f64,
+    /// VAE stage: the reconstruction term (absolute or squared error; L1 when absent, as LDM).
+    #[serde(default, skip_serializing_if = "ReconLoss::is_l1")]
+    pub recon_loss: ReconLoss,
     /// UNet stage: probability of an empty caption.
     pub caption_dropout: f64,
     /// Write a checkpoint every this many steps (0: only at the end).
@@ -223,6 +245,7 @@ impl TrainConfig {
             style: WorldStyle::Filled,
             optim: AdamWConfig::default(),
             kl_weight: 1e-6,
+            recon_loss: ReconLoss::L1,
             caption_dropout: 0.1,
             checkpoint_every: 0,
             vae: preset.vae(),
@@ -746,7 +769,11 @@ impl Trainer {
         let noise = self.rng.randn(post.mean.dims(), &self.device)?;
         let z = post.sample(&noise)?;
         let recon = vae.decode(&z)?;
-        let rec = (recon - &batch.images)?.abs()?.mean_all()?;
+        let err = (recon - &batch.images)?;
+        let rec = match self.config.recon_loss {
+            ReconLoss::L1 => err.abs()?.mean_all()?,
+            ReconLoss::L2 => err.sqr()?.mean_all()?,
+        };
         let var = post.std.sqr()?;
         let kl_terms = ((post.mean.sqr()? + &var)? - 1.0)?.sub(&var.log()?)?;
         let pixels = batch.images.elem_count() as f64;

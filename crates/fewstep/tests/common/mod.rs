@@ -56,6 +56,18 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap()
 }
 
+/// `max|a − b|` of two f32 tensors.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// The fixtures' `lcm4` image of a model (LCM, 4 steps, guidance 1, seed 0, 64×64) as NHWC f32 in [0, 1].
 pub fn lcm4(parts: &ModelParts) -> Tensor {
     let model = StableDiffusion::from_parts(parts, &Device::Cpu).unwrap();
