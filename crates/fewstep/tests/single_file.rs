@@ -483,27 +483,13 @@ fn vae_swap_ldm_and_diffusers_layouts() {
     let want = decode(&single, &latents);
     let swapped = folder.clone().with_vae_file(&vae_path).unwrap();
     assert_eq!(swapped.vae_config.norm_num_groups, 8);
-    let d = (decode(&swapped, &latents) - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = common::max_abs_diff(&decode(&swapped, &latents), &want);
     assert_eq!(d, 0.0, "LDM-layout VAE file");
     // A diffusers-named VAE file (its config.json beside it) into the single-file model.
     let swapped = single
         .with_vae_file(&common::weights_file("tiny-sd", "vae"))
         .unwrap();
-    let d = (decode(&swapped, &latents) - decode(&folder, &latents))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = common::max_abs_diff(&decode(&swapped, &latents), &decode(&folder, &latents));
     assert_eq!(d, 0.0, "diffusers-layout VAE file");
 }
 

@@ -1,27 +1,20 @@
 //! TAESD on real trained weights: TAEF2 (32 latent channels, mid-block GroupNorm branch) reproduces the
 //! published PyTorch reference round trip of `../shared/data/astronaut.png` (`../shared/weights/README.md`).
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use fewstep::models::taesd::AutoencoderTiny;
 use fewstep::weights::Weights;
 
+use common::max_abs_diff;
+
 const TAEF2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/weights/taef2");
 
 fn weights(name: &str) -> Weights {
     Weights::from_files(&[Path::new(TAEF2).join(name)], DType::F32, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Peak signal-to-noise ratio of images in [0, 1]: `10·log₁₀(1 / mean((a − b)²))`.
