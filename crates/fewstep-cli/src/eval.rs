@@ -5,20 +5,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use fewstep::eval::classifier::{
     Accuracy, ClassifierConfig, ClassifierTrainer, Labels, WorldClassifier,
 };
 use fewstep::eval::score::{classify, score, Reference, Scores};
 use fewstep::files::write_atomic;
 use fewstep::image::{grid, tensor_to_images, RgbImage};
-use fewstep::lora::LoraSpec;
 use fewstep::schedulers::SchedulerKind;
 use fewstep::world::{scenes, Style};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::generate::{load_model, SchedulerArg, DEFAULT_MODEL};
+use crate::generate::{ModelArgs, SchedulerArg};
 use crate::train::StyleArg;
 
 /// Seed of the held-out scenes on which `train-classifier` reports its accuracy.
@@ -100,12 +99,8 @@ pub fn train_classifier(args: ClassifierArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// The model folder (default: fewstep's own base model).
-    #[arg(long)]
-    model: Option<String>,
-    /// A LoRA to apply, PATH[:WEIGHT]; repeatable.
-    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
-    loras: Vec<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     #[arg(long, value_enum)]
     scheduler: SchedulerArg,
     #[arg(long)]
@@ -172,13 +167,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let device = Device::Cpu;
     let style: Style = fewstep::train::WorldStyle::from(args.style).into();
     let classifier = WorldClassifier::load(&args.classifier, &device)?;
-    let model_spec = args.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let specs = args
-        .loras
-        .iter()
-        .map(|s| LoraSpec::parse(s))
-        .collect::<fewstep::Result<Vec<_>>>()?;
-    let (model, loras) = load_model(&model_spec, None, &specs, false, DType::F32)?;
+    let (model, model_spec, loras) = args.model.load()?;
     let side = model.native_size();
     let reference =
         Reference::measure(&classifier, style, args.real_seed, args.real, side, &device)?;

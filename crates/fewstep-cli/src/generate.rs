@@ -18,6 +18,35 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// (docs/training.md).
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/default/base");
 
+/// `--model` and `--lora` of the commands that score or show a model (`eval`, `grid`).
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// The model folder (default: fewstep's own base model).
+    #[arg(long)]
+    model: Option<String>,
+    /// A LoRA to apply, PATH[:WEIGHT]; repeatable.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<String>,
+}
+
+impl ModelArgs {
+    /// The model (f32, LoRAs fused), its spec as given (or the default's path) and the LoRAs applied
+    /// (`NAME:WEIGHT`).
+    pub fn load(&self) -> Result<(StableDiffusion, String, Vec<String>)> {
+        let specs = self
+            .loras
+            .iter()
+            .map(|s| LoraSpec::parse(s))
+            .collect::<fewstep::Result<Vec<_>>>()?;
+        let spec = self
+            .model
+            .clone()
+            .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+        let (model, loras) = load_model(&spec, None, &specs, false, DType::F32)?;
+        Ok((model, spec, loras))
+    }
+}
+
 /// The LCM-LoRA distilled from the default model (docs/quality.md), applied to it unless `--no-lcm`.
 pub const DEFAULT_LCM_LORA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

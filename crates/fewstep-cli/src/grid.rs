@@ -7,21 +7,16 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use candle_core::DType;
 use fewstep::image::{grid, images_to_tensor, tensor_to_images, upscale, write_png};
-use fewstep::lora::LoraSpec;
 use fewstep::schedulers::SchedulerKind;
 use fewstep::world::{scenes, Style};
 
-use crate::generate::{load_model, SchedulerArg, DEFAULT_MODEL};
+use crate::generate::{ModelArgs, SchedulerArg};
 use crate::train::StyleArg;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model folder (default: fewstep's own base model).
-    #[arg(long)]
-    model: Option<String>,
-    /// A LoRA to apply, PATH[:WEIGHT]; repeatable.
-    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
-    loras: Vec<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     #[arg(long, value_enum, default_value = "ddim")]
     scheduler: SchedulerArg,
     #[arg(long, default_value_t = 25)]
@@ -54,13 +49,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.count == 0 || args.cols == 0 || args.scale == 0 {
         bail!("invalid count/cols/scale: each must be at least 1");
     }
-    let specs = args
-        .loras
-        .iter()
-        .map(|s| LoraSpec::parse(s))
-        .collect::<fewstep::Result<Vec<_>>>()?;
-    let model_spec = args.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let (model, _) = load_model(&model_spec, None, &specs, false, DType::F32)?;
+    let (model, _, _) = args.model.load()?;
     let side = model.native_size();
     let style: Style = fewstep::train::WorldStyle::from(args.style).into();
     let mut pictures = Vec::with_capacity(2 * args.count);
