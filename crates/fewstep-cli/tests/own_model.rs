@@ -42,11 +42,10 @@ fn nearest_colour(img: &RgbImage, keep: impl Fn(f32, f32) -> bool) -> &'static s
         .name
 }
 
-/// The shipped base model alone (`--no-lcm`: DDIM 25 steps, guidance 3). Over eight colour pairs the border of the picture is the background asked for, every time, and something of
-/// another colour is drawn in the centre at least six times (the shapes' own colours are the model's weak
-/// point, docs/training.md).
-#[test]
-fn the_default_model_without_lcm_draws_the_background_asked_for() {
+/// Generates "a large S circle on a B background" for eight colour pairs (seed 0) with the default model and
+/// `extra` flags; returns how many pictures have the background asked for on their border and how many the
+/// shape's colour in their centre.
+fn colour_pairs_right(extra: &[&str]) -> (usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let pairs = [
         ("red", "blue"),
@@ -58,27 +57,47 @@ fn the_default_model_without_lcm_draws_the_background_asked_for() {
         ("orange", "brown"),
         ("green", "pink"),
     ];
-    let mut drawn = 0;
+    let (mut backgrounds, mut shapes) = (0, 0);
     for (i, (shape_colour, background)) in pairs.into_iter().enumerate() {
         let out = dir.path().join(format!("{i}.png"));
         let prompt = format!("a large {shape_colour} circle on a {background} background");
-        ok(fewstep(&[
+        let mut args = vec![
             "generate",
             &prompt,
-            "--no-lcm",
             "--seed",
             "0",
             "--output",
             out.to_str().unwrap(),
-        ]));
+        ];
+        args.extend_from_slice(extra);
+        ok(fewstep(&args));
         let img = read_png(&out).unwrap();
         assert_eq!((img.width, img.height), (32, 32));
         let centre = nearest_colour(&img, |x, y| (x - 0.5).abs() < 0.1 && (y - 0.5).abs() < 0.1);
         let border = nearest_colour(&img, |x, y| x.min(y).min(1.0 - x).min(1.0 - y) < 0.1);
-        assert_eq!(border, background, "{prompt}");
-        drawn += (centre != background) as usize;
+        backgrounds += (border == background) as usize;
+        shapes += (centre == shape_colour) as usize;
     }
-    assert!(drawn >= 6, "a shape drawn in {drawn} of 8 pictures");
+    (backgrounds, shapes)
+}
+
+/// The shipped base model alone (`--no-lcm`: DDIM 25 steps, guidance 3) draws the background asked for in
+/// all eight colour pairs and the circle's colour in at least seven (8 of 8 on the author's machine,
+/// docs/training.md; one of slack for another CPU's rounding).
+#[test]
+fn the_default_model_without_lcm_draws_the_colours_asked_for() {
+    let (backgrounds, shapes) = colour_pairs_right(&["--no-lcm"]);
+    assert_eq!(backgrounds, 8, "backgrounds right in {backgrounds} of 8");
+    assert!(shapes >= 7, "shape colour right in {shapes} of 8");
+}
+
+/// With its LCM-LoRA (the default: LCM 4 steps, guidance 1) the same eight pairs keep their colours: at
+/// least seven backgrounds and six shapes (8 and 7 on the author's machine).
+#[test]
+fn the_default_model_with_its_lcm_lora_draws_the_colours_asked_for() {
+    let (backgrounds, shapes) = colour_pairs_right(&[]);
+    assert!(backgrounds >= 7, "backgrounds right in {backgrounds} of 8");
+    assert!(shapes >= 6, "shape colour right in {shapes} of 8");
 }
 
 /// The default model's two modes are exactly their spelled-out commands: no flag = the base with
