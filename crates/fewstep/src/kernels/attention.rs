@@ -1,10 +1,15 @@
 //! Scaled dot-product attention, computed a head and a block of queries at a time so that the score
 //! matrix is never held whole: at 512×512 the UNet's first self-attention has 8 heads × 4096 × 4096
-//! scores (512 MiB in f32); a block of them stays in cache.
+//! scores (512 MiB in f32). On the CPU kernels of [`matmul`] the attention is fused: each task takes
+//! a block of a head's queries through both products and the softmax with its scores in cache, the
+//! head's keys and values packed once for all of its blocks.
 
-use candle_core::{DType, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
 
-use crate::kernels::matmul;
+use crate::kernels::matmul::{self, Element, PackedLhs, PackedRhs, Source};
 
 /// Scores held at once, at most (elements): 2 MiB of f32, a core's share of the L2/L3 cache.
 const BLOCK_SCORES: usize = 1 << 19;
@@ -17,10 +22,10 @@ const BLOCK_SCORES_KERNEL: usize = 1 << 22;
 /// `v`'s dtype. The scores and the softmax are f32 whatever the dtype; with `upcast` the product `q kᵀ`
 /// is computed in f32 too (diffusers' `upcast_attention`).
 ///
-/// Rows of the result are independent: when the `N·Lq·Lk` scores exceed [`BLOCK_SCORES`], each head is
-/// taken alone (a mask must then be `[Lq, Lk]` or smaller) and its queries in blocks of
-/// `BLOCK_SCORES / Lk` rows — the same numbers with a bounded score buffer, and matrix products tall
-/// enough to run at full speed.
+/// Rows of the result are independent. Without a mask, on the CPU kernels, the attention is [`Fused`].
+/// Elsewhere, when the `N·Lq·Lk` scores exceed [`BLOCK_SCORES`], each head is taken alone (a mask must
+/// then be `[Lq, Lk]` or smaller) and its queries in blocks of `BLOCK_SCORES / Lk` rows — the same
+/// numbers with a bounded score buffer, and matrix products tall enough to run at full speed.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -42,6 +47,12 @@ pub fn scaled_dot_product_attention(
     let kernel = [&q, &k, v]
         .into_iter()
         .all(|t| matmul::available(t) && t.dtype() == q.dtype() && !t.track_op());
+    if kernel && mask.is_none() {
+        let op = Fused {
+            scale: scale as f32,
+        };
+        return q.apply_op3_no_bwd(&k, v, &op);
+    }
     let block = match kernel {
         true => BLOCK_SCORES_KERNEL,
         false => BLOCK_SCORES,
@@ -112,6 +123,131 @@ fn attend(
     }
 }
 
+/// `softmax(q kᵀ · scale) v` for `q: [N, Lq, d]`, `k: [N, Lk, d]`, `v: [N, Lk, dv]` of one dtype (bf16 or
+/// f32, rows contiguous, any other strides) → `[N, Lq, dv]`, on the CPU kernels of [`matmul`]: the
+/// numbers of [`attend`] (the same products, summed in the same order, and the same softmax), without
+/// a score matrix in memory. Per head, `Kᵀ` and `V` are packed once; per block of [`matmul::row_step`]
+/// multiples of queries (a task), the scores `S = α · Q Kᵀ` (f32), `P = softmax(S)` row by row in
+/// place, `P` rounded to the operands' dtype and packed, and `P V`, all within the task's buffers.
+struct Fused {
+    scale: f32,
+}
+
+/// The `[N, L, d]` operand of [`Fused`] as values: the slice from its offset and the strides of its
+/// heads and rows (its last dimension contiguous), or an error naming the operand.
+fn heads<'a, S>(
+    values: &'a [S],
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<(&'a [S], usize, usize)> {
+    match (l.dims(), l.stride()) {
+        ([_, _, _], [head, row, 1]) => Ok((&values[l.start_offset()..], *head, *row)),
+        (dims, _) => bail!("attention: {what} {dims:?} must be [N, L, d] with contiguous rows"),
+    }
+}
+
+impl Fused {
+    fn run<S: Source + Element>(
+        &self,
+        (q, q_l): (&[S], &Layout),
+        (k, k_l): (&[S], &Layout),
+        (v, v_l): (&[S], &Layout),
+        round: impl Fn(&[f32], &mut Vec<S>) + Sync,
+    ) -> candle_core::Result<(Vec<S>, Shape)> {
+        let (n, lq, d) = q_l.shape().dims3()?;
+        let (nk, lk, dk) = k_l.shape().dims3()?;
+        let (nv, lv, dv) = v_l.shape().dims3()?;
+        if (nk, dk) != (n, d) || (nv, lv) != (n, lk) {
+            bail!(
+                "attention: q {:?}, k {:?} and v {:?} do not fit",
+                q_l.dims(),
+                k_l.dims(),
+                v_l.dims()
+            );
+        }
+        let (q, q_head, q_row) = heads(q, q_l, "q")?;
+        let (k, k_head, k_row) = heads(k, k_l, "k")?;
+        let (v, v_head, v_row) = heads(v, v_l, "v")?;
+        let no_kernel =
+            || candle_core::Error::Msg(format!("attention: no kernel for {:?}", S::DTYPE));
+        let step = matmul::row_step(S::DTYPE).ok_or_else(no_kernel)?;
+        // Blocks of queries: a multiple of the kernel's rows, about 128 of them (scores of 4096 keys:
+        // 2 MiB of f32, a core's L2).
+        let rows = 128usize.div_ceil(step) * step;
+        let packed: Vec<(PackedRhs, PackedRhs)> = (0..n)
+            .into_par_iter()
+            .map(|h| {
+                let kt = PackedRhs::new(&k[h * k_head..], (1, k_row), d, lk);
+                let vp = PackedRhs::new(&v[h * v_head..], (v_row, 1), lk, dv);
+                kt.zip(vp).ok_or_else(no_kernel)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mut out = vec![S::default(); n * lq * dv];
+        out.par_chunks_mut(lq * dv.max(1))
+            .zip(&packed)
+            .enumerate()
+            .try_for_each(|(h, (out, (kt, vp)))| {
+                out.par_chunks_mut(rows * dv.max(1))
+                    .enumerate()
+                    .try_for_each(|(block, out)| {
+                        let (i0, m) = (block * rows, rows.min(lq - block * rows));
+                        let qa = PackedLhs::new(&q[h * q_head + i0 * q_row..], q_row, m, d)
+                            .ok_or_else(no_kernel)?;
+                        let mut scores = vec![0f32; m * lk];
+                        qa.multiply_packed(kt, self.scale, &mut scores, lk);
+                        crate::kernels::softmax::softmax_rows(&mut scores, lk);
+                        let mut probs = Vec::new();
+                        round(&scores, &mut probs);
+                        let pa = PackedLhs::new(&probs, lk, m, lk).ok_or_else(no_kernel)?;
+                        let mut o = vec![0f32; m * dv];
+                        pa.multiply_packed(vp, 1.0, &mut o, dv);
+                        // SAFETY: `o` and `out` both hold the block's `m · dv` values.
+                        unsafe { S::store(&o, out) };
+                        Ok::<(), candle_core::Error>(())
+                    })
+            })?;
+        Ok((out, Shape::from((n, lq, dv))))
+    }
+}
+
+impl CustomOp3 for Fused {
+    fn name(&self) -> &'static str {
+        "attention-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q_s: &CpuStorage,
+        q_l: &Layout,
+        k_s: &CpuStorage,
+        k_l: &Layout,
+        v_s: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (q_s, k_s, v_s) {
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                let round = |s: &[f32], p: &mut Vec<bf16>| {
+                    p.resize(s.len(), bf16::ZERO);
+                    crate::kernels::narrow_to_bf16(s, p);
+                };
+                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), round)?;
+                Ok((CpuStorage::BF16(out), shape))
+            }
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let round = |s: &[f32], p: &mut Vec<f32>| p.extend_from_slice(s);
+                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), round)?;
+                Ok((CpuStorage::F32(out), shape))
+            }
+            _ => bail!(
+                "attention: q, k and v must all be bf16 or all f32, not {:?}, {:?} and {:?}",
+                q_s.dtype(),
+                k_s.dtype(),
+                v_s.dtype()
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +308,61 @@ mod tests {
         // The first query sees only the first value.
         let first = got.narrow(1, 0, 1).unwrap();
         assert!(max_abs_diff(&first, &v.narrow(1, 0, 1).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn fused_attention_equals_the_unfused_kernels_and_the_formula() {
+        // Odd head widths, key counts off every block edge, query blocks with a short last one, and
+        // strided views (a transposed batch of heads) as the operands.
+        for dtype in [DType::BF16, DType::F32] {
+            if !matmul::available(&test_input(&[1], 0).to_dtype(dtype).unwrap()) {
+                continue;
+            }
+            for (n, lq, lk, d, dv) in [
+                (2, 300, 77, 40, 40),
+                (3, 129, 1000, 13, 7),
+                (1, 5, 33, 64, 130),
+            ] {
+                let f = |shape: &[usize], seed| test_input(shape, seed).to_dtype(dtype).unwrap();
+                let q = f(&[lq, n, d], 7).transpose(0, 1).unwrap();
+                let (k, v) = (f(&[n, lk, d], 8), f(&[n, lk, dv], 9));
+                let scale = 1.0 / (d as f64).sqrt();
+                let got = scaled_dot_product_attention(&q, &k, &v, scale, None, false).unwrap();
+                assert_eq!((got.dims(), got.dtype()), (&[n, lq, dv][..], dtype));
+                let unfused = attend(
+                    &q.contiguous().unwrap(),
+                    &k.t().unwrap(),
+                    &v,
+                    scale,
+                    None,
+                    true,
+                );
+                assert_eq!(
+                    max_abs_diff(&got, &unfused.unwrap()),
+                    0.0,
+                    "{dtype:?} {n}×{lq}×{lk}"
+                );
+                let want = reference(
+                    &q.to_dtype(DType::F32).unwrap(),
+                    &k.to_dtype(DType::F32).unwrap(),
+                    &v.to_dtype(DType::F32).unwrap(),
+                    scale,
+                    None,
+                );
+                let bound = if dtype == DType::BF16 { 3e-2 } else { 1e-5 };
+                let err = max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want);
+                assert!(err < bound, "{dtype:?} {n}×{lq}×{lk}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_attention_refuses_mixed_dtypes() {
+        let q = test_input(&[1, 4, 8], 1);
+        let k = test_input(&[1, 4, 8], 2).to_dtype(DType::BF16).unwrap();
+        let err = q
+            .apply_op3_no_bwd(&k, &k, &Fused { scale: 1.0 })
+            .unwrap_err();
+        assert!(err.to_string().contains("all be bf16 or all f32"), "{err}");
     }
 }

@@ -172,8 +172,10 @@ enum Rhs {
 /// An operand's element as packed: [`Source::PER_SLOT`] consecutive values of `K` share one 32-bit
 /// slot (a bf16 pair, the first value in the low half, or one f32) — which is how they lie in
 /// memory on a little-endian machine.
-trait Source: Copy + Send + Sync {
+pub(crate) trait Source: Copy + Send + Sync {
     const PER_SLOT: usize;
+    /// The dtype of these values.
+    const DTYPE: DType;
     /// The value's bits in the low end of a slot.
     fn bits(self) -> u32;
 
@@ -198,6 +200,7 @@ trait Source: Copy + Send + Sync {
 
 impl Source for bf16 {
     const PER_SLOT: usize = 2;
+    const DTYPE: DType = DType::BF16;
     fn bits(self) -> u32 {
         self.to_bits() as u32
     }
@@ -205,6 +208,7 @@ impl Source for bf16 {
 
 impl Source for f32 {
     const PER_SLOT: usize = 1;
+    const DTYPE: DType = DType::F32;
     fn bits(self) -> u32 {
         self.to_bits()
     }
@@ -251,7 +255,7 @@ unsafe impl<T> Send for SharedOut<T> {}
 unsafe impl<T> Sync for SharedOut<T> {}
 
 /// One output element type: f32 as is, bf16 rounded to nearest even.
-trait Element: Copy + Send + Sync + Default {
+pub(crate) trait Element: Copy + Send + Sync + Default {
     /// `dst[i] = src[i]` in this type.
     ///
     /// # Safety
@@ -333,25 +337,7 @@ impl Product {
                     let shape = TileShape { m0, rows, cols, kp };
                     // SAFETY: `cpu_fwd` checked that the CPU runs `isa`; the operands were packed
                     // for it, with `kp` slots and rows padded to its row blocks.
-                    unsafe {
-                        match self.isa {
-                            Isa::Amx => amx::multiply_tile(&packed_a, packed_b, shape, &mut tile),
-                            Isa::Avx512Bf16 => avx512::multiply_tile(
-                                avx512::dot_bf16,
-                                &packed_a,
-                                packed_b,
-                                shape,
-                                &mut tile,
-                            ),
-                            Isa::Avx512F => avx512::multiply_tile(
-                                avx512::fma_f32,
-                                &packed_a,
-                                packed_b,
-                                shape,
-                                &mut tile,
-                            ),
-                        }
-                    };
+                    unsafe { multiply_tile(self.isa, &packed_a, packed_b, shape, &mut tile) };
                     // SAFETY: the tile (rows m0.., columns n0..) is this task's alone.
                     unsafe { self.write_tile(&mut tile, dst, m0, rows, n0, cols, n) };
                 }
@@ -398,42 +384,87 @@ impl Product {
     }
 }
 
-/// An f32 left operand `A: [M, K]` packed once for many products on the calling thread, as the
-/// 36 products `U_ξ · V_ξ` of a Winograd convolution share their `U_ξ` across all tiles.
+/// The product of one tile on `isa`: `tile = A[m0 .. m0 + rows] · B[:, panels]` ([`TileShape`]).
+///
+/// # Safety
+/// The CPU runs `isa`; `a` and `b` were packed for it with `shape.kp` slots, `a`'s rows padded to
+/// its row blocks.
+unsafe fn multiply_tile(isa: Isa, a: &[u32], b: &[u32], shape: TileShape, tile: &mut [f32]) {
+    match isa {
+        Isa::Amx => amx::multiply_tile(a, b, shape, tile),
+        Isa::Avx512Bf16 => avx512::multiply_tile(avx512::dot_bf16, a, b, shape, tile),
+        Isa::Avx512F => avx512::multiply_tile(avx512::fma_f32, a, b, shape, tile),
+    }
+}
+
+/// A left operand `A: [M, K]` packed once for many products on the calling thread: the 36 products
+/// `U_ξ · V_ξ` of a Winograd convolution share their `U_ξ` across all tiles; attention multiplies
+/// a block of queries by every key.
 pub(crate) struct PackedLhs {
+    isa: Isa,
     slots: Vec<u32>,
     m: usize,
     k: usize,
+}
+
+/// A right operand `B: [K, N]` packed once, all its columns: attention's keys and values, which
+/// every block of queries multiplies.
+pub(crate) struct PackedRhs {
+    isa: Isa,
+    slots: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+/// The rows of `A` one register or AMX step produces for values of `dtype` (a block of queries is
+/// best a multiple of it), or `None` where no kernel runs them.
+pub(crate) fn row_step(dtype: DType) -> Option<usize> {
+    Isa::best(dtype).map(|isa| match isa {
+        Isa::Amx => AMX_ROWS,
+        Isa::Avx512Bf16 | Isa::Avx512F => 2 * MR,
+    })
 }
 
 impl PackedLhs {
     /// The row-major f32 `a: [m, k]` packed for the AVX-512F kernel, or `None` where the CPU has
     /// no AVX-512F.
     pub(crate) fn f32(a: &[f32], m: usize, k: usize) -> Option<PackedLhs> {
-        Isa::Avx512F.supported().then(|| {
-            let ops = Operands {
-                a,
-                a_row: k,
-                b: a,
-                b_k: 0,
-                b_n: 0,
-                m,
-                k,
-                n: 0,
-            };
-            PackedLhs {
-                slots: pack_a_panels(&ops, Isa::Avx512F.slots(k)),
-                m,
-                k,
-            }
-        })
+        Isa::Avx512F
+            .supported()
+            .then(|| Self::pack(Isa::Avx512F, a, k, m, k))
     }
 
-    /// `dst[M, N] = A · b` for the row-major f32 `b: [K, n]`, on the calling thread.
+    /// `A[i][j] = a[i · a_row + j]` packed for the fastest kernel for its dtype, or `None` where the
+    /// CPU runs none.
+    pub(crate) fn new<S: Source>(a: &[S], a_row: usize, m: usize, k: usize) -> Option<PackedLhs> {
+        Isa::best(S::DTYPE).map(|isa| Self::pack(isa, a, a_row, m, k))
+    }
+
+    fn pack<S: Source>(isa: Isa, a: &[S], a_row: usize, m: usize, k: usize) -> PackedLhs {
+        let ops = Operands {
+            a,
+            a_row,
+            b: a,
+            b_k: 0,
+            b_n: 0,
+            m,
+            k,
+            n: 0,
+        };
+        let kp = isa.slots(k);
+        let slots = match isa {
+            Isa::Amx => pack_a_tiles(&ops, kp),
+            Isa::Avx512Bf16 | Isa::Avx512F => pack_a_panels(&ops, kp),
+        };
+        PackedLhs { isa, slots, m, k }
+    }
+
+    /// `dst[M, N] = A · b` for the row-major f32 `b: [K, n]`, on the calling thread, `B` packed a
+    /// block of [`NC`] columns at a time.
     pub(crate) fn multiply(&self, b: &[f32], n: usize, dst: &mut [f32]) {
-        let (m, k) = (self.m, self.k);
+        let k = self.k;
         assert!(
-            b.len() >= k * n && dst.len() >= m * n,
+            self.isa == Isa::Avx512F && b.len() >= k * n && dst.len() >= self.m * n,
             "PackedLhs: operand sizes"
         );
         let ops = Operands {
@@ -442,43 +473,104 @@ impl PackedLhs {
             b,
             b_k: n,
             b_n: 1,
-            m,
+            m: self.m,
             k,
             n,
         };
+        let mut tile = vec![0f32; MC * NC];
+        for n0 in (0..n).step_by(NC) {
+            let cols = NC.min(n - n0);
+            let packed_b = pack_b(&ops, n0, cols, k);
+            self.multiply_block(&packed_b, n0, cols, 1.0, dst, n, &mut tile);
+        }
+    }
+
+    /// `dst[i · ldc + j] = α · (A · B)[i][j]` on the calling thread.
+    pub(crate) fn multiply_packed(&self, b: &PackedRhs, alpha: f32, dst: &mut [f32], ldc: usize) {
+        assert!(
+            self.isa == b.isa
+                && self.k == b.k
+                && ldc >= b.n
+                && dst.len() >= (self.m.max(1) - 1) * ldc + b.n,
+            "PackedLhs: operands of {}×{} and {}×{} into {} values, rows {ldc} apart",
+            self.m,
+            self.k,
+            b.k,
+            b.n,
+            dst.len()
+        );
+        let kp = self.isa.slots(self.k);
+        let mut tile = vec![0f32; MC * NC];
+        for n0 in (0..b.n).step_by(NC) {
+            let panels = &b.slots[n0 / NR * kp * NR..];
+            self.multiply_block(panels, n0, NC.min(b.n - n0), alpha, dst, ldc, &mut tile);
+        }
+    }
+
+    /// Columns `n0 .. n0 + cols` of the product, their panels of `B` in `panels`, into `dst` (rows
+    /// `ldc` apart) scaled by `α`, a block of [`MC`] rows at a time through `tile`.
+    #[allow(clippy::too_many_arguments)]
+    fn multiply_block(
+        &self,
+        panels: &[u32],
+        n0: usize,
+        cols: usize,
+        alpha: f32,
+        dst: &mut [f32],
+        ldc: usize,
+        tile: &mut [f32],
+    ) {
         let product = Product {
-            isa: Isa::Avx512F,
-            alpha: 1.0,
+            isa: self.isa,
+            alpha,
             bias: Bias::None,
             out: DType::F32,
             rhs: Rhs::Matrix,
         };
-        let mut tile = vec![0f32; MC * NC];
         let out = SharedOut(dst.as_mut_ptr());
-        for n0 in (0..n).step_by(NC) {
-            let cols = NC.min(n - n0);
-            let packed_b = pack_b(&ops, n0, cols, k);
-            for m0 in (0..m).step_by(MC) {
-                let shape = TileShape {
-                    m0,
-                    rows: MC.min(m - m0),
-                    cols,
-                    kp: k,
-                };
-                // SAFETY: `f32` checked AVX-512F; both operands were packed for it with `k`
-                // slots; the tile lies inside `dst`, which this call alone writes.
-                unsafe {
-                    avx512::multiply_tile(
-                        avx512::fma_f32,
-                        &self.slots,
-                        &packed_b,
-                        shape,
-                        &mut tile,
-                    );
-                    product.write_tile(&mut tile, out, m0, shape.rows, n0, cols, n);
-                }
+        for m0 in (0..self.m).step_by(MC) {
+            let shape = TileShape {
+                m0,
+                rows: MC.min(self.m - m0),
+                cols,
+                kp: self.isa.slots(self.k),
+            };
+            // SAFETY: `isa` was supported when the operands were packed for it with these slots;
+            // the callers checked that the tile lies inside `dst`, which this call alone writes.
+            unsafe {
+                multiply_tile(self.isa, &self.slots, panels, shape, tile);
+                product.write_tile(tile, out, m0, shape.rows, n0, cols, ldc);
             }
         }
+    }
+}
+
+impl PackedRhs {
+    /// `B[i][j] = b[i · b_k + j · b_n]` (`K × N`) packed for the fastest kernel for its dtype, or
+    /// `None` where the CPU runs none.
+    pub(crate) fn new<S: Source>(
+        b: &[S],
+        (b_k, b_n): (usize, usize),
+        k: usize,
+        n: usize,
+    ) -> Option<PackedRhs> {
+        let isa = Isa::best(S::DTYPE)?;
+        let ops = Operands {
+            a: b,
+            a_row: 0,
+            b,
+            b_k,
+            b_n,
+            m: 0,
+            k,
+            n,
+        };
+        Some(PackedRhs {
+            isa,
+            slots: pack_b(&ops, 0, n, isa.slots(k)),
+            k,
+            n,
+        })
     }
 }
 
@@ -506,10 +598,10 @@ fn pack_a_panels<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
 
 /// `A` as AMX tiles: `[block of 16 rows][step of 16 slots][row][slot]` u32 slots, each tile 1 KiB
 /// contiguous (rows of a plain row-major `A` lie a power of two apart and evict each other from the
-/// cache), zero past `K` and in the rows that pad `M` to a multiple of [`MC`].
+/// cache), zero past `K` and in the rows that pad `M` to a multiple of [`AMX_ROWS`].
 fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
     let tile = AMX_TILE_ROWS * AMX_PAIRS;
-    let mut packed = vec![0u32; ops.m.div_ceil(MC) * MC * kp];
+    let mut packed = vec![0u32; ops.m.div_ceil(AMX_ROWS) * AMX_ROWS * kp];
     packed
         .par_chunks_mut(AMX_TILE_ROWS * kp)
         .enumerate()

@@ -157,7 +157,7 @@ mod avx2 {
 }
 
 /// Softmax of each `n`-long row, with the widest instructions the CPU has.
-fn softmax_rows(data: &mut [f32], n: usize) {
+pub(crate) fn softmax_rows(data: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function was compiled for.
