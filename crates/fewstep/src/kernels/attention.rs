@@ -187,22 +187,23 @@ impl Fused {
             .zip(&packed)
             .enumerate()
             .try_for_each(|(h, (out, (kt, vp)))| {
+                // Each worker's buffers (scores, probabilities, outputs) are reused block after block.
+                let scratch = || (Vec::new(), Vec::new(), Vec::new());
                 out.par_chunks_mut(rows * dv.max(1))
                     .enumerate()
-                    .try_for_each(|(block, out)| {
+                    .try_for_each_init(scratch, |(scores, probs, o), (block, out)| {
                         let (i0, m) = (block * rows, rows.min(lq - block * rows));
                         let qa = PackedLhs::new(&q[h * q_head + i0 * q_row..], q_row, m, d)
                             .ok_or_else(no_kernel)?;
-                        let mut scores = vec![0f32; m * lk];
-                        qa.multiply_packed(kt, self.scale, &mut scores, lk);
-                        crate::kernels::softmax::softmax_rows(&mut scores, lk);
-                        let mut probs = Vec::new();
-                        round(&scores, &mut probs);
-                        let pa = PackedLhs::new(&probs, lk, m, lk).ok_or_else(no_kernel)?;
-                        let mut o = vec![0f32; m * dv];
-                        pa.multiply_packed(vp, 1.0, &mut o, dv);
+                        scores.resize(m * lk, 0.0);
+                        qa.multiply_packed(kt, self.scale, scores, lk);
+                        crate::kernels::softmax::softmax_rows(scores, lk);
+                        round(scores, probs);
+                        let pa = PackedLhs::new(probs, lk, m, lk).ok_or_else(no_kernel)?;
+                        o.resize(m * dv, 0.0);
+                        pa.multiply_packed(vp, 1.0, o, dv);
                         // SAFETY: `o` and `out` both hold the block's `m · dv` values.
-                        unsafe { S::store(&o, out) };
+                        unsafe { S::store(o, out) };
                         Ok::<(), candle_core::Error>(())
                     })
             })?;
@@ -234,7 +235,10 @@ impl CustomOp3 for Fused {
                 Ok((CpuStorage::BF16(out), shape))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let round = |s: &[f32], p: &mut Vec<f32>| p.extend_from_slice(s);
+                let round = |s: &[f32], p: &mut Vec<f32>| {
+                    p.clear();
+                    p.extend_from_slice(s);
+                };
                 let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), round)?;
                 Ok((CpuStorage::F32(out), shape))
             }

@@ -16,6 +16,7 @@
 //! of the instruction sets for that dtype; AMX also needs the Linux kernel's permission, asked once);
 //! callers keep candle's own ops as the portable path.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
@@ -286,7 +287,10 @@ impl Product {
         patches: Option<PatchGeometry>,
     ) -> Vec<T> {
         let Operands { m, n, k, .. } = ops;
-        let mut out = vec![T::default(); batch * m * n];
+        // Not zeroed first: the tasks' tiles cover every element of every product.
+        let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(batch * m * n);
+        // SAFETY: `MaybeUninit` values need no initialisation.
+        unsafe { out.set_len(batch * m * n) };
         let kp = self.isa.slots(k);
         let n_blocks = n.div_ceil(NC);
         let m_blocks = m.div_ceil(MC);
@@ -316,7 +320,7 @@ impl Product {
                 Some(_) => Vec::new(),
                 None => (0..n_blocks).into_par_iter().map(block_b).collect(),
             };
-            let dst = SharedOut(out[i * m * n..].as_mut_ptr());
+            let dst = SharedOut(out[i * m * n..].as_mut_ptr() as *mut T);
             (0..n_blocks * m_chunks).into_par_iter().for_each(|task| {
                 let (nb, chunk) = (task / m_chunks, task % m_chunks);
                 let n0 = nb * NC;
@@ -343,7 +347,9 @@ impl Product {
                 }
             });
         }
-        out
+        let mut out = std::mem::ManuallyDrop::new(out);
+        // SAFETY: every element was written (above); `MaybeUninit<T>` has `T`'s layout.
+        unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut T, out.len(), out.capacity()) }
     }
 
     /// `C[m0 + r][n0 + c] = α · tile[r][c] + bias` for the tile's valid rows and columns (the
