@@ -6,10 +6,10 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels::matmul::{self, Element, PackedLhs, PackedRhs, Source};
+use crate::kernels::softmax;
 
 /// Scores held at once, at most (elements): 2 MiB of f32, a core's share of the L2/L3 cache.
 const BLOCK_SCORES: usize = 1 << 19;
@@ -128,7 +128,8 @@ fn attend(
 /// numbers of [`attend`] (the same products, summed in the same order, and the same softmax), without
 /// a score matrix in memory. Per head, `Kᵀ` and `V` are packed once; per block of [`matmul::row_step`]
 /// multiples of queries (a task), the scores `S = α · Q Kᵀ` (f32), `P = softmax(S)` row by row in
-/// place, `P` rounded to the operands' dtype and packed, and `P V`, all within the task's buffers.
+/// place, `P` rounded to the operands' dtype and packed (for bf16 the softmax's last scaling done in
+/// that same pass), and `P V`, all within the task's buffers.
 struct Fused {
     scale: f32,
 }
@@ -152,7 +153,7 @@ impl Fused {
         (q, q_l): (&[S], &Layout),
         (k, k_l): (&[S], &Layout),
         (v, v_l): (&[S], &Layout),
-        round: impl Fn(&[f32], &mut Vec<S>) + Sync,
+        probabilities: impl Fn(&mut [f32], usize, usize, &mut Vec<f32>) -> Option<PackedLhs> + Sync,
     ) -> candle_core::Result<(Vec<S>, Shape)> {
         let (n, lq, d) = q_l.shape().dims3()?;
         let (nk, lk, dk) = k_l.shape().dims3()?;
@@ -188,18 +189,16 @@ impl Fused {
             .enumerate()
             .try_for_each(|(h, (out, (kt, vp)))| {
                 // Each worker's buffers (scores, probabilities, outputs) are reused block after block.
-                let scratch = || (Vec::new(), Vec::new(), Vec::new());
+                let scratch = || (Vec::new(), Vec::new(), Vec::<f32>::new());
                 out.par_chunks_mut(rows * dv.max(1))
                     .enumerate()
-                    .try_for_each_init(scratch, |(scores, probs, o), (block, out)| {
+                    .try_for_each_init(scratch, |(scores, sums, o), (block, out)| {
                         let (i0, m) = (block * rows, rows.min(lq - block * rows));
                         let qa = PackedLhs::new(&q[h * q_head + i0 * q_row..], q_row, m, d)
                             .ok_or_else(no_kernel)?;
                         scores.resize(m * lk, 0.0);
                         qa.multiply_packed(kt, self.scale, scores, lk);
-                        crate::kernels::softmax::softmax_rows(scores, lk);
-                        round(scores, probs);
-                        let pa = PackedLhs::new(probs, lk, m, lk).ok_or_else(no_kernel)?;
+                        let pa = probabilities(scores, m, lk, sums).ok_or_else(no_kernel)?;
                         o.resize(m * dv, 0.0);
                         pa.multiply_packed(vp, 1.0, o, dv);
                         // SAFETY: `o` and `out` both hold the block's `m · dv` values.
@@ -227,19 +226,20 @@ impl CustomOp3 for Fused {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         match (q_s, k_s, v_s) {
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                let round = |s: &[f32], p: &mut Vec<bf16>| {
-                    p.resize(s.len(), bf16::ZERO);
-                    crate::kernels::narrow_to_bf16(s, p);
+                // The softmax's last scaling folded into the rounding and packing of `P`.
+                let probabilities = |s: &mut [f32], m, lk, sums: &mut Vec<f32>| {
+                    softmax::exp_rows(s, lk, sums);
+                    PackedLhs::scaled_bf16(s, m, lk, sums)
                 };
-                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), round)?;
+                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;
                 Ok((CpuStorage::BF16(out), shape))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let round = |s: &[f32], p: &mut Vec<f32>| {
-                    p.clear();
-                    p.extend_from_slice(s);
+                let probabilities = |s: &mut [f32], m, lk, _: &mut Vec<f32>| {
+                    softmax::softmax_rows(s, lk);
+                    PackedLhs::new(s, lk, m, lk)
                 };
-                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), round)?;
+                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;
                 Ok((CpuStorage::F32(out), shape))
             }
             _ => bail!(

@@ -446,6 +446,36 @@ impl PackedLhs {
         Isa::best(S::DTYPE).map(|isa| Self::pack(isa, a, a_row, m, k))
     }
 
+    /// `A[i][j] = bf16(values[i · k + j] · row_scale[i])` (rounded to nearest even) packed for the
+    /// fastest bf16 kernel, or `None` where the CPU runs none: a softmax's probabilities from its
+    /// exponentials and inverse sums in one pass. On AMX straight into tiles, 32 values a row at a
+    /// time (`vcvtne2ps2bf16`); elsewhere scaled and rounded first, then packed.
+    pub(crate) fn scaled_bf16(
+        values: &[f32],
+        m: usize,
+        k: usize,
+        row_scale: &[f32],
+    ) -> Option<PackedLhs> {
+        assert!(
+            values.len() >= m * k && row_scale.len() >= m,
+            "PackedLhs: operand sizes"
+        );
+        let isa = Isa::best(DType::BF16)?;
+        if isa == Isa::Amx {
+            let mut slots = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k)];
+            // SAFETY: AMX implies AVX-512 BF16 (Sapphire Rapids and later); the sizes hold.
+            unsafe { amx::pack_scaled(values, m, k, row_scale, &mut slots) };
+            return Some(PackedLhs { isa, slots, m, k });
+        }
+        let mut rounded = vec![bf16::ZERO; m * k];
+        let mut row = vec![0f32; k];
+        for ((dst, src), &scale) in rounded.chunks_mut(k).zip(values.chunks(k)).zip(row_scale) {
+            row.iter_mut().zip(src).for_each(|(r, &v)| *r = v * scale);
+            crate::kernels::narrow_to_bf16(&row, dst);
+        }
+        Some(Self::pack(isa, &rounded, k, m, k))
+    }
+
     fn pack<S: Source>(isa: Isa, a: &[S], a_row: usize, m: usize, k: usize) -> PackedLhs {
         let ops = Operands {
             a,
@@ -909,6 +939,55 @@ mod amx {
 
     #[cfg(not(target_arch = "x86_64"))]
     pub(super) unsafe fn multiply_tile(_: &[u32], _: &[u32], _: TileShape, _: &mut [f32]) {
+        unreachable!("AMX is x86-64's")
+    }
+    /// [`super::PackedLhs::scaled_bf16`] into AMX tiles (the layout of `pack_a_tiles`): row `r`'s
+    /// slots `16·t .. 16·t + 16` are `values[r][32·t ..][..32] · row_scale[r]` rounded, one
+    /// `vcvtne2ps2bf16` of two masked loads (zero past `k`); the padding rows stay as `slots` held
+    /// them (zero).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; `values` holds `m · k` values, `row_scale` `m`, and
+    /// `slots` the tiles of `m` rows over `k` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack_scaled(
+        values: &[f32],
+        m: usize,
+        k: usize,
+        row_scale: &[f32],
+        slots: &mut [u32],
+    ) {
+        use std::arch::x86_64::*;
+        let kp = k.div_ceil(2 * AMX_PAIRS) * AMX_PAIRS;
+        let tile = AMX_TILE_ROWS * AMX_PAIRS;
+        let mask = |from: usize| -> __mmask16 {
+            match k.saturating_sub(from) {
+                n if n >= 16 => 0xffff,
+                n => (1u16 << n) - 1,
+            }
+        };
+        let dst = slots.as_mut_ptr();
+        for r in 0..m {
+            let row = values.as_ptr().add(r * k);
+            let scale = _mm512_set1_ps(row_scale[r]);
+            let first = (r / AMX_TILE_ROWS) * AMX_TILE_ROWS * kp + (r % AMX_TILE_ROWS) * AMX_PAIRS;
+            for step in 0..kp / AMX_PAIRS {
+                let j = 2 * AMX_PAIRS * step;
+                // Masked loads read nothing past the row (and fault on nothing there).
+                let lo = _mm512_maskz_loadu_ps(mask(j), row.wrapping_add(j));
+                let hi = _mm512_maskz_loadu_ps(mask(j + 16), row.wrapping_add(j + 16));
+                let pairs = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, scale), _mm512_mul_ps(lo, scale));
+                _mm512_storeu_si512(
+                    dst.add(first + step * tile) as *mut __m512i,
+                    std::mem::transmute::<__m512bh, __m512i>(pairs),
+                );
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) unsafe fn pack_scaled(_: &[f32], _: usize, _: usize, _: &[f32], _: &mut [u32]) {
         unreachable!("AMX is x86-64's")
     }
 }

@@ -35,9 +35,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// `row ← softmax(row)`: `eˣ⁻ᵐᵃˣ / Σ eˣ⁻ᵐᵃˣ`.
+/// `row ← eˣ⁻ᵐᵃˣ`, returning `1 / Σ eˣ⁻ᵐᵃˣ` (the softmax is the row times it); a row whose scores are
+/// all −∞ becomes NaN (candle's softmax gives 0/0 there) and returns 1.
 #[inline(always)]
-fn softmax_row(row: &mut [f32]) {
+fn exp_row(row: &mut [f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
@@ -53,7 +54,7 @@ fn softmax_row(row: &mut [f32]) {
     if max == f32::NEG_INFINITY {
         // Every score masked: candle's softmax gives NaN (0/0); keep that.
         row.iter_mut().for_each(|v| *v = f32::NAN);
-        return;
+        return 1.0;
     }
     let mut lanes = [0f32; 8];
     let mut chunks = row.chunks_exact_mut(8);
@@ -68,11 +69,10 @@ fn softmax_row(row: &mut [f32]) {
         *v = exp(*v - max);
         sum += *v;
     }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
+    1.0 / sum
 }
 
-/// The AVX2+FMA versions of [`exp`] and [`softmax_row`], eight lanes at a time.
+/// The AVX2+FMA versions of [`exp`] and [`exp_row`], eight lanes at a time.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -110,9 +110,9 @@ mod avx2 {
         lanes.iter().sum()
     }
 
-    /// [`super::softmax_row`] with whole vectors, the last `len % 8` values one by one.
+    /// [`super::exp_row`] with whole vectors, the last `len % 8` values one by one.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn softmax_row(row: &mut [f32]) {
+    pub(super) fn exp_row(row: &mut [f32]) -> f32 {
         let whole = row.len() / 8 * 8;
         let (body, tail) = row.split_at_mut(whole);
         let ptr = body.as_mut_ptr();
@@ -132,7 +132,7 @@ mod avx2 {
                 body.iter_mut()
                     .chain(tail.iter_mut())
                     .for_each(|v| *v = f32::NAN);
-                return;
+                return 1.0;
             }
             let mx = _mm256_set1_ps(max);
             let mut acc = _mm256_setzero_ps();
@@ -146,26 +146,60 @@ mod avx2 {
                 *v = super::exp(*v - max);
                 sum += *v;
             }
-            let inv = 1.0 / sum;
-            let iv = _mm256_set1_ps(inv);
-            for i in (0..whole).step_by(8) {
-                _mm256_storeu_ps(ptr.add(i), _mm256_mul_ps(_mm256_loadu_ps(ptr.add(i)), iv));
-            }
-            tail.iter_mut().for_each(|v| *v *= inv);
+            1.0 / sum
         }
     }
+
+    /// `row ← row · s`, eight lanes at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn scale_row(row: &mut [f32], s: f32) {
+        let whole = row.len() / 8 * 8;
+        let (body, tail) = row.split_at_mut(whole);
+        let (ptr, sv) = (body.as_mut_ptr(), _mm256_set1_ps(s));
+        // SAFETY: every load and store reads or writes eight values at `ptr + i`, `i + 8 ≤ whole`.
+        unsafe {
+            for i in (0..whole).step_by(8) {
+                _mm256_storeu_ps(ptr.add(i), _mm256_mul_ps(_mm256_loadu_ps(ptr.add(i)), sv));
+            }
+        }
+        tail.iter_mut().for_each(|v| *v *= s);
+    }
+}
+
+/// Each `n`-long row `x` of `data` ← `eˣ⁻ᵐᵃˣ`, and `inv[i] = 1 / Σ eˣ⁻ᵐᵃˣ` of row `i` ([`exp_row`]): the
+/// softmax before its last scaling, which a caller may fold into its next pass.
+pub(crate) fn exp_rows(data: &mut [f32], n: usize, inv: &mut Vec<f32>) {
+    inv.clear();
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return inv.extend(data.chunks_mut(n).map(|row| unsafe { avx2::exp_row(row) }));
+    }
+    inv.extend(data.chunks_mut(n).map(exp_row));
 }
 
 /// Softmax of each `n`-long row, with the widest instructions the CPU has.
 pub(crate) fn softmax_rows(data: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function was compiled for.
-        return data
-            .chunks_mut(n)
-            .for_each(|row| unsafe { avx2::softmax_row(row) });
+    if avx2() {
+        // SAFETY: the CPU has the features the functions were compiled for.
+        return data.chunks_mut(n).for_each(|row| unsafe {
+            let inv = avx2::exp_row(row);
+            avx2::scale_row(row, inv)
+        });
     }
     data.chunks_mut(n).for_each(softmax_row);
+}
+
+/// `row ← softmax(row)`: `eˣ⁻ᵐᵃˣ / Σ eˣ⁻ᵐᵃˣ` ([`exp_row`], then its scaling).
+fn softmax_row(row: &mut [f32]) {
+    let inv = exp_row(row);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
 /// The softmax op, its result in `out` (f32 or bf16).
