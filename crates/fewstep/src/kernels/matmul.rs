@@ -968,9 +968,9 @@ mod amx {
             }
         };
         let dst = slots.as_mut_ptr();
-        for r in 0..m {
+        for (r, &scale) in row_scale[..m].iter().enumerate() {
             let row = values.as_ptr().add(r * k);
-            let scale = _mm512_set1_ps(row_scale[r]);
+            let scale = _mm512_set1_ps(scale);
             let first = (r / AMX_TILE_ROWS) * AMX_TILE_ROWS * kp + (r % AMX_TILE_ROWS) * AMX_PAIRS;
             for step in 0..kp / AMX_PAIRS {
                 let j = 2 * AMX_PAIRS * step;
