@@ -333,18 +333,19 @@ impl Product {
                         &own_b
                     }
                 };
-                let mut tile = vec![0f32; MC * NC];
                 let first = chunk * blocks_per_chunk;
-                for mb in first..(first + blocks_per_chunk).min(m_blocks) {
-                    let m0 = mb * MC;
-                    let rows = MC.min(m - m0);
-                    let shape = TileShape { m0, rows, cols, kp };
-                    // SAFETY: `cpu_fwd` checked that the CPU runs `isa`; the operands were packed
-                    // for it, with `kp` slots and rows padded to its row blocks.
-                    unsafe { multiply_tile(self.isa, &packed_a, packed_b, shape, &mut tile) };
-                    // SAFETY: the tile (rows m0.., columns n0..) is this task's alone.
-                    unsafe { self.write_tile(&mut tile, dst, m0, rows, n0, cols, n) };
-                }
+                with_tile(|tile| {
+                    for mb in first..(first + blocks_per_chunk).min(m_blocks) {
+                        let m0 = mb * MC;
+                        let rows = MC.min(m - m0);
+                        let shape = TileShape { m0, rows, cols, kp };
+                        // SAFETY: `cpu_fwd` checked that the CPU runs `isa`; the operands were
+                        // packed for it, with `kp` slots and rows padded to its row blocks.
+                        unsafe { multiply_tile(self.isa, &packed_a, packed_b, shape, tile) };
+                        // SAFETY: the tile (rows m0.., columns n0..) is this task's alone.
+                        unsafe { self.write_tile(tile, dst, m0, rows, n0, cols, n) };
+                    }
+                });
             });
         }
         let mut out = std::mem::ManuallyDrop::new(out);
@@ -388,6 +389,16 @@ impl Product {
             );
         }
     }
+}
+
+/// `f` with this thread's `MC × NC` f32 tile: one buffer a thread, allocated once, not a zeroed
+/// one a task (the kernels overwrite a tile before reading it). `f` must not run other tasks of the
+/// pool, which could want the tile too.
+fn with_tile<R>(f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static TILE: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::new(vec![0f32; MC * NC]);
+    }
+    TILE.with_borrow_mut(|tile| f(tile))
 }
 
 /// The product of one tile on `isa`: `tile = A[m0 .. m0 + rows] · B[:, panels]` ([`TileShape`]).
@@ -513,12 +524,13 @@ impl PackedLhs {
             k,
             n,
         };
-        let mut tile = vec![0f32; MC * NC];
-        for n0 in (0..n).step_by(NC) {
-            let cols = NC.min(n - n0);
-            let packed_b = pack_b(&ops, n0, cols, k);
-            self.multiply_block(&packed_b, n0, cols, 1.0, dst, n, &mut tile);
-        }
+        with_tile(|tile| {
+            for n0 in (0..n).step_by(NC) {
+                let cols = NC.min(n - n0);
+                let packed_b = pack_b(&ops, n0, cols, k);
+                self.multiply_block(&packed_b, n0, cols, 1.0, dst, n, tile);
+            }
+        })
     }
 
     /// `dst[i · ldc + j] = α · (A · B)[i][j]` on the calling thread.
@@ -536,11 +548,12 @@ impl PackedLhs {
             dst.len()
         );
         let kp = self.isa.slots(self.k);
-        let mut tile = vec![0f32; MC * NC];
-        for n0 in (0..b.n).step_by(NC) {
-            let panels = &b.slots[n0 / NR * kp * NR..];
-            self.multiply_block(panels, n0, NC.min(b.n - n0), alpha, dst, ldc, &mut tile);
-        }
+        with_tile(|tile| {
+            for n0 in (0..b.n).step_by(NC) {
+                let panels = &b.slots[n0 / NR * kp * NR..];
+                self.multiply_block(panels, n0, NC.min(b.n - n0), alpha, dst, ldc, tile);
+            }
+        })
     }
 
     /// Columns `n0 .. n0 + cols` of the product, their panels of `B` in `panels`, into `dst` (rows

@@ -166,10 +166,83 @@ mod avx2 {
     }
 }
 
+/// The AVX-512F version of [`avx2::exp_row`]: sixteen lanes, the tail under a mask.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    const ROUND: f32 = 12_582_912.0;
+
+    /// [`super::exp`] on sixteen lanes, the same operations as [`super::avx2::exp8`].
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x: __m512) -> __m512 {
+        let set = _mm512_set1_ps;
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set(-87.0));
+        let x = _mm512_max_ps(x, set(-87.0));
+        let t = _mm512_fmadd_ps(x, set(std::f32::consts::LOG2_E), set(ROUND));
+        let n = _mm512_sub_ps(t, set(ROUND));
+        let r = _mm512_fnmadd_ps(n, set(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, set(1.428_606_8e-6), r);
+        let mut p = set(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, set(c));
+        }
+        let bits = _mm512_sub_epi32(
+            _mm512_castps_si512(t),
+            _mm512_set1_epi32(ROUND.to_bits() as i32 - 127),
+        );
+        let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits));
+        _mm512_maskz_mul_ps(!below, p, scale)
+    }
+
+    /// `row ← eˣ⁻ᵐᵃˣ`, returning `1 / Σ eˣ⁻ᵐᵃˣ` ([`super::exp_row`]).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_row(row: &mut [f32]) -> f32 {
+        let (len, ptr) = (row.len(), row.as_mut_ptr());
+        let mask = |i: usize| -> __mmask16 {
+            match len - i {
+                n if n >= 16 => 0xffff,
+                n => (1u16 << n) - 1,
+            }
+        };
+        // SAFETY: every access is masked to the lanes inside the row.
+        unsafe {
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..len).step_by(16) {
+                m = _mm512_mask_max_ps(m, mask(i), m, _mm512_maskz_loadu_ps(mask(i), ptr.add(i)));
+            }
+            let max = _mm512_reduce_max_ps(m);
+            if max == f32::NEG_INFINITY {
+                row.iter_mut().for_each(|v| *v = f32::NAN);
+                return 1.0;
+            }
+            let mx = _mm512_set1_ps(max);
+            let mut acc = _mm512_setzero_ps();
+            for i in (0..len).step_by(16) {
+                let e = exp16(_mm512_sub_ps(
+                    _mm512_maskz_loadu_ps(mask(i), ptr.add(i)),
+                    mx,
+                ));
+                _mm512_mask_storeu_ps(ptr.add(i), mask(i), e);
+                acc = _mm512_mask_add_ps(acc, mask(i), acc, e);
+            }
+            1.0 / _mm512_reduce_add_ps(acc)
+        }
+    }
+}
+
 /// Each `n`-long row `x` of `data` ← `eˣ⁻ᵐᵃˣ`, and `inv[i] = 1 / Σ eˣ⁻ᵐᵃˣ` of row `i` ([`exp_row`]): the
 /// softmax before its last scaling, which a caller may fold into its next pass.
 pub(crate) fn exp_rows(data: &mut [f32], n: usize, inv: &mut Vec<f32>) {
     inv.clear();
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function was compiled for.
+        return inv.extend(
+            data.chunks_mut(n)
+                .map(|row| unsafe { avx512::exp_row(row) }),
+        );
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: the CPU has the features the function was compiled for.
@@ -180,6 +253,15 @@ pub(crate) fn exp_rows(data: &mut [f32], n: usize, inv: &mut Vec<f32>) {
 
 /// Softmax of each `n`-long row, with the widest instructions the CPU has.
 pub(crate) fn softmax_rows(data: &mut [f32], n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the features the functions were compiled for (AVX-512F implies AVX2
+        // and FMA).
+        return data.chunks_mut(n).for_each(|row| unsafe {
+            let inv = avx512::exp_row(row);
+            avx2::scale_row(row, inv)
+        });
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: the CPU has the features the functions were compiled for.
@@ -345,5 +427,41 @@ mod tests {
             .unwrap();
         assert_eq!(y[1], 0.0);
         assert!((y[0] + y[2] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_exponential_rows_agree_on_every_instruction_set() {
+        // Rows off the 8- and 16-lane edges, one fully masked.
+        for n in [1usize, 7, 16, 17, 33, 1000] {
+            let x = (test_input(&[3, n], 12) * 20.0).unwrap();
+            let mut rows: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            rows[2 * n..]
+                .iter_mut()
+                .for_each(|v| *v = f32::NEG_INFINITY);
+            let mut want = rows.clone();
+            let want_inv: Vec<f32> = want.chunks_mut(n).map(exp_row).collect();
+            let mut variants: Vec<fn(&mut [f32]) -> f32> = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx2() {
+                    // SAFETY: checked just above.
+                    variants.push(|r| unsafe { avx2::exp_row(r) });
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: checked just above.
+                    variants.push(|r| unsafe { avx512::exp_row(r) });
+                }
+            }
+            for exp_row in variants {
+                let mut got = rows.clone();
+                let inv: Vec<f32> = got.chunks_mut(n).map(exp_row).collect();
+                for (i, (g, w)) in inv.iter().zip(&want_inv).enumerate() {
+                    assert!((g - w).abs() <= 1e-6 * w.abs(), "n {n} row {i}: {g} vs {w}");
+                }
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-6 || (g.is_nan() && w.is_nan()), "n {n}");
+                }
+            }
+        }
     }
 }
