@@ -134,6 +134,9 @@ struct Fused {
     scale: f32,
 }
 
+/// A block of scores: `(rows, keys, row stride)`.
+type Rows = (usize, usize, usize);
+
 /// The `[N, L, d]` operand of [`Fused`] as values: the slice from its offset and the strides of its
 /// heads and rows (its last dimension contiguous), or an error naming the operand.
 fn heads<'a, S>(
@@ -153,7 +156,7 @@ impl Fused {
         (q, q_l): (&[S], &Layout),
         (k, k_l): (&[S], &Layout),
         (v, v_l): (&[S], &Layout),
-        probabilities: impl Fn(&mut [f32], usize, usize, &mut Vec<f32>) -> Option<PackedLhs> + Sync,
+        probabilities: impl Fn(&mut [f32], Rows, &mut Vec<f32>) -> Option<PackedLhs> + Sync,
     ) -> candle_core::Result<(Vec<S>, Shape)> {
         let (n, lq, d) = q_l.shape().dims3()?;
         let (nk, lk, dk) = k_l.shape().dims3()?;
@@ -175,6 +178,8 @@ impl Fused {
         // Blocks of queries: a multiple of the kernel's rows, about 128 of them (scores of 4096 keys:
         // 2 MiB of f32, a core's L2).
         let rows = 128usize.div_ceil(step) * step;
+        // The scores' rows as the kernels write them: whole panels of 32 keys.
+        let ldc = lk.div_ceil(32) * 32;
         let packed: Vec<(PackedRhs, PackedRhs)> = (0..n)
             .into_par_iter()
             .map(|h| {
@@ -196,9 +201,9 @@ impl Fused {
                         let (i0, m) = (block * rows, rows.min(lq - block * rows));
                         let qa = PackedLhs::new(&q[h * q_head + i0 * q_row..], q_row, m, d)
                             .ok_or_else(no_kernel)?;
-                        scores.resize(m * lk, 0.0);
-                        qa.multiply_packed(kt, self.scale, scores, lk);
-                        let pa = probabilities(scores, m, lk, sums).ok_or_else(no_kernel)?;
+                        scores.resize(m.div_ceil(step) * step * ldc, 0.0);
+                        qa.multiply_raw(kt, scores, ldc);
+                        let pa = probabilities(scores, (m, lk, ldc), sums).ok_or_else(no_kernel)?;
                         o.resize(m * dv, 0.0);
                         pa.multiply_packed(vp, 1.0, o, dv);
                         // SAFETY: `o` and `out` both hold the block's `m · dv` values.
@@ -227,17 +232,20 @@ impl CustomOp3 for Fused {
         match (q_s, k_s, v_s) {
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
                 // The softmax's last scaling folded into the rounding and packing of `P`.
-                let probabilities = |s: &mut [f32], m, lk, sums: &mut Vec<f32>| {
-                    softmax::exp_rows(s, lk, sums);
-                    PackedLhs::scaled_bf16(s, m, lk, sums)
+                let probabilities = |s: &mut [f32], rows: Rows, sums: &mut Vec<f32>| {
+                    softmax::exp_rows(s, rows, self.scale, sums);
+                    PackedLhs::scaled_bf16(s, rows, sums)
                 };
                 let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;
                 Ok((CpuStorage::BF16(out), shape))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let probabilities = |s: &mut [f32], m, lk, _: &mut Vec<f32>| {
-                    softmax::softmax_rows(s, lk);
-                    PackedLhs::new(s, lk, m, lk)
+                let probabilities = |s: &mut [f32], (m, lk, ldc): Rows, sums: &mut Vec<f32>| {
+                    softmax::exp_rows(s, (m, lk, ldc), self.scale, sums);
+                    for (row, inv) in s.chunks_mut(ldc).zip(sums.iter()) {
+                        row[..lk].iter_mut().for_each(|v| *v *= inv);
+                    }
+                    PackedLhs::new(s, ldc, m, lk)
                 };
                 let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;
                 Ok((CpuStorage::F32(out), shape))

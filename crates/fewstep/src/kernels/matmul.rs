@@ -338,7 +338,13 @@ impl Product {
                     for mb in first..(first + blocks_per_chunk).min(m_blocks) {
                         let m0 = mb * MC;
                         let rows = MC.min(m - m0);
-                        let shape = TileShape { m0, rows, cols, kp };
+                        let shape = TileShape {
+                            m0,
+                            rows,
+                            cols,
+                            kp,
+                            ldc: NC,
+                        };
                         // SAFETY: `cpu_fwd` checked that the CPU runs `isa`; the operands were
                         // packed for it, with `kp` slots and rows padded to its row blocks.
                         unsafe { multiply_tile(self.isa, &packed_a, packed_b, shape, tile) };
@@ -457,30 +463,33 @@ impl PackedLhs {
         Isa::best(S::DTYPE).map(|isa| Self::pack(isa, a, a_row, m, k))
     }
 
-    /// `A[i][j] = bf16(values[i · k + j] · row_scale[i])` (rounded to nearest even) packed for the
-    /// fastest bf16 kernel, or `None` where the CPU runs none: a softmax's probabilities from its
+    /// `A[i][j] = bf16(values[i · a_row + j] · row_scale[i])` (rounded to nearest even) packed for
+    /// the fastest bf16 kernel, or `None` where the CPU runs none: a softmax's probabilities from its
     /// exponentials and inverse sums in one pass. On AMX straight into tiles, 32 values a row at a
     /// time (`vcvtne2ps2bf16`); elsewhere scaled and rounded first, then packed.
     pub(crate) fn scaled_bf16(
         values: &[f32],
-        m: usize,
-        k: usize,
+        (m, k, a_row): (usize, usize, usize),
         row_scale: &[f32],
     ) -> Option<PackedLhs> {
         assert!(
-            values.len() >= m * k && row_scale.len() >= m,
+            m == 0 || values.len() >= (m - 1) * a_row + k && row_scale.len() >= m,
             "PackedLhs: operand sizes"
         );
         let isa = Isa::best(DType::BF16)?;
         if isa == Isa::Amx {
             let mut slots = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k)];
             // SAFETY: AMX implies AVX-512 BF16 (Sapphire Rapids and later); the sizes hold.
-            unsafe { amx::pack_scaled(values, m, k, row_scale, &mut slots) };
+            unsafe { amx::pack_scaled(values, (m, k, a_row), row_scale, &mut slots) };
             return Some(PackedLhs { isa, slots, m, k });
         }
         let mut rounded = vec![bf16::ZERO; m * k];
         let mut row = vec![0f32; k];
-        for ((dst, src), &scale) in rounded.chunks_mut(k).zip(values.chunks(k)).zip(row_scale) {
+        for ((dst, src), &scale) in rounded
+            .chunks_mut(k)
+            .zip(values.chunks(a_row))
+            .zip(row_scale)
+        {
             row.iter_mut().zip(src).for_each(|(r, &v)| *r = v * scale);
             crate::kernels::narrow_to_bf16(&row, dst);
         }
@@ -556,6 +565,52 @@ impl PackedLhs {
         })
     }
 
+    /// `A · B` written by the kernels straight into `dst`, rows `ldc` apart, with the products of the
+    /// padding: rows up to a multiple of [`row_step`], columns up to a multiple of 32 (`ldc` at least
+    /// that). No copy through a tile; the caller reads the `M × N` values it wants.
+    pub(crate) fn multiply_raw(&self, b: &PackedRhs, dst: &mut [f32], ldc: usize) {
+        let step = match self.isa {
+            Isa::Amx => AMX_ROWS,
+            Isa::Avx512Bf16 | Isa::Avx512F => MR,
+        };
+        assert!(
+            self.isa == b.isa
+                && self.k == b.k
+                && ldc >= b.n.div_ceil(NR) * NR
+                && dst.len() >= self.m.div_ceil(step) * step * ldc,
+            "PackedLhs: a raw product of {}×{} and {}×{} into {} values, rows {ldc} apart",
+            self.m,
+            self.k,
+            b.k,
+            b.n,
+            dst.len()
+        );
+        let kp = self.isa.slots(self.k);
+        for n0 in (0..b.n).step_by(NC) {
+            let panels = &b.slots[n0 / NR * kp * NR..];
+            for m0 in (0..self.m).step_by(MC) {
+                let shape = TileShape {
+                    m0,
+                    rows: MC.min(self.m - m0),
+                    cols: NC.min(b.n - n0),
+                    kp,
+                    ldc,
+                };
+                // SAFETY: `isa` was supported when the operands were packed for it with these
+                // slots; the tile's padded rows and columns lie inside `dst` (asserted).
+                unsafe {
+                    multiply_tile(
+                        self.isa,
+                        &self.slots,
+                        panels,
+                        shape,
+                        &mut dst[m0 * ldc + n0..],
+                    )
+                };
+            }
+        }
+    }
+
     /// Columns `n0 .. n0 + cols` of the product, their panels of `B` in `panels`, into `dst` (rows
     /// `ldc` apart) scaled by `α`, a block of [`MC`] rows at a time through `tile`.
     #[allow(clippy::too_many_arguments)]
@@ -583,6 +638,7 @@ impl PackedLhs {
                 rows: MC.min(self.m - m0),
                 cols,
                 kp: self.isa.slots(self.k),
+                ldc: NC,
             };
             // SAFETY: `isa` was supported when the operands were packed for it with these slots;
             // the callers checked that the tile lies inside `dst`, which this call alone writes.
@@ -755,30 +811,32 @@ fn pack_patches<S: Source>(
     packed
 }
 
-/// Where a task's tile of `C` lies: rows `m0 .. m0 + rows`, `cols` columns, over `kp` pairs of `K`.
+/// Where a task's tile of `C` lies: rows `m0 .. m0 + rows`, `cols` columns, over `kp` pairs of `K`,
+/// written `ldc` values a row apart.
 #[derive(Clone, Copy)]
 struct TileShape {
     m0: usize,
     rows: usize,
     cols: usize,
     kp: usize,
+    ldc: usize,
 }
 
 /// The AVX-512 kernels: a register tile of [`MR`] × [`NR`] f32 sums over packed slots.
 mod avx512 {
-    use super::{TileShape, KC, MR, NC, NR};
+    use super::{TileShape, KC, MR, NR};
 
     /// A register tile: `c[r][0..NR] (+)= Σₚ a[p][r] · b[p][0..NR]` over `kc` slots, `c` with row
-    /// stride [`NC`], added to its contents when `accumulate`.
+    /// stride `ldc`, added to its contents when `accumulate`.
     ///
     /// # Safety
     /// The CPU runs the kernel's instructions; `a` holds `kc · MR` slots, `b` `kc · NR` slots, `c`
-    /// at least `(MR − 1) · NC + NR` values.
-    pub(super) type Kernel = unsafe fn(&[u32], &[u32], &mut [f32], usize, bool);
+    /// at least `(MR − 1) · ldc + NR` values.
+    pub(super) type Kernel = unsafe fn(&[u32], &[u32], &mut [f32], usize, usize, bool);
 
-    /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, `tile: [MC][NC]` f32 (rows past
-    /// `rows` and columns past `cols` hold the products of the zero padding), `A` packed by
-    /// `pack_a_panels`.
+    /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, `tile` f32 with rows `t.ldc` apart
+    /// (rows past `rows`, up to a multiple of [`MR`], and columns past `cols`, up to a multiple of
+    /// [`NR`], hold the products of the zero padding), `A` packed by `pack_a_panels`.
     ///
     /// # Safety
     /// The CPU runs `kernel`; the operands hold the tile's `kp` slots.
@@ -795,7 +853,14 @@ mod avx512 {
                 let b = &b[(panel * t.kp + k0) * NR..][..kc * NR];
                 for g in 0..t.rows.div_ceil(MR) {
                     let a = &a[((t.m0 / MR + g) * t.kp + k0) * MR..][..kc * MR];
-                    kernel(a, b, &mut tile[g * MR * NC + panel * NR..], kc, k0 > 0);
+                    kernel(
+                        a,
+                        b,
+                        &mut tile[g * MR * t.ldc + panel * NR..],
+                        kc,
+                        t.ldc,
+                        k0 > 0,
+                    );
                 }
             }
         }
@@ -813,6 +878,7 @@ mod avx512 {
                 b: &[u32],
                 c: &mut [f32],
                 kc: usize,
+                ldc: usize,
                 accumulate: bool,
             ) {
                 use std::arch::x86_64::*;
@@ -830,7 +896,7 @@ mod avx512 {
                 let c = c.as_mut_ptr();
                 for (r, acc) in acc.iter().enumerate() {
                     for (h, &v) in acc.iter().enumerate() {
-                        let dst = c.add(r * NC + h * 16);
+                        let dst = c.add(r * ldc + h * 16);
                         let v = if accumulate {
                             _mm512_add_ps(_mm512_loadu_ps(dst), v)
                         } else {
@@ -842,7 +908,7 @@ mod avx512 {
             }
 
             #[cfg(not(target_arch = "x86_64"))]
-            pub(super) unsafe fn $name(_: &[u32], _: &[u32], _: &mut [f32], _: usize, _: bool) {
+            pub(super) unsafe fn $name(_: &[u32], _: &[u32], _: &mut [f32], _: usize, _: usize, _: bool) {
                 unreachable!("AVX-512 is x86-64's")
             }
         };
@@ -870,7 +936,7 @@ mod avx512 {
 /// The AMX kernel: tiles `tmm0..3` hold a 32×32 block of `C`, `tmm4/5` two 16-row tiles of `A`,
 /// `tmm6/7` two 16-column tiles of `B`.
 mod amx {
-    use super::{TileShape, AMX_PAIRS, AMX_ROWS, AMX_TILE_ROWS, NC, NR};
+    use super::{TileShape, AMX_PAIRS, AMX_ROWS, AMX_TILE_ROWS, NR};
 
     /// The tile configuration (palette 1): eight tiles of 16 rows × 64 bytes.
     #[repr(C, align(64))]
@@ -898,7 +964,7 @@ mod amx {
     pub(super) unsafe fn multiply_tile(a: &[u32], b: &[u32], t: TileShape, tile: &mut [f32]) {
         use std::arch::asm;
         asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
-        let (a_stride, b_stride, c_stride) = (AMX_PAIRS * 4, NR * 4, NC * 4);
+        let (a_stride, b_stride, c_stride) = (AMX_PAIRS * 4, NR * 4, t.ldc * 4);
         let a_tile = AMX_TILE_ROWS * AMX_PAIRS;
         for panel in 0..t.cols.div_ceil(NR) {
             let b = b[panel * t.kp * NR..][..t.kp * NR].as_ptr();
@@ -931,8 +997,8 @@ mod amx {
                         options(nostack, readonly)
                     );
                 }
-                let c =
-                    tile[g * AMX_ROWS * NC + panel * NR..][..(AMX_ROWS - 1) * NC + NR].as_mut_ptr();
+                let c = tile[g * AMX_ROWS * t.ldc + panel * NR..][..(AMX_ROWS - 1) * t.ldc + NR]
+                    .as_mut_ptr();
                 asm!(
                     "tilestored [{c0} + {sc}*1], tmm0",
                     "tilestored [{c1} + {sc}*1], tmm1",
@@ -940,8 +1006,8 @@ mod amx {
                     "tilestored [{c3} + {sc}*1], tmm3",
                     c0 = in(reg) c,
                     c1 = in(reg) c.add(16),
-                    c2 = in(reg) c.add(16 * NC),
-                    c3 = in(reg) c.add(16 * NC + 16),
+                    c2 = in(reg) c.add(16 * t.ldc),
+                    c3 = in(reg) c.add(16 * t.ldc + 16),
                     sc = in(reg) c_stride,
                     options(nostack)
                 );
@@ -955,19 +1021,18 @@ mod amx {
         unreachable!("AMX is x86-64's")
     }
     /// [`super::PackedLhs::scaled_bf16`] into AMX tiles (the layout of `pack_a_tiles`): row `r`'s
-    /// slots `16·t .. 16·t + 16` are `values[r][32·t ..][..32] · row_scale[r]` rounded, one
+    /// slots `16·t .. 16·t + 16` are `values[r · a_row + 32·t ..][..32] · row_scale[r]` rounded, one
     /// `vcvtne2ps2bf16` of two masked loads (zero past `k`); the padding rows stay as `slots` held
     /// them (zero).
     ///
     /// # Safety
-    /// The CPU has AVX-512F and AVX-512 BF16; `values` holds `m · k` values, `row_scale` `m`, and
-    /// `slots` the tiles of `m` rows over `k` values.
+    /// The CPU has AVX-512F and AVX-512 BF16; `values` holds the `m` rows, `row_scale` `m` values,
+    /// and `slots` the tiles of `m` rows over `k` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn pack_scaled(
         values: &[f32],
-        m: usize,
-        k: usize,
+        (m, k, a_row): (usize, usize, usize),
         row_scale: &[f32],
         slots: &mut [u32],
     ) {
@@ -982,7 +1047,7 @@ mod amx {
         };
         let dst = slots.as_mut_ptr();
         for (r, &scale) in row_scale[..m].iter().enumerate() {
-            let row = values.as_ptr().add(r * k);
+            let row = values.as_ptr().add(r * a_row);
             let scale = _mm512_set1_ps(scale);
             let first = (r / AMX_TILE_ROWS) * AMX_TILE_ROWS * kp + (r % AMX_TILE_ROWS) * AMX_PAIRS;
             for step in 0..kp / AMX_PAIRS {
@@ -1000,7 +1065,12 @@ mod amx {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub(super) unsafe fn pack_scaled(_: &[f32], _: usize, _: usize, _: &[f32], _: &mut [u32]) {
+    pub(super) unsafe fn pack_scaled(
+        _: &[f32],
+        _: (usize, usize, usize),
+        _: &[f32],
+        _: &mut [u32],
+    ) {
         unreachable!("AMX is x86-64's")
     }
 }

@@ -195,9 +195,10 @@ mod avx512 {
         _mm512_maskz_mul_ps(!below, p, scale)
     }
 
-    /// `row ← eˣ⁻ᵐᵃˣ`, returning `1 / Σ eˣ⁻ᵐᵃˣ` ([`super::exp_row`]).
+    /// `row ← eˣ⁻ᵐᵃˣ` of `x = s · row`, returning `1 / Σ eˣ⁻ᵐᵃˣ` ([`super::exp_row`] of the scaled row:
+    /// each product rounded to f32 first, as a scaled score matrix holds it).
     #[target_feature(enable = "avx512f")]
-    pub(super) fn exp_row(row: &mut [f32]) -> f32 {
+    pub(super) fn exp_row(row: &mut [f32], s: f32) -> f32 {
         let (len, ptr) = (row.len(), row.as_mut_ptr());
         let mask = |i: usize| -> __mmask16 {
             match len - i {
@@ -205,11 +206,15 @@ mod avx512 {
                 n => (1u16 << n) - 1,
             }
         };
+        let sv = _mm512_set1_ps(s);
         // SAFETY: every access is masked to the lanes inside the row.
+        let load =
+            |i: usize| unsafe { _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(i), ptr.add(i)), sv) };
+        // SAFETY: as above.
         unsafe {
             let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
             for i in (0..len).step_by(16) {
-                m = _mm512_mask_max_ps(m, mask(i), m, _mm512_maskz_loadu_ps(mask(i), ptr.add(i)));
+                m = _mm512_mask_max_ps(m, mask(i), m, load(i));
             }
             let max = _mm512_reduce_max_ps(m);
             if max == f32::NEG_INFINITY {
@@ -219,10 +224,7 @@ mod avx512 {
             let mx = _mm512_set1_ps(max);
             let mut acc = _mm512_setzero_ps();
             for i in (0..len).step_by(16) {
-                let e = exp16(_mm512_sub_ps(
-                    _mm512_maskz_loadu_ps(mask(i), ptr.add(i)),
-                    mx,
-                ));
+                let e = exp16(_mm512_sub_ps(load(i), mx));
                 _mm512_mask_storeu_ps(ptr.add(i), mask(i), e);
                 acc = _mm512_mask_add_ps(acc, mask(i), acc, e);
             }
@@ -231,24 +233,31 @@ mod avx512 {
     }
 }
 
-/// Each `n`-long row `x` of `data` ← `eˣ⁻ᵐᵃˣ`, and `inv[i] = 1 / Σ eˣ⁻ᵐᵃˣ` of row `i` ([`exp_row`]): the
-/// softmax before its last scaling, which a caller may fold into its next pass.
-pub(crate) fn exp_rows(data: &mut [f32], n: usize, inv: &mut Vec<f32>) {
+/// The first `n` values `r` of each of `rows` rows `stride` apart in `data` ← `eˣ⁻ᵐᵃˣ` of `x = s · r`,
+/// and `inv[i] = 1 / Σ eˣ⁻ᵐᵃˣ` of row `i` ([`exp_row`]): the softmax of scaled scores before its last
+/// scaling, which a caller may fold into its next pass.
+pub(crate) fn exp_rows(
+    data: &mut [f32],
+    (rows, n, stride): (usize, usize, usize),
+    s: f32,
+    inv: &mut Vec<f32>,
+) {
     inv.clear();
+    let rows = data.chunks_mut(stride).take(rows).map(|r| &mut r[..n]);
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has the feature the function was compiled for.
-        return inv.extend(
-            data.chunks_mut(n)
-                .map(|row| unsafe { avx512::exp_row(row) }),
-        );
+        return inv.extend(rows.map(|row| unsafe { avx512::exp_row(row, s) }));
     }
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has the features the function was compiled for.
-        return inv.extend(data.chunks_mut(n).map(|row| unsafe { avx2::exp_row(row) }));
-    }
-    inv.extend(data.chunks_mut(n).map(exp_row));
+    inv.extend(rows.map(|row| {
+        row.iter_mut().for_each(|v| *v *= s);
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has the features the function was compiled for.
+            return unsafe { avx2::exp_row(row) };
+        }
+        exp_row(row)
+    }));
 }
 
 /// Softmax of each `n`-long row, with the widest instructions the CPU has.
@@ -258,7 +267,7 @@ pub(crate) fn softmax_rows(data: &mut [f32], n: usize) {
         // SAFETY: the CPU has the features the functions were compiled for (AVX-512F implies AVX2
         // and FMA).
         return data.chunks_mut(n).for_each(|row| unsafe {
-            let inv = avx512::exp_row(row);
+            let inv = avx512::exp_row(row, 1.0);
             avx2::scale_row(row, inv)
         });
     }
@@ -449,7 +458,7 @@ mod tests {
                 }
                 if is_x86_feature_detected!("avx512f") {
                     // SAFETY: checked just above.
-                    variants.push(|r| unsafe { avx512::exp_row(r) });
+                    variants.push(|r| unsafe { avx512::exp_row(r, 1.0) });
                 }
             }
             for exp_row in variants {
