@@ -39,10 +39,28 @@ fn branch_error(w: &Weights, b: &LoraBranch, expected: &str) -> Error {
     )
 }
 
+/// A layer's weight and bias: candle's layer, or (for inference on a CPU with a product kernel, where
+/// the view asks for it: [`Weights::for_cpu_inference`]) the weight packed once for the kernel in
+/// place of its tensor.
+#[derive(Debug)]
+enum Base<M> {
+    Plain(M),
+    Packed(std::sync::Arc<matmul::PackedWeight>),
+}
+
+impl<M: Clone> Clone for Base<M> {
+    fn clone(&self) -> Self {
+        match self {
+            Base::Plain(m) => Base::Plain(m.clone()),
+            Base::Packed(p) => Base::Packed(p.clone()),
+        }
+    }
+}
+
 /// `y = x Wᵀ + b` with `W: [out, in]`, plus LoRA branches `s · (x downᵀ) upᵀ`.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    base: candle_nn::Linear,
+    base: Base<candle_nn::Linear>,
     lora: Vec<Branch<candle_nn::Linear>>,
 }
 
@@ -55,9 +73,15 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (out, inner) = self.base.weight().dims2()?;
+        let mut y = match &self.base {
+            Base::Plain(l) => linear_forward(l, x)?,
+            Base::Packed(p) => p.forward_linear(x)?,
+        };
+        let (out, inner) = match &self.base {
+            Base::Plain(l) => l.weight().dims2()?,
+            Base::Packed(p) => (p.dims()[0], p.dims()[1]),
+        };
         crate::flops::add(crate::flops::matmul(x.elem_count() / inner, inner, out));
-        let mut y = linear_forward(&self.base, x)?;
         for b in &self.lora {
             y = (y + linear_forward(&b.up, &linear_forward(&b.down, x)?)?)?;
         }
@@ -137,17 +161,25 @@ pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Linear {
-        base: candle_nn::Linear::new(weight, bias),
-        lora,
-    })
+    let packed = match w.is_for_cpu_inference() {
+        true => matmul::PackedWeight::linear(&weight, bias.as_ref())?,
+        false => None,
+    };
+    let base = match packed {
+        Some(p) => Base::Packed(std::sync::Arc::new(p)),
+        None => Base::Plain(candle_nn::Linear::new(weight, bias)),
+    };
+    Ok(Linear { base, lora })
 }
 
 /// A 2-D convolution, plus LoRA branches: `down` a convolution with the layer's kernel, stride and
 /// padding into `r` channels, `up` a 1×1 convolution back (peft's and kohya's LoCon).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    base: candle_nn::Conv2d,
+    base: Base<candle_nn::Conv2d>,
+    /// Stride and padding (of a packed weight; a plain one's layer holds them).
+    stride: usize,
+    padding: usize,
     lora: Vec<Branch<candle_nn::Conv2d>>,
 }
 
@@ -162,7 +194,9 @@ impl Conv2d {
 impl From<candle_nn::Conv2d> for Conv2d {
     fn from(base: candle_nn::Conv2d) -> Self {
         Self {
-            base,
+            stride: base.config().stride,
+            padding: base.config().padding,
+            base: Base::Plain(base),
             lora: Vec::new(),
         }
     }
@@ -170,8 +204,14 @@ impl From<candle_nn::Conv2d> for Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = conv_forward(&self.base, x)?;
-        let (_, c, kh, kw) = self.base.weight().dims4()?;
+        let (mut y, (_, c, kh, kw)) = match &self.base {
+            Base::Plain(conv) => (conv_forward(conv, x)?, conv.weight().dims4()?),
+            Base::Packed(p) => {
+                let d = p.dims();
+                let y = p.forward_conv(x, self.stride, self.padding)?;
+                (y, (d[0], d[1], d[2], d[3]))
+            }
+        };
         crate::flops::add(crate::flops::matmul(y.elem_count(), c * kh * kw, 1));
         for b in &self.lora {
             y = (y + conv_forward(&b.up, &conv_forward(&b.down, x)?)?)?;
@@ -321,8 +361,21 @@ pub fn conv2d(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // Packed where every call would take the product kernel (`conv_forward`): bf16, or f32 but for
+    // the 3×3 stride-1 convolutions that Winograd takes at large sizes.
+    let kernel_always = weight.dtype() == DType::BF16 || (k, stride, padding) != (3, 1, 1);
+    let packed = match w.is_for_cpu_inference() && kernel_always {
+        true => matmul::PackedWeight::conv(&weight, Some(&bias))?,
+        false => None,
+    };
+    let base = match packed {
+        Some(p) => Base::Packed(std::sync::Arc::new(p)),
+        None => Base::Plain(candle_nn::Conv2d::new(weight, Some(bias), cfg)),
+    };
     Ok(Conv2d {
-        base: candle_nn::Conv2d::new(weight, Some(bias), cfg),
+        base,
+        stride,
+        padding,
         lora,
     })
 }
@@ -622,7 +675,10 @@ mod tests {
             .forward(&x)
             .unwrap();
         let ours = Linear {
-            base: candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone())),
+            base: Base::Plain(candle_nn::Linear::new(
+                w.as_tensor().clone(),
+                Some(b.as_tensor().clone()),
+            )),
             lora: Vec::new(),
         }
         .forward(&x)

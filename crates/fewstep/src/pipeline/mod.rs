@@ -77,7 +77,9 @@ pub struct Output {
 }
 
 impl StableDiffusion {
-    /// Builds the models from their parts.
+    /// Builds the models from their parts, for inference: on a CPU with a product kernel for the
+    /// dtype, the layers keep their weights packed for it
+    /// ([`crate::weights::Weights::for_cpu_inference`]).
     pub fn from_parts(parts: &ModelParts, device: &Device) -> Result<Self> {
         parts.check_family()?;
         let dtype = parts.unet.dtype();
@@ -104,7 +106,7 @@ impl StableDiffusion {
             .map(|t| {
                 Ok::<_, Error>((
                     t.tokenizer.clone(),
-                    ClipTextModel::with_projection(&t.config, &t.weights)?,
+                    ClipTextModel::with_projection(&t.config, &t.weights.for_cpu_inference())?,
                 ))
             })
             .transpose()?;
@@ -113,6 +115,9 @@ impl StableDiffusion {
         let upcast_vae = parts.text_encoder_2.is_some()
             && parts.vae.dtype() == DType::F16
             && parts.vae_config.force_upcast;
+        // The VAE's weights are not packed at load: its convolutions' products are wide (a 512² image
+        // has 262,144 columns), so packing a weight at each call costs little, and the packed-at-load
+        // decoder measured 6 % slower in bf16 (docs/performance.md).
         let vae_weights = if upcast_vae {
             parts.vae.with_dtype(DType::F32)
         } else {
@@ -120,10 +125,13 @@ impl StableDiffusion {
         };
         let model = Self {
             tokenizer: parts.tokenizer.clone(),
-            text_encoder: ClipTextModel::new(&parts.text_encoder_config, &parts.text_encoder)?,
+            text_encoder: ClipTextModel::new(
+                &parts.text_encoder_config,
+                &parts.text_encoder.for_cpu_inference(),
+            )?,
             text_encoder_2,
             force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
-            unet: UNet2DConditionModel::new(&parts.unet_config, &parts.unet)?,
+            unet: UNet2DConditionModel::new(&parts.unet_config, &parts.unet.for_cpu_inference())?,
             vae: AutoencoderKL::new(&parts.vae_config, &vae_weights)?,
             taesd,
             vae_tiling: None,

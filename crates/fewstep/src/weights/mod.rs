@@ -66,6 +66,9 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
+    /// Layers built from this view may pack their weights for the CPU kernels, in place of the
+    /// tensors (inference only: no gradient reaches a packed weight).
+    cpu_inference: bool,
 }
 
 /// Opens `.safetensors` files (validating each).
@@ -116,6 +119,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            cpu_inference: false,
         }
     }
 
@@ -194,6 +198,20 @@ impl Weights {
             prefix: format!("{}{}.", self.prefix, name),
             ..self.clone()
         }
+    }
+
+    /// The same tensors, for layers that only infer: on a CPU with a product kernel for the dtype
+    /// they keep their weights packed for it ([`crate::kernels::matmul::PackedWeight`]).
+    pub fn for_cpu_inference(&self) -> Self {
+        Self {
+            cpu_inference: true,
+            ..self.clone()
+        }
+    }
+
+    /// Whether layers may pack their weights ([`Weights::for_cpu_inference`]).
+    pub fn is_for_cpu_inference(&self) -> bool {
+        self.cpu_inference
     }
 
     /// The same tensors, loaded in another dtype.
