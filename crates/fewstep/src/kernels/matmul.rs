@@ -786,8 +786,11 @@ fn pack_patches<S: Source>(
 ) -> Vec<u32> {
     let panels = cols.div_ceil(NR);
     let mut packed = vec![0u32; panels * kp * NR];
-    let taps = g.k * g.k;
-    let slot_shift = 32 / S::PER_SLOT;
+    let plane = g.h * g.w;
+    // k = (channel, u, v) in order: the first value of the channel's plane, u and v.
+    let taps: Vec<(usize, usize, usize)> = (0..ops.k / (g.k * g.k))
+        .flat_map(|ch| (0..g.k).flat_map(move |u| (0..g.k).map(move |v| (ch * plane, u, v))))
+        .collect();
     for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
         let c0 = n0 + panel * NR;
         let width = NR.min(n0 + cols - c0);
@@ -800,29 +803,65 @@ fn pack_patches<S: Source>(
             runs.push((c, i, j, len));
             c += len;
         }
-        // k = (channel, u, v) in order, counted without divisions.
-        let taps = (0..ops.k / taps)
-            .flat_map(|ch| (0..g.k).flat_map(move |u| (0..g.k).map(move |v| (ch, u, v))));
-        for (kk, (ch, u, v)) in taps.enumerate() {
-            let image = &ops.b[ch * g.h * g.w..(ch + 1) * g.h * g.w];
-            let out = &mut dst[(kk / S::PER_SLOT) * NR..][..NR];
-            let shift = slot_shift * (kk % S::PER_SLOT);
+        for (slot, taps) in taps.chunks(S::PER_SLOT).enumerate() {
+            let out = &mut dst[slot * NR..][..NR];
             for &(c, i, j, len) in &runs {
-                // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
-                let Some(y) = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h) else {
-                    continue;
+                // Each tap's values for t in t0..t1 (the rest of the run reads padding: zero).
+                let reads = taps.iter().map(|&(plane0, u, v)| {
+                    // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
+                    let y = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h)?;
+                    let x0 = g.s * j + v;
+                    // ⌈a / s⌉, without a division for the common stride 1.
+                    let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
+                    let t0 = ceil(g.p.saturating_sub(x0));
+                    let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
+                    let start = plane0 + y * g.w + (x0 + g.s * t0).checked_sub(g.p)?;
+                    (t0 < t1).then_some((&ops.b[start..], t0, t1))
+                });
+                let reads: [_; 2] = {
+                    let mut r = reads;
+                    [r.next().flatten(), r.next().flatten()]
                 };
-                let x0 = g.s * j + v;
-                // ⌈a / s⌉, without a division for the common stride 1.
-                let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
-                let t0 = ceil(g.p.saturating_sub(x0));
-                let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
-                if t0 >= t1 {
-                    continue;
-                }
-                let row = &image[y * g.w + x0 + g.s * t0 - g.p..];
-                for (o, t) in out[c + t0..c + t1].iter_mut().zip(0..) {
-                    *o |= row[g.s * t].bits() << shift;
+                match reads {
+                    // A bf16 pair whose columns overlap, stride 1 (a 3×3 convolution): each slot
+                    // written once, the overlap (all but the image's edges) in one pass.
+                    [Some((lo, a0, a1)), Some((hi, b0, b1))]
+                        if g.s == 1 && a0.max(b0) < a1.min(b1) =>
+                    {
+                        let (m0, m1) = (a0.max(b0), a1.min(b1));
+                        let out = &mut out[c..];
+                        let both = out[m0..m1]
+                            .iter_mut()
+                            .zip(&lo[m0 - a0..])
+                            .zip(&hi[m0 - b0..]);
+                        for ((o, l), h) in both {
+                            *o = l.bits() | h.bits() << 16;
+                        }
+                        for t in (a0..m0).chain(m1..a1) {
+                            out[t] = lo[t - a0].bits();
+                        }
+                        for t in (b0..m0).chain(m1..b1) {
+                            out[t] = hi[t - b0].bits() << 16;
+                        }
+                    }
+                    reads => {
+                        for (half, read) in reads.into_iter().enumerate() {
+                            let Some((row, t0, t1)) = read else { continue };
+                            let shift = 32 / S::PER_SLOT * half;
+                            let out = &mut out[c + t0..c + t1];
+                            match g.s {
+                                1 => out
+                                    .iter_mut()
+                                    .zip(row)
+                                    .for_each(|(o, x)| *o |= x.bits() << shift),
+                                s => {
+                                    for (o, t) in out.iter_mut().zip(0..) {
+                                        *o |= row[s * t].bits() << shift;
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
