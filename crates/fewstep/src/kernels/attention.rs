@@ -178,8 +178,8 @@ impl Fused {
         // Blocks of queries: a multiple of the kernel's rows, about 128 of them (scores of 4096 keys:
         // 2 MiB of f32, a core's L2).
         let rows = 128usize.div_ceil(step) * step;
-        // The scores' rows as the kernels write them: whole panels of 32 keys.
-        let ldc = lk.div_ceil(32) * 32;
+        // The scores' and outputs' rows as the kernels write them: whole panels of 32 columns.
+        let (ldc, ldo) = (lk.div_ceil(32) * 32, dv.div_ceil(32) * 32);
         let packed: Vec<(PackedRhs, PackedRhs)> = (0..n)
             .into_par_iter()
             .map(|h| {
@@ -204,10 +204,12 @@ impl Fused {
                         scores.resize(m.div_ceil(step) * step * ldc, 0.0);
                         qa.multiply_raw(kt, scores, ldc);
                         let pa = probabilities(scores, (m, lk, ldc), sums).ok_or_else(no_kernel)?;
-                        o.resize(m * dv, 0.0);
-                        pa.multiply_packed(vp, 1.0, o, dv);
-                        // SAFETY: `o` and `out` both hold the block's `m · dv` values.
-                        unsafe { S::store(o, out) };
+                        o.resize(m.div_ceil(step) * step * ldo, 0.0);
+                        pa.multiply_raw(vp, o, ldo);
+                        for (o, out) in o.chunks(ldo).zip(out.chunks_mut(dv)) {
+                            // SAFETY: both hold a row's `dv` values.
+                            unsafe { S::store(&o[..dv], out) };
+                        }
                         Ok::<(), candle_core::Error>(())
                     })
             })?;

@@ -552,34 +552,33 @@ impl PackedLhs {
             k,
             n,
         };
+        let product = Product {
+            isa: self.isa,
+            alpha: 1.0,
+            bias: Bias::None,
+            out: DType::F32,
+            rhs: Rhs::Matrix,
+        };
+        let out = SharedOut(dst.as_mut_ptr());
         with_tile(|tile| {
             for n0 in (0..n).step_by(NC) {
                 let cols = NC.min(n - n0);
                 let packed_b = pack_b(&ops, n0, cols, k);
-                self.multiply_block(&packed_b, n0, cols, 1.0, dst, n, tile);
-            }
-        })
-    }
-
-    /// `dst[i · ldc + j] = α · (A · B)[i][j]` on the calling thread.
-    pub(crate) fn multiply_packed(&self, b: &PackedRhs, alpha: f32, dst: &mut [f32], ldc: usize) {
-        assert!(
-            self.isa == b.isa
-                && self.k == b.k
-                && ldc >= b.n
-                && dst.len() >= (self.m.max(1) - 1) * ldc + b.n,
-            "PackedLhs: operands of {}×{} and {}×{} into {} values, rows {ldc} apart",
-            self.m,
-            self.k,
-            b.k,
-            b.n,
-            dst.len()
-        );
-        let kp = self.isa.slots(self.k);
-        with_tile(|tile| {
-            for n0 in (0..b.n).step_by(NC) {
-                let panels = &b.slots[n0 / NR * kp * NR..];
-                self.multiply_block(panels, n0, NC.min(b.n - n0), alpha, dst, ldc, tile);
+                for m0 in (0..self.m).step_by(MC) {
+                    let shape = TileShape {
+                        m0,
+                        rows: MC.min(self.m - m0),
+                        cols,
+                        kp: k,
+                        ldc: NC,
+                    };
+                    // SAFETY: `f32` checked AVX-512F; both operands were packed for it with `k`
+                    // slots; the tile lies inside `dst` (asserted), which this call alone writes.
+                    unsafe {
+                        multiply_tile(self.isa, &self.slots, &packed_b, shape, tile);
+                        product.write_tile(tile, out, m0, shape.rows, n0, cols, n);
+                    }
+                }
             }
         })
     }
@@ -626,44 +625,6 @@ impl PackedLhs {
                         &mut dst[m0 * ldc + n0..],
                     )
                 };
-            }
-        }
-    }
-
-    /// Columns `n0 .. n0 + cols` of the product, their panels of `B` in `panels`, into `dst` (rows
-    /// `ldc` apart) scaled by `α`, a block of [`MC`] rows at a time through `tile`.
-    #[allow(clippy::too_many_arguments)]
-    fn multiply_block(
-        &self,
-        panels: &[u32],
-        n0: usize,
-        cols: usize,
-        alpha: f32,
-        dst: &mut [f32],
-        ldc: usize,
-        tile: &mut [f32],
-    ) {
-        let product = Product {
-            isa: self.isa,
-            alpha,
-            bias: Bias::None,
-            out: DType::F32,
-            rhs: Rhs::Matrix,
-        };
-        let out = SharedOut(dst.as_mut_ptr());
-        for m0 in (0..self.m).step_by(MC) {
-            let shape = TileShape {
-                m0,
-                rows: MC.min(self.m - m0),
-                cols,
-                kp: self.isa.slots(self.k),
-                ldc: NC,
-            };
-            // SAFETY: `isa` was supported when the operands were packed for it with these slots;
-            // the callers checked that the tile lies inside `dst`, which this call alone writes.
-            unsafe {
-                multiply_tile(self.isa, &self.slots, panels, shape, tile);
-                product.write_tile(tile, out, m0, shape.rows, n0, cols, ldc);
             }
         }
     }
