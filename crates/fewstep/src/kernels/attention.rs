@@ -189,13 +189,13 @@ impl Fused {
             })
             .collect::<candle_core::Result<_>>()?;
         let mut out = vec![S::default(); n * lq * dv];
-        out.par_chunks_mut(lq * dv.max(1))
+        out.par_chunks_mut((lq * dv).max(1))
             .zip(&packed)
             .enumerate()
             .try_for_each(|(h, (out, (kt, vp)))| {
                 // Each worker's buffers (scores, probabilities, outputs) are reused block after block.
                 let scratch = || (Vec::new(), Vec::new(), Vec::<f32>::new());
-                out.par_chunks_mut(rows * dv.max(1))
+                out.par_chunks_mut((rows * dv).max(1))
                     .enumerate()
                     .try_for_each_init(scratch, |(scores, sums, o), (block, out)| {
                         let (i0, m) = (block * rows, rows.min(lq - block * rows));

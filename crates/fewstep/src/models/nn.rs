@@ -42,19 +42,10 @@ fn branch_error(w: &Weights, b: &LoraBranch, expected: &str) -> Error {
 /// A layer's weight and bias: candle's layer, or (for inference on a CPU with a product kernel, where
 /// the view asks for it: [`Weights::for_cpu_inference`]) the weight packed once for the kernel in
 /// place of its tensor.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Base<M> {
     Plain(M),
     Packed(std::sync::Arc<matmul::PackedWeight>),
-}
-
-impl<M: Clone> Clone for Base<M> {
-    fn clone(&self) -> Self {
-        match self {
-            Base::Plain(m) => Base::Plain(m.clone()),
-            Base::Packed(p) => Base::Packed(p.clone()),
-        }
-    }
 }
 
 /// `y = x Wᵀ + b` with `W: [out, in]`, plus LoRA branches `s · (x downᵀ) upᵀ`.
