@@ -242,11 +242,8 @@ impl CustomOp3 for Fused {
                 Ok((CpuStorage::BF16(out), shape))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let probabilities = |s: &mut [f32], (m, lk, ldc): Rows, sums: &mut Vec<f32>| {
-                    softmax::exp_rows(s, (m, lk, ldc), self.scale, sums);
-                    for (row, inv) in s.chunks_mut(ldc).zip(sums.iter()) {
-                        row[..lk].iter_mut().for_each(|v| *v *= inv);
-                    }
+                let probabilities = |s: &mut [f32], (m, lk, ldc): Rows, _: &mut Vec<f32>| {
+                    softmax::softmax_rows(s, (m, lk, ldc), self.scale);
                     PackedLhs::new(s, ldc, m, lk)
                 };
                 let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;

@@ -81,6 +81,14 @@ impl Isa {
             .find(|i| i.dtype() == dtype && i.supported())
     }
 
+    /// The rows of `C` one step of its kernel writes: the padding of a packed `A`.
+    fn row_step(self) -> usize {
+        match self {
+            Isa::Amx => AMX_ROWS,
+            Isa::Avx512Bf16 | Isa::Avx512F => MR,
+        }
+    }
+
     /// 32-bit slots of `K` the packed operands hold: a bf16 pair or one f32 each; AMX reads whole
     /// tiles of [`AMX_PAIRS`] pairs.
     fn slots(self, k: usize) -> usize {
@@ -461,10 +469,7 @@ pub(crate) struct PackedRhs {
 /// The rows of `A` one register or AMX step produces for values of `dtype` (a block of queries is
 /// best a multiple of it), or `None` where no kernel runs them.
 pub(crate) fn row_step(dtype: DType) -> Option<usize> {
-    Isa::best(dtype).map(|isa| match isa {
-        Isa::Amx => AMX_ROWS,
-        Isa::Avx512Bf16 | Isa::Avx512F => 2 * MR,
-    })
+    Isa::best(dtype).map(Isa::row_step)
 }
 
 impl PackedLhs {
@@ -587,10 +592,7 @@ impl PackedLhs {
     /// padding: rows up to a multiple of [`row_step`], columns up to a multiple of 32 (`ldc` at least
     /// that). No copy through a tile; the caller reads the `M × N` values it wants.
     pub(crate) fn multiply_raw(&self, b: &PackedRhs, dst: &mut [f32], ldc: usize) {
-        let step = match self.isa {
-            Isa::Amx => AMX_ROWS,
-            Isa::Avx512Bf16 | Isa::Avx512F => MR,
-        };
+        let step = self.isa.row_step();
         assert!(
             self.isa == b.isa
                 && self.k == b.k
@@ -639,7 +641,10 @@ impl PackedRhs {
         k: usize,
         n: usize,
     ) -> Option<PackedRhs> {
-        let isa = Isa::best(S::DTYPE)?;
+        Isa::best(S::DTYPE).map(|isa| Self::pack(isa, b, (b_k, b_n), k, n))
+    }
+
+    fn pack<S: Source>(isa: Isa, b: &[S], (b_k, b_n): (usize, usize), k: usize, n: usize) -> Self {
         let ops = Operands {
             a: b,
             a_row: 0,
@@ -650,12 +655,12 @@ impl PackedRhs {
             k,
             n,
         };
-        Some(PackedRhs {
+        PackedRhs {
             isa,
             slots: pack_b(&ops, 0, n, isa.slots(k)),
             k,
             n,
-        })
+        }
     }
 }
 
@@ -1056,7 +1061,7 @@ mod amx {
         slots: &mut [u32],
     ) {
         use std::arch::x86_64::*;
-        let kp = k.div_ceil(2 * AMX_PAIRS) * AMX_PAIRS;
+        let kp = super::Isa::Amx.slots(k);
         let tile = AMX_TILE_ROWS * AMX_PAIRS;
         let mask = |from: usize| -> __mmask16 {
             match k.saturating_sub(from) {
@@ -1405,24 +1410,12 @@ impl PackedWeight {
             return Ok(None);
         };
         let dims = w.dims().to_vec();
-        let linear = dims.len() == 2;
-        fn values<S: Source>(isa: Isa, dims: &[usize], linear: bool, v: &[S]) -> Vec<u32> {
-            match linear {
-                true => {
-                    let (n, k) = (dims[0], dims[1]);
-                    let ops = Operands {
-                        a: v,
-                        a_row: 0,
-                        b: v,
-                        b_k: 1,
-                        b_n: k,
-                        m: 0,
-                        k,
-                        n,
-                    };
-                    pack_b(&ops, 0, n, isa.slots(k))
-                }
-                false => {
+        /// `Wᵀ` of a linear layer's `[N, K]` as a right operand, a convolution's `[O, C·k·k]` as
+        /// a left one.
+        fn values<S: Source>(isa: Isa, dims: &[usize], v: &[S]) -> Vec<u32> {
+            match *dims {
+                [n, k] => PackedRhs::pack(isa, v, (1, k), k, n).slots,
+                _ => {
                     let (o, k) = (dims[0], dims[1..].iter().product());
                     PackedLhs::pack(isa, v, k, o, k).slots
                 }
@@ -1430,8 +1423,8 @@ impl PackedWeight {
         }
         let flat = w.flatten_all()?;
         let slots = match w.dtype() {
-            DType::BF16 => values(isa, &dims, linear, &flat.to_vec1::<bf16>()?),
-            _ => values(isa, &dims, linear, &flat.to_vec1::<f32>()?),
+            DType::BF16 => values(isa, &dims, &flat.to_vec1::<bf16>()?),
+            _ => values(isa, &dims, &flat.to_vec1::<f32>()?),
         };
         Ok(Some(Self {
             isa,

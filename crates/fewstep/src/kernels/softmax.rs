@@ -261,32 +261,24 @@ pub(crate) fn exp_rows(
     }));
 }
 
-/// Softmax of each `n`-long row, with the widest instructions the CPU has.
-pub(crate) fn softmax_rows(data: &mut [f32], n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the features the functions were compiled for (AVX-512F implies AVX2
-        // and FMA).
-        return data.chunks_mut(n).for_each(|row| unsafe {
-            let inv = avx512::exp_row(row, 1.0);
-            avx2::scale_row(row, inv)
-        });
+/// The first `n` values `r` of each of `rows` rows `stride` apart in `data` ← `softmax(s · r)`:
+/// [`exp_rows`], then each row times its inverse sum, with the widest instructions the CPU has.
+pub(crate) fn softmax_rows(data: &mut [f32], (rows, n, stride): (usize, usize, usize), s: f32) {
+    let mut inv = Vec::with_capacity(rows);
+    exp_rows(data, (rows, n, stride), s, &mut inv);
+    for (row, &inv) in data.chunks_mut(stride).zip(&inv) {
+        scale_row(&mut row[..n], inv);
     }
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has the features the functions were compiled for.
-        return data.chunks_mut(n).for_each(|row| unsafe {
-            let inv = avx2::exp_row(row);
-            avx2::scale_row(row, inv)
-        });
-    }
-    data.chunks_mut(n).for_each(softmax_row);
 }
 
-/// `row ← softmax(row)`: `eˣ⁻ᵐᵃˣ / Σ eˣ⁻ᵐᵃˣ` ([`exp_row`], then its scaling).
-fn softmax_row(row: &mut [f32]) {
-    let inv = exp_row(row);
-    row.iter_mut().for_each(|v| *v *= inv);
+/// `row ← row · s`.
+fn scale_row(row: &mut [f32], s: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { avx2::scale_row(row, s) };
+    }
+    row.iter_mut().for_each(|v| *v *= s);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -317,7 +309,7 @@ impl CustomOp1 for Softmax {
             DType::F32 => {
                 let mut out = v.to_vec();
                 out.par_chunks_mut(rows * n)
-                    .for_each(|block| softmax_rows(block, n));
+                    .for_each(|block| softmax_rows(block, (block.len() / n, n, n), 1.0));
                 CpuStorage::F32(out)
             }
             DType::BF16 => {
@@ -329,7 +321,7 @@ impl CustomOp1 for Softmax {
                         let mut row = vec![0f32; n];
                         for (dst, src) in dst.chunks_mut(n).zip(src.chunks(n)) {
                             row.copy_from_slice(src);
-                            softmax_rows(&mut row, n);
+                            softmax_rows(&mut row, (1, n, n), 1.0);
                             crate::kernels::narrow_to_bf16(&row, dst);
                         }
                     });
@@ -408,7 +400,10 @@ mod tests {
             // The portable rows, which a CPU with AVX2 never takes, give the same.
             let n = *shape.last().unwrap();
             let mut rows: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            rows.chunks_mut(n).for_each(softmax_row);
+            rows.chunks_mut(n).for_each(|row| {
+                let inv = exp_row(row);
+                row.iter_mut().for_each(|v| *v *= inv);
+            });
             let portable = Tensor::from_vec(rows, shape.as_slice(), x.device()).unwrap();
             let err = max_abs_diff(&portable, &want);
             assert!(err < 1e-6, "portable {shape:?}: {err}");
