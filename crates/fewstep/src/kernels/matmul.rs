@@ -314,7 +314,8 @@ impl Product {
         let m_blocks = m.div_ceil(MC);
         let threads = rayon::current_num_threads().max(1);
         // Enough tasks for the threads to share evenly. A matrix `B` is packed once for all of them;
-        // the patches of an image (`k²` times its size) a block at a time, by the task that uses it.
+        // the patches of an image (`k²` times its size) a block at a time, by the task that uses it,
+        // where each block has one task.
         let m_chunks = (4 * threads).div_ceil(n_blocks).clamp(1, m_blocks);
         let blocks_per_chunk = m_blocks.div_ceil(m_chunks);
         for i in 0..batch {
@@ -342,9 +343,11 @@ impl Product {
                     None => pack_b(&ops, n0, cols, kp),
                 }
             };
+            // Packed once for all tasks unless each block of patches has a task of its own.
             let shared_b: Vec<Vec<u32>> = match (patches, packed) {
-                (Some(_), _) | (_, Prepacked::Rhs(_)) => Vec::new(),
-                (None, _) => (0..n_blocks).into_par_iter().map(block_b).collect(),
+                (_, Prepacked::Rhs(_)) => Vec::new(),
+                (Some(_), _) if m_chunks == 1 => Vec::new(),
+                _ => (0..n_blocks).into_par_iter().map(block_b).collect(),
             };
             let dst = SharedOut(out[i * m * n..].as_mut_ptr() as *mut T);
             (0..n_blocks * m_chunks).into_par_iter().for_each(|task| {
@@ -487,35 +490,28 @@ impl PackedLhs {
         Isa::best(S::DTYPE).map(|isa| Self::pack(isa, a, a_row, m, k))
     }
 
-    /// `A[i][j] = bf16(values[i · a_row + j] · row_scale[i])` (rounded to nearest even) packed for
-    /// the fastest bf16 kernel, or `None` where the CPU runs none: a softmax's probabilities from its
-    /// exponentials and inverse sums in one pass. On AMX straight into tiles, 32 values a row at a
-    /// time (`vcvtne2ps2bf16`); elsewhere scaled and rounded first, then packed.
-    pub(crate) fn scaled_bf16(
+    /// `A[i][j] = bf16(values[i · a_row + j])` (rounded to nearest even) packed for the fastest bf16
+    /// kernel, or `None` where the CPU runs none: a softmax's probabilities rounded and packed in one
+    /// pass. On AMX straight into tiles, 32 values a row at a time (`vcvtne2ps2bf16`); elsewhere
+    /// rounded first, then packed.
+    pub(crate) fn rounded_bf16(
         values: &[f32],
         (m, k, a_row): (usize, usize, usize),
-        row_scale: &[f32],
     ) -> Option<PackedLhs> {
         assert!(
-            m == 0 || values.len() >= (m - 1) * a_row + k && row_scale.len() >= m,
+            m == 0 || values.len() >= (m - 1) * a_row + k,
             "PackedLhs: operand sizes"
         );
         let isa = Isa::best(DType::BF16)?;
         if isa == Isa::Amx {
             let mut slots = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k)];
             // SAFETY: AMX implies AVX-512 BF16 (Sapphire Rapids and later); the sizes hold.
-            unsafe { amx::pack_scaled(values, (m, k, a_row), row_scale, &mut slots) };
+            unsafe { amx::pack_rounded(values, (m, k, a_row), &mut slots) };
             return Some(PackedLhs { isa, slots, m, k });
         }
         let mut rounded = vec![bf16::ZERO; m * k];
-        let mut row = vec![0f32; k];
-        for ((dst, src), &scale) in rounded
-            .chunks_mut(k)
-            .zip(values.chunks(a_row))
-            .zip(row_scale)
-        {
-            row.iter_mut().zip(src).for_each(|(r, &v)| *r = v * scale);
-            crate::kernels::narrow_to_bf16(&row, dst);
+        for (dst, src) in rounded.chunks_mut(k).zip(values.chunks(a_row)) {
+            crate::kernels::narrow_to_bf16(&src[..k], dst);
         }
         Some(Self::pack(isa, &rounded, k, m, k))
     }
@@ -1044,20 +1040,19 @@ mod amx {
     pub(super) unsafe fn multiply_tile(_: &[u32], _: &[u32], _: TileShape, _: &mut [f32]) {
         unreachable!("AMX is x86-64's")
     }
-    /// [`super::PackedLhs::scaled_bf16`] into AMX tiles (the layout of `pack_a_tiles`): row `r`'s
-    /// slots `16·t .. 16·t + 16` are `values[r · a_row + 32·t ..][..32] · row_scale[r]` rounded, one
+    /// [`super::PackedLhs::rounded_bf16`] into AMX tiles (the layout of `pack_a_tiles`): row `r`'s
+    /// slots `16·t .. 16·t + 16` are `values[r · a_row + 32·t ..][..32]` rounded, one
     /// `vcvtne2ps2bf16` of two masked loads (zero past `k`); the padding rows stay as `slots` held
     /// them (zero).
     ///
     /// # Safety
-    /// The CPU has AVX-512F and AVX-512 BF16; `values` holds the `m` rows, `row_scale` `m` values,
-    /// and `slots` the tiles of `m` rows over `k` values.
+    /// The CPU has AVX-512F and AVX-512 BF16; `values` holds the `m` rows and `slots` the tiles of
+    /// `m` rows over `k` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pack_scaled(
+    pub(super) unsafe fn pack_rounded(
         values: &[f32],
         (m, k, a_row): (usize, usize, usize),
-        row_scale: &[f32],
         slots: &mut [u32],
     ) {
         use std::arch::x86_64::*;
@@ -1070,16 +1065,15 @@ mod amx {
             }
         };
         let dst = slots.as_mut_ptr();
-        for (r, &scale) in row_scale[..m].iter().enumerate() {
+        for r in 0..m {
             let row = values.as_ptr().add(r * a_row);
-            let scale = _mm512_set1_ps(scale);
             let first = (r / AMX_TILE_ROWS) * AMX_TILE_ROWS * kp + (r % AMX_TILE_ROWS) * AMX_PAIRS;
             for step in 0..kp / AMX_PAIRS {
                 let j = 2 * AMX_PAIRS * step;
                 // Masked loads read nothing past the row (and fault on nothing there).
                 let lo = _mm512_maskz_loadu_ps(mask(j), row.wrapping_add(j));
                 let hi = _mm512_maskz_loadu_ps(mask(j + 16), row.wrapping_add(j + 16));
-                let pairs = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, scale), _mm512_mul_ps(lo, scale));
+                let pairs = _mm512_cvtne2ps_pbh(hi, lo);
                 _mm512_storeu_si512(
                     dst.add(first + step * tile) as *mut __m512i,
                     std::mem::transmute::<__m512bh, __m512i>(pairs),
@@ -1089,12 +1083,7 @@ mod amx {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub(super) unsafe fn pack_scaled(
-        _: &[f32],
-        _: (usize, usize, usize),
-        _: &[f32],
-        _: &mut [u32],
-    ) {
+    pub(super) unsafe fn pack_rounded(_: &[f32], _: (usize, usize, usize), _: &mut [u32]) {
         unreachable!("AMX is x86-64's")
     }
 }
@@ -1737,5 +1726,45 @@ mod tests {
                 .to_string();
             assert!(err.contains("packed for the CPU"), "{err}");
         }
+    }
+
+    #[test]
+    fn probabilities_rounded_into_tiles_multiply_as_their_bf16_values() {
+        // Rows with a stride, `k` off the 32-value steps, `m` off the row blocks.
+        let (m, k, a_row, n) = (37, 45, 50, 40);
+        let values: Vec<f32> = test_input(&[m, a_row], 3)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let Some(got) = PackedLhs::rounded_bf16(&values, (m, k, a_row)) else {
+            assert!(Isa::best(DType::BF16).is_none());
+            return;
+        };
+        let rounded: Vec<bf16> = values
+            .chunks(a_row)
+            .flat_map(|row| row[..k].iter().map(|&v| bf16::from_f32(v)))
+            .collect();
+        let want = PackedLhs::new(&rounded, k, m, k).unwrap();
+        let b: Vec<bf16> = test_input(&[k, n], 4)
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let rhs = PackedRhs::new(&b, (n, 1), k, n).unwrap();
+        let (step, ldc) = (row_step(DType::BF16).unwrap(), n.div_ceil(NR) * NR);
+        let product = |a: &PackedLhs| {
+            let mut c = vec![0f32; m.div_ceil(step) * step * ldc];
+            a.multiply_raw(&rhs, &mut c, ldc);
+            c.chunks(ldc)
+                .take(m)
+                .flat_map(|r| r[..n].to_vec())
+                .collect::<Vec<_>>()
+        };
+        let (got, want) = (product(&got), product(&want));
+        assert!(got.iter().any(|&v| v != 0.0));
+        assert_eq!(got, want);
     }
 }

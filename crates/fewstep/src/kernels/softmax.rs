@@ -196,10 +196,11 @@ mod avx512 {
         _mm512_maskz_mul_ps(!below, p, scale)
     }
 
-    /// `row ← eˣ⁻ᵐᵃˣ` of `x = s · row`, returning `1 / Σ eˣ⁻ᵐᵃˣ` ([`super::exp_row`] of the scaled row:
-    /// each product rounded to f32 first, as a scaled score matrix holds it).
+    /// `row ← eˣ⁻ᵐ` of `x = s · row` with `m = max(floor, maxᵢ xᵢ)`, returning `(m, Σ eˣ⁻ᵐ)`
+    /// ([`super::exp_row`] of the scaled row, each product rounded to f32 first as a scaled score
+    /// matrix holds it, when `floor` is −∞; a row that stays at −∞ becomes NaN, its sum 1).
     #[target_feature(enable = "avx512f")]
-    pub(super) fn exp_row(row: &mut [f32], s: f32) -> f32 {
+    pub(super) fn exp_row(row: &mut [f32], s: f32, floor: f32) -> (f32, f32) {
         let (len, ptr) = (row.len(), row.as_mut_ptr());
         let mask = |i: usize| -> __mmask16 {
             match len - i {
@@ -213,14 +214,14 @@ mod avx512 {
             |i: usize| unsafe { _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(i), ptr.add(i)), sv) };
         // SAFETY: as above.
         unsafe {
-            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut m = _mm512_set1_ps(floor);
             for i in (0..len).step_by(16) {
                 m = _mm512_mask_max_ps(m, mask(i), m, load(i));
             }
             let max = _mm512_reduce_max_ps(m);
             if max == f32::NEG_INFINITY {
                 row.iter_mut().for_each(|v| *v = f32::NAN);
-                return 1.0;
+                return (max, 1.0);
             }
             let mx = _mm512_set1_ps(max);
             let mut acc = _mm512_setzero_ps();
@@ -229,45 +230,71 @@ mod avx512 {
                 _mm512_mask_storeu_ps(ptr.add(i), mask(i), e);
                 acc = _mm512_mask_add_ps(acc, mask(i), acc, e);
             }
-            1.0 / _mm512_reduce_add_ps(acc)
+            (max, _mm512_reduce_add_ps(acc))
         }
     }
 }
 
-/// The first `n` values `r` of each of `rows` rows `stride` apart in `data` ← `eˣ⁻ᵐᵃˣ` of `x = s · r`,
-/// and `inv[i] = 1 / Σ eˣ⁻ᵐᵃˣ` of row `i` ([`exp_row`]): the softmax of scaled scores before its last
-/// scaling, which a caller may fold into its next pass.
-pub(crate) fn exp_rows(
+/// One block of columns of an online softmax (Milakov & Gimelshein 2018, as FlashAttention takes a
+/// block of keys): for each of `rows` rows `stride` apart, its first `n` values `r` and `x = s · r`,
+/// `m' = max(maxᵢ, maxⱼ xⱼ)`, `r ← eˣ⁻ᵐ'`, `rescale[i] = e^(maxᵢ − m')` (the factor the sums and
+/// outputs of the earlier blocks take), `sums[i] ← sums[i] · rescale[i] + Σ eˣ⁻ᵐ'`, `maxᵢ ← m'`. The
+/// first block starts from `maxᵢ = −∞` and `sums[i] = 0`.
+pub(crate) fn exp_rows_online(
     data: &mut [f32],
     (rows, n, stride): (usize, usize, usize),
     s: f32,
-    inv: &mut Vec<f32>,
+    (max, sums, rescale): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
-    inv.clear();
     let rows = data.chunks_mut(stride).take(rows).map(|r| &mut r[..n]);
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function was compiled for.
-        return inv.extend(rows.map(|row| unsafe { avx512::exp_row(row, s) }));
+    for (((row, max), sum), rescale) in rows.zip(max).zip(sums).zip(rescale) {
+        #[cfg(target_arch = "x86_64")]
+        let (m, block) = match is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the feature the function was compiled for.
+            true => unsafe { avx512::exp_row(row, s, *max) },
+            false => exp_row_from(row, s, *max),
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (m, block) = exp_row_from(row, s, *max);
+        *rescale = exp(*max - m);
+        *sum = *sum * *rescale + block;
+        *max = m;
     }
-    inv.extend(rows.map(|row| {
-        row.iter_mut().for_each(|v| *v *= s);
+}
+
+/// [`exp_rows_online`]'s row on scalars: `row ← eˣ⁻ᵐ` of `x = s · row`, `m = max(floor, maxᵢ xᵢ)`,
+/// returning `(m, Σ eˣ⁻ᵐ)`.
+fn exp_row_from(row: &mut [f32], s: f32, floor: f32) -> (f32, f32) {
+    row.iter_mut().for_each(|v| *v *= s);
+    let m = row.iter().fold(floor, |m, &v| if v > m { v } else { m });
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = exp(*v - m);
+        sum += *v;
+    }
+    (m, sum)
+}
+
+/// The first `n` values `r` of each of `rows` rows `stride` apart in `data` ← `softmax(r)`: `eʳ⁻ᵐᵃˣ`
+/// ([`exp_row`]), then the row times its inverse sum, with the widest instructions the CPU has.
+fn softmax_rows(data: &mut [f32], (rows, n, stride): (usize, usize, usize)) {
+    for row in data.chunks_mut(stride).take(rows).map(|r| &mut r[..n]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the feature the function was compiled for.
+            let (_, sum) = unsafe { avx512::exp_row(row, 1.0, f32::NEG_INFINITY) };
+            scale_row(row, 1.0 / sum);
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: the CPU has the features the function was compiled for.
-            return unsafe { avx2::exp_row(row) };
+            let inv = unsafe { avx2::exp_row(row) };
+            scale_row(row, inv);
+            continue;
         }
-        exp_row(row)
-    }));
-}
-
-/// The first `n` values `r` of each of `rows` rows `stride` apart in `data` ← `softmax(s · r)`:
-/// [`exp_rows`], then each row times its inverse sum, with the widest instructions the CPU has.
-pub(crate) fn softmax_rows(data: &mut [f32], (rows, n, stride): (usize, usize, usize), s: f32) {
-    let mut inv = Vec::with_capacity(rows);
-    exp_rows(data, (rows, n, stride), s, &mut inv);
-    for (row, &inv) in data.chunks_mut(stride).zip(&inv) {
-        scale_row(&mut row[..n], inv);
+        let inv = exp_row(row);
+        scale_row(row, inv);
     }
 }
 
@@ -309,7 +336,7 @@ impl CustomOp1 for Softmax {
             DType::F32 => {
                 let mut out = v.to_vec();
                 out.par_chunks_mut(rows * n)
-                    .for_each(|block| softmax_rows(block, (block.len() / n, n, n), 1.0));
+                    .for_each(|block| softmax_rows(block, (block.len() / n, n, n)));
                 CpuStorage::F32(out)
             }
             DType::BF16 => {
@@ -321,7 +348,7 @@ impl CustomOp1 for Softmax {
                         let mut row = vec![0f32; n];
                         for (dst, src) in dst.chunks_mut(n).zip(src.chunks(n)) {
                             row.copy_from_slice(src);
-                            softmax_rows(&mut row, (1, n, n), 1.0);
+                            softmax_rows(&mut row, (1, n, n));
                             crate::kernels::narrow_to_bf16(&row, dst);
                         }
                     });
@@ -454,7 +481,8 @@ mod tests {
                 }
                 if is_x86_feature_detected!("avx512f") {
                     // SAFETY: checked just above.
-                    variants.push(|r| unsafe { avx512::exp_row(r, 1.0) });
+                    variants
+                        .push(|r| 1.0 / unsafe { avx512::exp_row(r, 1.0, f32::NEG_INFINITY) }.1);
                 }
             }
             for exp_row in variants {
