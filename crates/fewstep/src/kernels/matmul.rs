@@ -767,15 +767,18 @@ fn pack_patches<S: Source>(
     let panels = cols.div_ceil(NR);
     let mut packed = vec![0u32; panels * kp * NR];
     let plane = g.h * g.w;
-    // k = (channel, u, v) in order: the first value of the channel's plane, u and v.
-    let taps: Vec<(usize, usize, usize)> = (0..ops.k / (g.k * g.k))
-        .flat_map(|ch| (0..g.k).flat_map(move |u| (0..g.k).map(move |v| (ch * plane, u, v))))
+    // k = (channel, u, v) in order: the first value of the channel's plane and the tap `u·k + v`.
+    let taps: Vec<(usize, usize)> = (0..ops.k / (g.k * g.k))
+        .flat_map(|ch| (0..g.k * g.k).map(move |tap| (ch * plane, tap)))
         .collect();
+    let mut runs = Vec::with_capacity(4);
+    let mut spans = Vec::with_capacity(4 * g.k * g.k);
     for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
         let c0 = n0 + panel * NR;
         let width = NR.min(n0 + cols - c0);
-        // (first column in the panel, output row i, first output column j, length).
-        let mut runs = Vec::with_capacity(4);
+        // (first column in the panel, output row i, first output column j, length) of each output
+        // row the panel meets.
+        runs.clear();
         let mut c = 0;
         while c < width {
             let (i, j) = ((c0 + c) / g.wo, (c0 + c) % g.wo);
@@ -783,20 +786,29 @@ fn pack_patches<S: Source>(
             runs.push((c, i, j, len));
             c += len;
         }
+        // What each tap of each run reads, the same in every channel: the first value's offset in
+        // the plane and the run's columns t0..t1 inside the image (the rest read padding: zero).
+        spans.clear();
+        for &(_, i, j, len) in &runs {
+            spans.extend((0..g.k * g.k).map(|tap| {
+                let (u, v) = (tap / g.k, tap % g.k);
+                // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
+                let y = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h)?;
+                let x0 = g.s * j + v;
+                // ⌈a / s⌉, without a division for the common stride 1.
+                let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
+                let t0 = ceil(g.p.saturating_sub(x0));
+                let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
+                let offset = y * g.w + (x0 + g.s * t0).checked_sub(g.p)?;
+                (t0 < t1).then_some((offset, t0, t1))
+            }));
+        }
         for (slot, taps) in taps.chunks(S::PER_SLOT).enumerate() {
             let out = &mut dst[slot * NR..][..NR];
-            for &(c, i, j, len) in &runs {
-                // Each tap's values for t in t0..t1 (the rest of the run reads padding: zero).
-                let reads = taps.iter().map(|&(plane0, u, v)| {
-                    // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
-                    let y = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h)?;
-                    let x0 = g.s * j + v;
-                    // ⌈a / s⌉, without a division for the common stride 1.
-                    let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
-                    let t0 = ceil(g.p.saturating_sub(x0));
-                    let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
-                    let start = plane0 + y * g.w + (x0 + g.s * t0).checked_sub(g.p)?;
-                    (t0 < t1).then_some((&ops.b[start..], t0, t1))
+            for (&(c, ..), spans) in runs.iter().zip(spans.chunks(g.k * g.k)) {
+                let reads = taps.iter().map(|&(plane0, tap)| {
+                    let (offset, t0, t1) = spans[tap]?;
+                    Some((&ops.b[plane0 + offset..], t0, t1))
                 });
                 let reads: [_; 2] = {
                     let mut r = reads;
