@@ -143,6 +143,9 @@ const KEY_BLOCK: usize = 512;
 /// A block of scores: `(rows, keys, row stride)`.
 type Rows = (usize, usize, usize);
 
+/// The online softmax's running maxima, sums and rescaling factors of a block's rows.
+type Online<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32]);
+
 /// The `[N, L, d]` operand of [`Fused`] as values: the slice from its offset and the strides of its
 /// heads and rows (its last dimension contiguous), or an error naming the operand.
 fn heads<'a, S>(
@@ -169,14 +172,15 @@ struct Scratch {
 }
 
 impl Fused {
-    /// The attention with `pack` rounding a block's probabilities (`(rows, keys, stride)` of f32) to
-    /// the operands' dtype and packing them.
+    /// The attention with `probabilities` taking a block of scores (`(rows, keys, stride)` of f32)
+    /// through the online softmax ([`softmax::exp_rows_online`] on the running maxima, sums and
+    /// rescaling factors) and packing the probabilities in the operands' dtype.
     fn run<S: Source + Element>(
         &self,
         (q, q_l): (&[S], &Layout),
         (k, k_l): (&[S], &Layout),
         (v, v_l): (&[S], &Layout),
-        pack: impl Fn(&[f32], Rows) -> Option<PackedLhs> + Sync,
+        probabilities: impl Fn(&mut [f32], Rows, Online) -> Option<PackedLhs> + Sync,
     ) -> candle_core::Result<(Vec<S>, Shape)> {
         let (n, lq, d) = q_l.shape().dims3()?;
         let (nk, lk, dk) = k_l.shape().dims3()?;
@@ -239,13 +243,8 @@ impl Fused {
                             w.scores.resize(padded * ldc, 0.0);
                             qa.multiply_raw(kt, &mut w.scores, ldc);
                             let state = (&mut w.max[..], &mut w.sums[..], &mut w.rescale[..]);
-                            softmax::exp_rows_online(
-                                &mut w.scores,
-                                (m, *len, ldc),
-                                self.scale,
-                                state,
-                            );
-                            let pa = pack(&w.scores, (m, *len, ldc)).ok_or_else(no_kernel)?;
+                            let pa = probabilities(&mut w.scores, (m, *len, ldc), state)
+                                .ok_or_else(no_kernel)?;
                             if j == 0 {
                                 pa.multiply_raw(vp, &mut w.out, ldo);
                                 continue;
@@ -288,14 +287,28 @@ impl CustomOp3 for Fused {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         match (q_s, k_s, v_s) {
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                // The probabilities stay unnormalised (the outputs are divided by the sums).
-                let pack = |s: &[f32], rows: Rows| PackedLhs::rounded_bf16(s, rows);
-                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), pack)?;
+                // The probabilities stay unnormalised (the outputs are divided by the sums). On AMX
+                // the exponentials are rounded and packed as they are computed.
+                let probabilities = |s: &mut [f32], rows: Rows, (max, sums, rescale): Online| {
+                    let Some((p, blocks)) = PackedLhs::exp_bf16(s, rows, self.scale, max) else {
+                        softmax::exp_rows_online(s, rows, self.scale, (max, sums, rescale));
+                        return PackedLhs::rounded_bf16(s, rows);
+                    };
+                    let state = max.iter_mut().zip(sums.iter_mut()).zip(rescale.iter_mut());
+                    for (((max, sum), rescale), block) in state.zip(blocks) {
+                        softmax::online_step((max, sum, rescale), block);
+                    }
+                    Some(p)
+                };
+                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;
                 Ok((CpuStorage::BF16(out), shape))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let pack = |s: &[f32], (m, keys, ldc): Rows| PackedLhs::new(s, ldc, m, keys);
-                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), pack)?;
+                let probabilities = |s: &mut [f32], (m, keys, ldc): Rows, state: Online| {
+                    softmax::exp_rows_online(s, (m, keys, ldc), self.scale, state);
+                    PackedLhs::new(s, ldc, m, keys)
+                };
+                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;
                 Ok((CpuStorage::F32(out), shape))
             }
             _ => bail!(

@@ -512,9 +512,7 @@ impl PackedLhs {
     }
 
     /// `A[i][j] = bf16(values[i · a_row + j])` (rounded to nearest even) packed for the fastest bf16
-    /// kernel, or `None` where the CPU runs none: a softmax's probabilities rounded and packed in one
-    /// pass. On AMX straight into tiles, 32 values a row at a time (`vcvtne2ps2bf16`); elsewhere
-    /// rounded first, then packed.
+    /// kernel, or `None` where the CPU runs none: a softmax's probabilities rounded, then packed.
     pub(crate) fn rounded_bf16(
         values: &[f32],
         (m, k, a_row): (usize, usize, usize),
@@ -524,17 +522,36 @@ impl PackedLhs {
             "PackedLhs: operand sizes"
         );
         let isa = Isa::best(DType::BF16)?;
-        if isa == Isa::Amx {
-            let mut slots = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k)];
-            // SAFETY: AMX implies AVX-512 BF16 (Sapphire Rapids and later); the sizes hold.
-            unsafe { amx::pack_rounded(values, (m, k, a_row), &mut slots) };
-            return Some(PackedLhs { isa, slots, m, k });
-        }
         let mut rounded = vec![bf16::ZERO; m * k];
         for (dst, src) in rounded.chunks_mut(k).zip(values.chunks(a_row)) {
             crate::kernels::narrow_to_bf16(&src[..k], dst);
         }
         Some(Self::pack(isa, &rounded, k, m, k))
+    }
+
+    /// A block of an online softmax's probabilities computed, rounded and packed for AMX in one
+    /// pass, or `None` where the CPU has no AMX: `A[i][j] = bf16(e^(s · values[i · a_row + j] − mᵢ))`
+    /// with `mᵢ = max(max[i], maxⱼ s · values[i · a_row + j])`, and per row `(mᵢ, Σⱼ e^(…))` (the sum
+    /// of the f32 values; [`softmax::online_step`](crate::kernels::softmax::online_step) takes both).
+    /// The numbers of `exp_rows_online` followed by [`PackedLhs::rounded_bf16`].
+    pub(crate) fn exp_bf16(
+        values: &[f32],
+        (m, k, a_row): (usize, usize, usize),
+        s: f32,
+        max: &[f32],
+    ) -> Option<(PackedLhs, Vec<(f32, f32)>)> {
+        assert!(
+            m == 0 || values.len() >= (m - 1) * a_row + k && max.len() >= m,
+            "PackedLhs: operand sizes"
+        );
+        let isa = Isa::Amx;
+        if !isa.supported() {
+            return None;
+        }
+        let mut slots = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k)];
+        // SAFETY: AMX implies AVX-512F and AVX-512 BF16 (Sapphire Rapids and later); the sizes hold.
+        let rows = unsafe { amx::pack_exp(values, (m, k, a_row), s, max, &mut slots) };
+        Some((PackedLhs { isa, slots, m, k }, rows))
     }
 
     fn pack<S: Source>(isa: Isa, a: &[S], a_row: usize, m: usize, k: usize) -> PackedLhs {
@@ -1073,50 +1090,67 @@ mod amx {
     pub(super) unsafe fn multiply_tile(_: &[u32], _: &[u32], _: TileShape, _: &mut [f32]) {
         unreachable!("AMX is x86-64's")
     }
-    /// [`super::PackedLhs::rounded_bf16`] into AMX tiles (the layout of `pack_a_tiles`): row `r`'s
-    /// slots `16·t .. 16·t + 16` are `values[r · a_row + 32·t ..][..32]` rounded, one
-    /// `vcvtne2ps2bf16` of two masked loads (zero past `k`); the padding rows stay as `slots` held
+    /// [`super::PackedLhs::exp_bf16`] into AMX tiles (the layout of `pack_a_tiles`): row `r`'s
+    /// slots `16·t .. 16·t + 16` hold its exponentials `32·t ..` as bf16 pairs, one
+    /// `vcvtne2ps2bf16` of two blocks of 16 (zero past `k`); the padding rows stay as `slots` held
     /// them (zero).
     ///
     /// # Safety
-    /// The CPU has AVX-512F and AVX-512 BF16; `values` holds the `m` rows and `slots` the tiles of
-    /// `m` rows over `k` values.
+    /// The CPU has AVX-512F and AVX-512 BF16; `values` holds the `m` rows, `max` `m` values and
+    /// `slots` the tiles of `m` rows over `k` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pack_rounded(
+    pub(super) unsafe fn pack_exp(
         values: &[f32],
         (m, k, a_row): (usize, usize, usize),
+        s: f32,
+        max: &[f32],
         slots: &mut [u32],
-    ) {
+    ) -> Vec<(f32, f32)> {
+        use crate::kernels::softmax::avx512::{exp_at, row_max};
         use std::arch::x86_64::*;
         let kp = super::Isa::Amx.slots(k);
         let tile = AMX_TILE_ROWS * AMX_PAIRS;
-        let mask = |from: usize| -> __mmask16 {
-            match k.saturating_sub(from) {
-                n if n >= 16 => 0xffff,
-                n => (1u16 << n) - 1,
-            }
-        };
         let dst = slots.as_mut_ptr();
+        let sv = _mm512_set1_ps(s);
+        // A loop, not a closure: a closure would not take the function's instruction sets.
+        let mut rows = Vec::with_capacity(m);
         for r in 0..m {
-            let row = values.as_ptr().add(r * a_row);
+            let row = &values[r * a_row..][..k];
+            let max = row_max(row, s, max[r]);
+            if max == f32::NEG_INFINITY {
+                rows.push((max, 1.0));
+                continue;
+            }
+            let mx = _mm512_set1_ps(max);
             let first = (r / AMX_TILE_ROWS) * AMX_TILE_ROWS * kp + (r % AMX_TILE_ROWS) * AMX_PAIRS;
-            for step in 0..kp / AMX_PAIRS {
-                let j = 2 * AMX_PAIRS * step;
-                // Masked loads read nothing past the row (and fault on nothing there).
-                let lo = _mm512_maskz_loadu_ps(mask(j), row.wrapping_add(j));
-                let hi = _mm512_maskz_loadu_ps(mask(j + 16), row.wrapping_add(j + 16));
-                let pairs = _mm512_cvtne2ps_pbh(hi, lo);
+            let mut acc = _mm512_setzero_ps();
+            for (step, j) in (0..k).step_by(2 * AMX_PAIRS).enumerate() {
+                let lo = exp_at(row, j, sv, mx);
+                acc = _mm512_add_ps(acc, lo);
+                let hi = match j + 16 < k {
+                    true => exp_at(row, j + 16, sv, mx),
+                    false => _mm512_setzero_ps(),
+                };
+                acc = _mm512_add_ps(acc, hi);
                 _mm512_storeu_si512(
                     dst.add(first + step * tile) as *mut __m512i,
-                    std::mem::transmute::<__m512bh, __m512i>(pairs),
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
                 );
             }
+            rows.push((max, _mm512_reduce_add_ps(acc)));
         }
+        rows
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub(super) unsafe fn pack_rounded(_: &[f32], _: (usize, usize, usize), _: &mut [u32]) {
+    pub(super) unsafe fn pack_exp(
+        _: &[f32],
+        _: (usize, usize, usize),
+        _: f32,
+        _: &[f32],
+        _: &mut [u32],
+    ) -> Vec<(f32, f32)> {
         unreachable!("AMX is x86-64's")
     }
 }
@@ -1762,23 +1796,31 @@ mod tests {
     }
 
     #[test]
-    fn probabilities_rounded_into_tiles_multiply_as_their_bf16_values() {
-        // Rows with a stride, `k` off the 32-value steps, `m` off the row blocks.
-        let (m, k, a_row, n) = (37, 45, 50, 40);
-        let values: Vec<f32> = test_input(&[m, a_row], 3)
+    fn probabilities_computed_into_tiles_are_those_of_the_online_softmax() {
+        // Rows with a stride, `k` off the 16- and 32-value steps, `m` off the row blocks; running
+        // maxima below, inside and above the rows' own.
+        let (m, k, a_row, n, s) = (37, 45, 50, 40, 0.7);
+        let values: Vec<f32> = (test_input(&[m, a_row], 3) * 4.0)
+            .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
-        let Some(got) = PackedLhs::rounded_bf16(&values, (m, k, a_row)) else {
-            assert!(Isa::best(DType::BF16).is_none());
+        let max: Vec<f32> = (0..m)
+            .map(|i| [f32::NEG_INFINITY, 0.5, 9.0][i % 3])
+            .collect();
+        let Some((got, rows)) = PackedLhs::exp_bf16(&values, (m, k, a_row), s, &max) else {
+            assert!(!Isa::Amx.supported());
             return;
         };
-        let rounded: Vec<bf16> = values
-            .chunks(a_row)
-            .flat_map(|row| row[..k].iter().map(|&v| bf16::from_f32(v)))
-            .collect();
-        let want = PackedLhs::new(&rounded, k, m, k).unwrap();
+        let mut exps = values.clone();
+        let (mut want_max, mut sums, mut rescale) = (max.clone(), vec![0.0; m], vec![0.0; m]);
+        let state = (&mut want_max[..], &mut sums[..], &mut rescale[..]);
+        crate::kernels::softmax::exp_rows_online(&mut exps, (m, k, a_row), s, state);
+        for (i, &(row_max, block)) in rows.iter().enumerate() {
+            assert_eq!((row_max, block), (want_max[i], sums[i]), "row {i}");
+        }
+        let want = PackedLhs::rounded_bf16(&exps, (m, k, a_row)).unwrap();
         let b: Vec<bf16> = test_input(&[k, n], 4)
             .to_dtype(DType::BF16)
             .unwrap()

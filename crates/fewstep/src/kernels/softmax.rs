@@ -171,7 +171,7 @@ mod avx2 {
 
 /// The AVX-512F version of [`avx2::exp_row`]: sixteen lanes, the tail under a mask.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     /// [`super::exp`] on sixteen lanes, the same operations as [`super::avx2::exp8`].
@@ -201,37 +201,51 @@ mod avx512 {
     /// matrix holds it, when `floor` is −∞; a row that stays at −∞ becomes NaN, its sum 1).
     #[target_feature(enable = "avx512f")]
     pub(super) fn exp_row(row: &mut [f32], s: f32, floor: f32) -> (f32, f32) {
-        let (len, ptr) = (row.len(), row.as_mut_ptr());
-        let mask = |i: usize| -> __mmask16 {
-            match len - i {
-                n if n >= 16 => 0xffff,
-                n => (1u16 << n) - 1,
-            }
-        };
-        let sv = _mm512_set1_ps(s);
-        // SAFETY: every access is masked to the lanes inside the row.
-        let load =
-            |i: usize| unsafe { _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(i), ptr.add(i)), sv) };
-        // SAFETY: as above.
-        unsafe {
-            let mut m = _mm512_set1_ps(floor);
-            for i in (0..len).step_by(16) {
-                m = _mm512_mask_max_ps(m, mask(i), m, load(i));
-            }
-            let max = _mm512_reduce_max_ps(m);
-            if max == f32::NEG_INFINITY {
-                row.iter_mut().for_each(|v| *v = f32::NAN);
-                return (max, 1.0);
-            }
-            let mx = _mm512_set1_ps(max);
-            let mut acc = _mm512_setzero_ps();
-            for i in (0..len).step_by(16) {
-                let e = exp16(_mm512_sub_ps(load(i), mx));
-                _mm512_mask_storeu_ps(ptr.add(i), mask(i), e);
-                acc = _mm512_mask_add_ps(acc, mask(i), acc, e);
-            }
-            (max, _mm512_reduce_add_ps(acc))
+        let max = row_max(row, s, floor);
+        if max == f32::NEG_INFINITY {
+            row.iter_mut().for_each(|v| *v = f32::NAN);
+            return (max, 1.0);
         }
+        let (sv, mx) = (_mm512_set1_ps(s), _mm512_set1_ps(max));
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..row.len()).step_by(16) {
+            let e = exp_at(row, i, sv, mx);
+            // SAFETY: the store is masked to the lanes inside the row.
+            unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr().add(i), lanes(row.len(), i), e) };
+            acc = _mm512_add_ps(acc, e);
+        }
+        (max, _mm512_reduce_add_ps(acc))
+    }
+
+    /// The lanes of the 16 values from `i` that lie inside a row of `len`.
+    fn lanes(len: usize, i: usize) -> __mmask16 {
+        match len - i {
+            n if n >= 16 => 0xffff,
+            n => (1u16 << n) - 1,
+        }
+    }
+
+    /// `max(floor, maxᵢ s · rowᵢ)`.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn row_max(row: &[f32], s: f32, floor: f32) -> f32 {
+        let sv = _mm512_set1_ps(s);
+        let mut m = _mm512_set1_ps(floor);
+        for i in (0..row.len()).step_by(16) {
+            // SAFETY: the read is masked to the lanes inside the row.
+            let x = unsafe { _mm512_maskz_loadu_ps(lanes(row.len(), i), row.as_ptr().add(i)) };
+            m = _mm512_mask_max_ps(m, lanes(row.len(), i), m, _mm512_mul_ps(x, sv));
+        }
+        _mm512_reduce_max_ps(m)
+    }
+
+    /// `e^(s · rowᵢ − m)` of the 16 values from `i` (`s` and `m` in every lane), zero past the row.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) fn exp_at(row: &[f32], i: usize, s: __m512, m: __m512) -> __m512 {
+        let mask = lanes(row.len(), i);
+        // SAFETY: the read is masked to the lanes inside the row.
+        let x = unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().add(i)) };
+        _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_mul_ps(x, s), m)))
     }
 }
 
@@ -256,10 +270,20 @@ pub(crate) fn exp_rows_online(
         };
         #[cfg(not(target_arch = "x86_64"))]
         let (m, block) = exp_row_from(row, s, *max);
-        *rescale = exp(*max - m);
-        *sum = *sum * *rescale + block;
-        *max = m;
+        online_step((max, sum, rescale), (m, block));
     }
+}
+
+/// The running state of a row of an online softmax after a block whose maximum (with the earlier
+/// ones) is `m` and whose `Σ eˣ⁻ᵐ` is `block`: `rescale = e^(max − m)`, `sum ← sum · rescale + block`,
+/// `max ← m` ([`exp_rows_online`]).
+pub(crate) fn online_step(
+    (max, sum, rescale): (&mut f32, &mut f32, &mut f32),
+    (m, block): (f32, f32),
+) {
+    *rescale = exp(*max - m);
+    *sum = *sum * *rescale + block;
+    *max = m;
 }
 
 /// [`exp_rows_online`]'s row on scalars: `row ← eˣ⁻ᵐ` of `x = s · row`, `m = max(floor, maxᵢ xᵢ)`,
