@@ -193,6 +193,9 @@ impl Fused {
                 v_l.dims()
             );
         }
+        if lk == 0 {
+            bail!("attention: k {:?} has no keys to attend to", k_l.dims());
+        }
         let (q, q_head, q_row) = heads(q, q_l, "q")?;
         let (k, k_head, k_row) = heads(k, k_l, "k")?;
         let (v, v_head, v_row) = heads(v, v_l, "v")?;
@@ -448,6 +451,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fused_attention_refuses_no_keys() {
+        let q = test_input(&[1, 4, 8], 1);
+        let k = test_input(&[1, 0, 8], 2);
+        let err = q
+            .apply_op3_no_bwd(&k, &k, &Fused { scale: 1.0 })
+            .unwrap_err();
+        assert!(err.to_string().contains("no keys"), "{err}");
     }
 
     #[test]
