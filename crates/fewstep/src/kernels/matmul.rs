@@ -1023,9 +1023,9 @@ mod amx {
 
     /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, as the AVX-512 kernel's, with `A`
     /// packed by `pack_a_tiles`. A group of 32 rows of `A` meets every panel of `B` before the next
-    /// group: each group comes once from L3 (a weight) and stays in L2 for the panels (a stand-alone
-    /// replica of a 3×3 convolution's task, weights streamed from L3: 1,090 GFLOP/s a core against
-    /// 674 with the panels outside).
+    /// group: each group comes once from L3 (a weight) and stays in L2 for the panels
+    /// (`tools/bench/amx_tile.c`, a task's tile with `A` streamed from L3: 1,130–1,180 GFLOP/s a core
+    /// against 880–950 with the panels outside).
     ///
     /// # Safety
     /// The CPU runs AMX-BF16 and the OS granted the tile state; the operands hold the tile's `kp`
