@@ -6,6 +6,7 @@ pub mod attention;
 pub mod geglu;
 pub mod group_norm;
 pub mod matmul;
+pub mod quick_gelu;
 pub mod softmax;
 pub mod unfold;
 pub mod winograd;

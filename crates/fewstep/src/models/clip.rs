@@ -44,6 +44,9 @@ impl Activation {
 
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            Self::QuickGelu if x.dtype() == DType::BF16 && x.device().is_cpu() && !x.track_op() => {
+                crate::kernels::quick_gelu::quick_gelu(x)?
+            }
             Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Self::GeluErf => x.gelu_erf()?,
             Self::GeluTanh => x.gelu()?,
