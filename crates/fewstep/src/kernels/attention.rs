@@ -18,21 +18,31 @@ const BLOCK_SCORES: usize = 1 << 19;
 /// of f32 scores, so a head's keys are packed a few times, not once per 128 queries.
 const BLOCK_SCORES_KERNEL: usize = 1 << 22;
 
+/// What the queries of [`scaled_dot_product_attention`] may not attend to.
+#[derive(Clone, Copy, Debug)]
+pub enum Mask<'a> {
+    /// Query `i` attends to keys `0..=i` only (a causal text encoder's; torch's `is_causal`).
+    Causal,
+    /// Added to the scores: f32, 0 or −∞, broadcast over `[N, Lq, Lk]`.
+    Additive(&'a Tensor),
+}
+
 /// `softmax(q kᵀ · scale + mask) v` per batch-head, with `q: [N, Lq, d]`, `k: [N, Lk, d]`,
-/// `v: [N, Lk, dv]`, an additive `mask` broadcast over `[N, Lq, Lk]` (f32: 0 or −∞) → `[N, Lq, dv]` in
-/// `v`'s dtype. The scores and the softmax are f32 whatever the dtype; with `upcast` the product `q kᵀ`
-/// is computed in f32 too (diffusers' `upcast_attention`).
+/// `v: [N, Lk, dv]` and a [`Mask`] → `[N, Lq, dv]` in `v`'s dtype. The scores and the softmax are f32
+/// whatever the dtype; with `upcast` the product `q kᵀ` is computed in f32 too (diffusers'
+/// `upcast_attention`).
 ///
-/// Rows of the result are independent. Without a mask, on the CPU kernels, the attention is [`Fused`].
-/// Elsewhere, when the `N·Lq·Lk` scores exceed [`BLOCK_SCORES`], each head is taken alone (a mask must
-/// then be `[Lq, Lk]` or smaller) and its queries in blocks of `BLOCK_SCORES / Lk` rows — the same
-/// numbers with a bounded score buffer, and matrix products tall enough to run at full speed.
+/// Rows of the result are independent. Without a mask or with a causal one, on the CPU kernels, the
+/// attention is [`Fused`]. Elsewhere (a causal mask then made a tensor `[Lq, Lk]`), when the `N·Lq·Lk`
+/// scores exceed [`BLOCK_SCORES`], each head is taken alone (a mask must then be `[Lq, Lk]` or smaller)
+/// and its queries in blocks of `BLOCK_SCORES / Lk` rows — the same numbers with a bounded score
+/// buffer, and matrix products tall enough to run at full speed.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    mask: Option<&Tensor>,
+    mask: Option<Mask>,
     upcast: bool,
 ) -> candle_core::Result<Tensor> {
     let (n, lq, d) = q.dims3()?;
@@ -48,12 +58,23 @@ pub fn scaled_dot_product_attention(
     let kernel = [&q, &k, v]
         .into_iter()
         .all(|t| matmul::available(t) && t.dtype() == q.dtype() && !t.track_op());
-    if kernel && mask.is_none() {
+    let causal = matches!(mask, Some(Mask::Causal));
+    if kernel && !matches!(mask, Some(Mask::Additive(_))) {
         let op = Fused {
             scale: scale as f32,
+            causal,
         };
         return q.apply_op3_no_bwd(&k, v, &op);
     }
+    let causal_mask;
+    let mask = match mask {
+        Some(Mask::Causal) => {
+            causal_mask = causal_scores(lq, lk, q.device())?;
+            Some(&causal_mask)
+        }
+        Some(Mask::Additive(m)) => Some(m),
+        None => None,
+    };
     let block = match kernel {
         true => BLOCK_SCORES_KERNEL,
         false => BLOCK_SCORES,
@@ -89,6 +110,18 @@ pub fn scaled_dot_product_attention(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Tensor::stack(&heads, 0)
+}
+
+/// [`Mask::Causal`] as an additive mask `[lq, lk]` (f32): 0 where key `j ≤` query `i`, −∞ past it.
+fn causal_scores(
+    lq: usize,
+    lk: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let values: Vec<f32> = (0..lq)
+        .flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (lq, lk), device)
 }
 
 /// `softmax(q · kt · scale + mask) v` on whole matrices (`kt` the transposed keys), scores in f32;
@@ -134,6 +167,9 @@ fn attend(
 /// touches stays in a core's L2, whatever the number of keys.
 struct Fused {
     scale: f32,
+    /// [`Mask::Causal`]: the scores of keys past each query set to −∞, blocks of keys past every
+    /// query of a block skipped.
+    causal: bool,
 }
 
 /// Keys a block of [`Fused`] takes at once: 128 queries' scores over them are 256 KiB of f32, and
@@ -242,9 +278,20 @@ impl Fused {
                         w.out.resize(padded * ldo, 0.0);
                         w.product.resize(padded * ldo, 0.0);
                         for (j, (len, kt, vp)) in blocks.iter().enumerate() {
+                            let j0 = j * KEY_BLOCK;
+                            if self.causal && j0 >= i0 + m {
+                                break;
+                            }
                             let ldc = len.div_ceil(32) * 32;
                             w.scores.resize(padded * ldc, 0.0);
                             qa.multiply_raw(kt, &mut w.scores, ldc);
+                            if self.causal {
+                                for (r, row) in w.scores.chunks_mut(ldc).take(m).enumerate() {
+                                    // Keys j0 + c past query i0 + r.
+                                    let first = (i0 + r + 1).saturating_sub(j0).min(*len);
+                                    row[first..*len].fill(f32::NEG_INFINITY);
+                                }
+                            }
                             let state = (&mut w.max[..], &mut w.sums[..], &mut w.rescale[..]);
                             let pa = probabilities(&mut w.scores, (m, *len, ldc), state)
                                 .ok_or_else(no_kernel)?;
@@ -378,7 +425,8 @@ mod tests {
             test_input(&[n, l, d], 5),
             test_input(&[n, l, d], 6),
         );
-        let got = scaled_dot_product_attention(&q, &k, &v, 0.5, Some(&mask), false).unwrap();
+        let got = scaled_dot_product_attention(&q, &k, &v, 0.5, Some(Mask::Additive(&mask)), false)
+            .unwrap();
         let want = reference(&q, &k, &v, 0.5, Some(&mask));
         assert!(max_abs_diff(&got, &want) < 1e-5);
         // The first query sees only the first value.
@@ -454,11 +502,41 @@ mod tests {
     }
 
     #[test]
+    fn a_causal_mask_cuts_and_skips_blocks_of_keys() {
+        // 1,100 queries and keys: three blocks of keys, the later ones cut inside (the block holding
+        // each query's own key) or skipped whole (past every query of a block); f16 has no kernel
+        // and takes the mask as a tensor.
+        let (n, l, d) = (2, 1100, 16);
+        let mask = causal_scores(l, l, &Device::Cpu).unwrap();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let f = |seed| test_input(&[n, l, d], seed).to_dtype(dtype).unwrap();
+            let (q, k, v) = (f(4), f(5), f(6));
+            let got =
+                scaled_dot_product_attention(&q, &k, &v, 0.25, Some(Mask::Causal), false).unwrap();
+            let want = reference(&f32(&q), &f32(&k), &f32(&v), 0.25, Some(&mask));
+            let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            let err = max_abs_diff(&f32(&got), &want);
+            assert!(err < bound, "{dtype:?}: {err}");
+            // The first query sees only the first value.
+            let first = f32(&got.narrow(1, 0, 1).unwrap());
+            assert!(max_abs_diff(&first, &f32(&v.narrow(1, 0, 1).unwrap())) < bound);
+        }
+    }
+
+    #[test]
     fn fused_attention_refuses_no_keys() {
         let q = test_input(&[1, 4, 8], 1);
         let k = test_input(&[1, 0, 8], 2);
         let err = q
-            .apply_op3_no_bwd(&k, &k, &Fused { scale: 1.0 })
+            .apply_op3_no_bwd(
+                &k,
+                &k,
+                &Fused {
+                    scale: 1.0,
+                    causal: false,
+                },
+            )
             .unwrap_err();
         assert!(err.to_string().contains("no keys"), "{err}");
     }
@@ -468,7 +546,14 @@ mod tests {
         let q = test_input(&[1, 4, 8], 1);
         let k = test_input(&[1, 4, 8], 2).to_dtype(DType::BF16).unwrap();
         let err = q
-            .apply_op3_no_bwd(&k, &k, &Fused { scale: 1.0 })
+            .apply_op3_no_bwd(
+                &k,
+                &k,
+                &Fused {
+                    scale: 1.0,
+                    causal: false,
+                },
+            )
             .unwrap_err();
         assert!(err.to_string().contains("all be bf16 or all f32"), "{err}");
     }

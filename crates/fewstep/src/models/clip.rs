@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
 use crate::config::ClipTextConfig;
-use crate::kernels::attention::scaled_dot_product_attention;
+use crate::kernels::attention::{scaled_dot_product_attention, Mask};
 use crate::models::nn;
 use crate::models::nn::LayerNorm;
 use crate::weights::Weights;
@@ -88,8 +88,8 @@ impl ClipAttention {
         })
     }
 
-    /// `x: [B, L, D]`, `mask: [L, L]` (f32, 0 or −∞) → `[B, L, D]`. Scores and softmax in f32.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x: [B, L, D]` → `[B, L, D]`, token `i` attending to tokens `0..=i`. Scores and softmax in f32.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, l, self.heads, self.head_dim))?
@@ -100,7 +100,7 @@ impl ClipAttention {
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, Some(mask), false)?
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, Some(Mask::Causal), false)?
             .reshape((b, self.heads, l, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?
@@ -134,10 +134,8 @@ impl ClipEncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?;
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?)?;
         let x = (x + h)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = self.fc2.forward(&self.act.apply(&h)?)?;
@@ -246,8 +244,8 @@ impl ClipTextModel {
         self.layers.len()
     }
 
-    /// Token + position embeddings of `ids: [B, L]` (u32) → `[B, L, D]`, and the causal mask `[L, L]`.
-    fn embed(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Token + position embeddings of `ids: [B, L]` (u32) → `[B, L, D]`.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (_b, l) = ids.dims2()?;
         if l > self.max_positions {
             return Err(Error::invalid(
@@ -271,20 +269,19 @@ impl ClipTextModel {
         }
         let tok = self.token_embedding.forward(&ids)?;
         let pos = self.position_embedding.narrow(0, 0, l)?;
-        let x = tok.broadcast_add(&pos)?;
-        Ok((x, causal_mask(l, &self.device)?))
+        Ok(tok.broadcast_add(&pos)?)
     }
 
     /// Runs the embeddings and the first `n` layers; returns the output of layer `n` (`hidden_states[n]`,
     /// where `hidden_states[0]` is the embeddings), and `hidden_states[j]` for `keep = Some(j)`, `j ≤ n`.
     fn run(&self, ids: &Tensor, n: usize, keep: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
-        let (mut x, mask) = self.embed(ids)?;
+        let mut x = self.embed(ids)?;
         let mut kept = None;
         for (i, layer) in self.layers.iter().take(n).enumerate() {
             if keep == Some(i) {
                 kept = Some(x.clone());
             }
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x)?;
         }
         if keep == Some(n) {
             kept = Some(x.clone());
@@ -367,14 +364,6 @@ impl ClipTextModel {
             pooled,
         })
     }
-}
-
-/// `[L, L]` f32: 0 on and below the diagonal, −∞ above (token `i` sees tokens `0..=i`).
-fn causal_mask(l: usize, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..l)
-        .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(data, (l, l), device)?)
 }
 
 /// Per sequence, the position whose state is pooled: the first `eos` there (first position if none), or
