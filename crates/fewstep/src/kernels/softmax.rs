@@ -40,11 +40,13 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// `row ← eˣ⁻ᵐᵃˣ`, returning `1 / Σ eˣ⁻ᵐᵃˣ` (the softmax is the row times it); a row whose scores are
-/// all −∞ becomes NaN (candle's softmax gives 0/0 there) and returns 1.
+/// `row ← eˣ⁻ᵐ` of `x = s · row` with `m = max(floor, maxᵢ xᵢ)`, returning `(m, Σ eˣ⁻ᵐ)` (with
+/// `s = 1` and `floor = −∞` the softmax is the row divided by the sum), in eight lanes the compiler
+/// vectorises; a row that stays at −∞ becomes NaN (candle's softmax gives 0/0 there), its sum 1.
 #[inline(always)]
-fn exp_row(row: &mut [f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
+fn exp_row(row: &mut [f32], s: f32, floor: f32) -> (f32, f32) {
+    row.iter_mut().for_each(|v| *v *= s);
+    let mut lanes = [floor; 8];
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
         for (l, &v) in lanes.iter_mut().zip(c) {
@@ -55,11 +57,10 @@ fn exp_row(row: &mut [f32]) -> f32 {
         .remainder()
         .iter()
         .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        .fold(floor, |m, &v| if v > m { v } else { m });
     if max == f32::NEG_INFINITY {
-        // Every score masked: candle's softmax gives NaN (0/0); keep that.
         row.iter_mut().for_each(|v| *v = f32::NAN);
-        return 1.0;
+        return (max, 1.0);
     }
     let mut lanes = [0f32; 8];
     let mut chunks = row.chunks_exact_mut(8);
@@ -74,7 +75,7 @@ fn exp_row(row: &mut [f32]) -> f32 {
         *v = exp(*v - max);
         sum += *v;
     }
-    1.0 / sum
+    (max, sum)
 }
 
 /// The AVX2+FMA versions of [`exp`] and [`exp_row`], eight lanes at a time.
@@ -113,7 +114,8 @@ mod avx2 {
         lanes.iter().sum()
     }
 
-    /// [`super::exp_row`] with whole vectors, the last `len % 8` values one by one.
+    /// [`super::exp_row`] of an unscaled row from −∞ (`s = 1`, `floor = −∞`) with whole vectors,
+    /// the last `len % 8` values one by one, returning the inverse of the sum.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn exp_row(row: &mut [f32]) -> f32 {
         let whole = row.len() / 8 * 8;
@@ -196,9 +198,10 @@ pub(crate) mod avx512 {
         _mm512_maskz_mul_ps(!below, p, scale)
     }
 
-    /// `row ← eˣ⁻ᵐ` of `x = s · row` with `m = max(floor, maxᵢ xᵢ)`, returning `(m, Σ eˣ⁻ᵐ)`
-    /// ([`super::exp_row`] of the scaled row, each product rounded to f32 first as a scaled score
-    /// matrix holds it, when `floor` is −∞; a row that stays at −∞ becomes NaN, its sum 1).
+    /// [`super::exp_row`] on sixteen lanes, the tail under a mask: `row ← eˣ⁻ᵐ` of `x = s · row`
+    /// (each product rounded to f32 first, as a scaled score matrix holds it) with
+    /// `m = max(floor, maxᵢ xᵢ)`, returning `(m, Σ eˣ⁻ᵐ)`; a row that stays at −∞ becomes NaN, its
+    /// sum 1.
     #[target_feature(enable = "avx512f")]
     pub(super) fn exp_row(row: &mut [f32], s: f32, floor: f32) -> (f32, f32) {
         let max = row_max(row, s, floor);
@@ -266,10 +269,10 @@ pub(crate) fn exp_rows_online(
         let (m, block) = match is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has the feature the function was compiled for.
             true => unsafe { avx512::exp_row(row, s, *max) },
-            false => exp_row_from(row, s, *max),
+            false => exp_row(row, s, *max),
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let (m, block) = exp_row_from(row, s, *max);
+        let (m, block) = exp_row(row, s, *max);
         online_step((max, sum, rescale), (m, block));
     }
 }
@@ -286,38 +289,23 @@ pub(crate) fn online_step(
     *max = m;
 }
 
-/// [`exp_rows_online`]'s row on scalars: `row ← eˣ⁻ᵐ` of `x = s · row`, `m = max(floor, maxᵢ xᵢ)`,
-/// returning `(m, Σ eˣ⁻ᵐ)`.
-fn exp_row_from(row: &mut [f32], s: f32, floor: f32) -> (f32, f32) {
-    row.iter_mut().for_each(|v| *v *= s);
-    let m = row.iter().fold(floor, |m, &v| if v > m { v } else { m });
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = exp(*v - m);
-        sum += *v;
-    }
-    (m, sum)
-}
-
 /// The first `n` values `r` of each of `rows` rows `stride` apart in `data` ← `softmax(r)`: `eʳ⁻ᵐᵃˣ`
 /// ([`exp_row`]), then the row times its inverse sum, with the widest instructions the CPU has.
 fn softmax_rows(data: &mut [f32], (rows, n, stride): (usize, usize, usize)) {
     for row in data.chunks_mut(stride).take(rows).map(|r| &mut r[..n]) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the feature the function was compiled for.
-            let (_, sum) = unsafe { avx512::exp_row(row, 1.0, f32::NEG_INFINITY) };
-            scale_row(row, 1.0 / sum);
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has the features the function was compiled for.
-            let inv = unsafe { avx2::exp_row(row) };
-            scale_row(row, inv);
-            continue;
-        }
-        let inv = exp_row(row);
+        let inv = 'inv: {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has the feature the function was compiled for.
+                break 'inv 1.0 / unsafe { avx512::exp_row(row, 1.0, f32::NEG_INFINITY) }.1;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: the CPU has the features the function was compiled for.
+                break 'inv unsafe { avx2::exp_row(row) };
+            }
+            1.0 / exp_row(row, 1.0, f32::NEG_INFINITY).1
+        };
         scale_row(row, inv);
     }
 }
@@ -452,7 +440,7 @@ mod tests {
             let n = *shape.last().unwrap();
             let mut rows: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             rows.chunks_mut(n).for_each(|row| {
-                let inv = exp_row(row);
+                let inv = 1.0 / exp_row(row, 1.0, f32::NEG_INFINITY).1;
                 row.iter_mut().for_each(|v| *v *= inv);
             });
             let portable = Tensor::from_vec(rows, shape.as_slice(), x.device()).unwrap();
@@ -495,7 +483,10 @@ mod tests {
                 .iter_mut()
                 .for_each(|v| *v = f32::NEG_INFINITY);
             let mut want = rows.clone();
-            let want_inv: Vec<f32> = want.chunks_mut(n).map(exp_row).collect();
+            let want_inv: Vec<f32> = want
+                .chunks_mut(n)
+                .map(|r| 1.0 / exp_row(r, 1.0, f32::NEG_INFINITY).1)
+                .collect();
             let mut variants: Vec<fn(&mut [f32]) -> f32> = Vec::new();
             #[cfg(target_arch = "x86_64")]
             {
@@ -507,6 +498,21 @@ mod tests {
                     // SAFETY: checked just above.
                     variants
                         .push(|r| 1.0 / unsafe { avx512::exp_row(r, 1.0, f32::NEG_INFINITY) }.1);
+                }
+            }
+            // Scaled rows from a finite running maximum (the online softmax's blocks).
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") {
+                for floor in [f32::NEG_INFINITY, 3.0] {
+                    let (mut scalar, mut wide) = (rows[..n].to_vec(), rows[..n].to_vec());
+                    let (m, sum) = exp_row(&mut scalar, 0.7, floor);
+                    // SAFETY: checked just above.
+                    let (wm, wsum) = unsafe { avx512::exp_row(&mut wide, 0.7, floor) };
+                    assert_eq!(m, wm, "n {n} floor {floor}");
+                    assert!((sum - wsum).abs() <= 1e-6 * sum, "n {n}: {sum} vs {wsum}");
+                    for (g, w) in wide.iter().zip(&scalar) {
+                        assert!((g - w).abs() <= 1e-6, "n {n} floor {floor}");
+                    }
                 }
             }
             for exp_row in variants {
