@@ -1560,6 +1560,21 @@ impl WeightProduct<'_> {
             }
         })
     }
+
+    /// The product with the input `x` as the operand the weight is not: `A` of a linear layer,
+    /// `B` (the image) of a convolution.
+    fn storage<S: Source>(
+        &self,
+        plan: &Plan,
+        x: &[S],
+        packed: Prepacked,
+    ) -> candle_core::Result<CpuStorage> {
+        let (a, b): (&[S], &[S]) = match self.product.rhs {
+            Rhs::Matrix => (x, &[]),
+            Rhs::Patches { .. } => (&[], x),
+        };
+        self.product.storage(plan, a, b, packed)
+    }
 }
 
 impl CustomOp1 for WeightProduct<'_> {
@@ -1570,23 +1585,12 @@ impl CustomOp1 for WeightProduct<'_> {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (plan, packed) = self.plan(l)?;
         let x0 = l.start_offset();
-        let input = matches!(self.product.rhs, Rhs::Matrix);
         let storage = match s {
             CpuStorage::BF16(x) if self.product.isa.dtype() == DType::BF16 => {
-                let (a, b): (&[bf16], &[bf16]) = if input {
-                    (&x[x0..], &[])
-                } else {
-                    (&[], &x[x0..])
-                };
-                self.product.storage(&plan, a, b, packed)?
+                self.storage(&plan, &x[x0..], packed)?
             }
             CpuStorage::F32(x) if self.product.isa.dtype() == DType::F32 => {
-                let (a, b): (&[f32], &[f32]) = if input {
-                    (&x[x0..], &[])
-                } else {
-                    (&[], &x[x0..])
-                };
-                self.product.storage(&plan, a, b, packed)?
+                self.storage(&plan, &x[x0..], packed)?
             }
             _ => bail!("matmul: the input of a packed weight must have the weight's dtype"),
         };

@@ -64,13 +64,9 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = match &self.base {
-            Base::Plain(l) => linear_forward(l, x)?,
-            Base::Packed(p) => p.forward_linear(x)?,
-        };
-        let (out, inner) = match &self.base {
-            Base::Plain(l) => l.weight().dims2()?,
-            Base::Packed(p) => (p.dims()[0], p.dims()[1]),
+        let (mut y, (out, inner)) = match &self.base {
+            Base::Plain(l) => (linear_forward(l, x)?, l.weight().dims2()?),
+            Base::Packed(p) => (p.forward_linear(x)?, (p.dims()[0], p.dims()[1])),
         };
         crate::flops::add(crate::flops::matmul(x.elem_count() / inner, inner, out));
         for b in &self.lora {
