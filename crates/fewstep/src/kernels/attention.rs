@@ -208,15 +208,15 @@ struct Scratch {
 }
 
 impl Fused {
-    /// The attention with `probabilities` taking a block of scores (`(rows, keys, stride)` of f32)
-    /// through the online softmax ([`softmax::exp_rows_online`] on the running maxima, sums and
-    /// rescaling factors) and packing the probabilities in the operands' dtype.
+    /// The attention with `probabilities` taking a block of scores (`(rows, keys, stride)` of f32,
+    /// to be scaled by `α`) through the online softmax ([`softmax::exp_rows_online`] on the running
+    /// maxima, sums and rescaling factors) to the left operand of `P V` in the operands' dtype.
     fn run<S: Source + Element>(
         &self,
         (q, q_l): (&[S], &Layout),
         (k, k_l): (&[S], &Layout),
         (v, v_l): (&[S], &Layout),
-        probabilities: impl Fn(&mut [f32], Rows, Online) -> Option<PackedLhs> + Sync,
+        probabilities: Probabilities,
     ) -> candle_core::Result<(Vec<S>, Shape)> {
         let (n, lq, d) = q_l.shape().dims3()?;
         let (nk, lk, dk) = k_l.shape().dims3()?;
@@ -293,8 +293,9 @@ impl Fused {
                                 }
                             }
                             let state = (&mut w.max[..], &mut w.sums[..], &mut w.rescale[..]);
-                            let pa = probabilities(&mut w.scores, (m, *len, ldc), state)
-                                .ok_or_else(no_kernel)?;
+                            let pa =
+                                probabilities(&mut w.scores, (m, *len, ldc), self.scale, state)
+                                    .ok_or_else(no_kernel)?;
                             if j == 0 {
                                 pa.multiply_raw(vp, &mut w.out, ldo);
                                 continue;
@@ -321,6 +322,41 @@ impl Fused {
     }
 }
 
+/// How [`Fused`] takes a block of scores to the probabilities it multiplies by the values; `None`
+/// where no kernel runs them.
+type Probabilities = for<'s, 'o> fn(&'s mut [f32], Rows, f32, Online<'o>) -> Option<PackedLhs<'s>>;
+
+/// The online softmax's probabilities, unnormalised (the outputs are divided by the sums), rounded to
+/// bf16 and packed; on AMX rounded and packed as they are computed ([`PackedLhs::exp_bf16`]).
+fn probabilities_bf16<'s>(
+    s: &'s mut [f32],
+    rows: Rows,
+    scale: f32,
+    (max, sums, rescale): Online,
+) -> Option<PackedLhs<'s>> {
+    let Some((p, blocks)) = PackedLhs::exp_bf16(s, rows, scale, max) else {
+        softmax::exp_rows_online(s, rows, scale, (max, sums, rescale));
+        return PackedLhs::rounded_bf16(s, rows);
+    };
+    let state = max.iter_mut().zip(sums.iter_mut()).zip(rescale.iter_mut());
+    for (((max, sum), rescale), block) in state.zip(blocks) {
+        softmax::online_step((max, sum, rescale), block);
+    }
+    Some(p)
+}
+
+/// The online softmax's probabilities in f32, unnormalised, in place of the scores (the AVX-512F
+/// kernel reads them there).
+fn probabilities_f32<'s>(
+    s: &'s mut [f32],
+    (m, keys, ldc): Rows,
+    scale: f32,
+    state: Online,
+) -> Option<PackedLhs<'s>> {
+    softmax::exp_rows_online(s, (m, keys, ldc), scale, state);
+    PackedLhs::new(s, ldc, m, keys)
+}
+
 impl CustomOp3 for Fused {
     fn name(&self) -> &'static str {
         "attention-cpu"
@@ -337,28 +373,11 @@ impl CustomOp3 for Fused {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         match (q_s, k_s, v_s) {
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                // The probabilities stay unnormalised (the outputs are divided by the sums). On AMX
-                // the exponentials are rounded and packed as they are computed.
-                let probabilities = |s: &mut [f32], rows: Rows, (max, sums, rescale): Online| {
-                    let Some((p, blocks)) = PackedLhs::exp_bf16(s, rows, self.scale, max) else {
-                        softmax::exp_rows_online(s, rows, self.scale, (max, sums, rescale));
-                        return PackedLhs::rounded_bf16(s, rows);
-                    };
-                    let state = max.iter_mut().zip(sums.iter_mut()).zip(rescale.iter_mut());
-                    for (((max, sum), rescale), block) in state.zip(blocks) {
-                        softmax::online_step((max, sum, rescale), block);
-                    }
-                    Some(p)
-                };
-                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;
+                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities_bf16)?;
                 Ok((CpuStorage::BF16(out), shape))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let probabilities = |s: &mut [f32], (m, keys, ldc): Rows, state: Online| {
-                    softmax::exp_rows_online(s, (m, keys, ldc), self.scale, state);
-                    PackedLhs::new(s, ldc, m, keys)
-                };
-                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities)?;
+                let (out, shape) = self.run((q, q_l), (k, k_l), (v, v_l), probabilities_f32)?;
                 Ok((CpuStorage::F32(out), shape))
             }
             _ => bail!(

@@ -201,6 +201,11 @@ pub(crate) trait Source: Copy + Send + Sync {
         }
     }
 
+    /// The values as slots where a slot is one value (f32), to be read in place.
+    fn as_slots(_values: &[Self]) -> Option<&[u32]> {
+        None
+    }
+
     /// The slots of consecutive values of `K` ([`Source::slot_at`]).
     fn slots(values: &[Self]) -> impl Iterator<Item = u32> + '_ {
         (0..values.len().div_ceil(Self::PER_SLOT)).map(|p| Self::slot_at(values, p))
@@ -241,6 +246,11 @@ impl Source for f32 {
     fn bits(self) -> u32 {
         self.to_bits()
     }
+
+    fn as_slots(values: &[f32]) -> Option<&[u32]> {
+        // SAFETY: f32 and u32 have one size and alignment, and every bit pattern is a u32.
+        Some(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u32, values.len()) })
+    }
 }
 
 /// The operands of one product, from the offsets of the two storages.
@@ -256,6 +266,22 @@ struct Operands<'a, S> {
     m: usize,
     k: usize,
     n: usize,
+}
+
+impl<'a, S> Operands<'a, S> {
+    /// A left operand alone, `A[i][j] = a[i · a_row + j]`.
+    fn lhs(a: &'a [S], a_row: usize, m: usize, k: usize) -> Self {
+        Operands {
+            a,
+            a_row,
+            b: a,
+            b_k: 0,
+            b_n: 0,
+            m,
+            k,
+            n: 0,
+        }
+    }
 }
 
 /// An image seen as the patch matrix of a convolution.
@@ -345,15 +371,16 @@ impl Product {
                 ..ops
             };
             let own_a;
-            let packed_a = match (packed, self.isa) {
-                (Prepacked::Lhs(a), _) => a,
-                (_, Isa::Amx) => {
-                    own_a = pack_a_tiles(&ops, kp);
-                    &own_a
-                }
-                (_, Isa::Avx512Bf16 | Isa::Avx512F) => {
-                    own_a = pack_a_panels(&ops, kp);
-                    &own_a
+            let packed_a = match (packed, self.isa, S::as_slots(ops.a)) {
+                (Prepacked::Lhs(a), ..) => Lhs::Packed(a),
+                (_, Isa::Avx512F, Some(a)) => Lhs::Rows {
+                    a,
+                    row: ops.a_row,
+                    m,
+                },
+                _ => {
+                    own_a = pack_a(self.isa, &ops);
+                    Lhs::Packed(&own_a)
                 }
             };
             let block_b = |nb: usize| {
@@ -458,27 +485,55 @@ fn with_tile<R>(f: impl FnOnce(&mut [f32]) -> R) -> R {
     TILE.with_borrow_mut(|tile| f(tile))
 }
 
+/// `A` as a kernel reads it.
+#[derive(Clone, Copy)]
+enum Lhs<'a> {
+    /// Packed for the product's instructions (`pack_a_tiles`, `pack_a_panels`), its rows padded to
+    /// the kernel's row step.
+    Packed(&'a [u32]),
+    /// f32 rows where they lie, for the AVX-512F kernel (its register tile broadcasts one value of
+    /// `A` at a time, from anywhere): `m` rows `row` slots apart. Packing them took an eighth of an
+    /// f32 UNet step, a scalar gather of twelve rows.
+    Rows { a: &'a [u32], row: usize, m: usize },
+}
+
 /// The product of one tile on `isa`: `tile = A[m0 .. m0 + rows] · B[:, panels]` ([`TileShape`]).
 ///
 /// # Safety
-/// The CPU runs `isa`; `a` and `b` were packed for it with `shape.kp` slots, `a`'s rows padded to
-/// its row blocks.
-unsafe fn multiply_tile(isa: Isa, a: &[u32], b: &[u32], shape: TileShape, tile: &mut [f32]) {
-    match isa {
-        Isa::Amx => amx::multiply_tile(a, b, shape, tile),
-        Isa::Avx512Bf16 => avx512::multiply_tile(avx512::dot_bf16, a, b, shape, tile),
-        Isa::Avx512F => avx512::multiply_tile(avx512::fma_f32, a, b, shape, tile),
+/// The CPU runs `isa`; `b` and a packed `a` were packed for it with `shape.kp` slots, a packed `a`'s
+/// rows padded to its row blocks; `a` in rows only for [`Isa::Avx512F`], with `kp` slots a row.
+unsafe fn multiply_tile(isa: Isa, a: Lhs, b: &[u32], shape: TileShape, tile: &mut [f32]) {
+    use avx512::{dot_bf16, fma_f32};
+    match (isa, a) {
+        (Isa::Amx, Lhs::Packed(a)) => amx::multiply_tile(a, b, shape, tile),
+        (Isa::Avx512Bf16, Lhs::Packed(_)) => {
+            avx512::multiply_tile((dot_bf16, dot_bf16), a, b, shape, tile)
+        }
+        (Isa::Avx512F, _) => avx512::multiply_tile((fma_f32, fma_f32), a, b, shape, tile),
+        (Isa::Amx | Isa::Avx512Bf16, Lhs::Rows { .. }) => {
+            unreachable!("bf16 rows of A are packed in pairs")
+        }
     }
 }
 
-/// A left operand `A: [M, K]` packed once for many products on the calling thread: the 36 products
-/// `U_ξ · V_ξ` of a Winograd convolution share their `U_ξ` across all tiles; attention multiplies
-/// a block of queries by every key.
-pub(crate) struct PackedLhs {
+/// A left operand `A: [M, K]` made ready once for many products on the calling thread: the 36
+/// products `U_ξ · V_ξ` of a Winograd convolution share their `U_ξ` across all tiles; attention
+/// multiplies a block of queries by every key. bf16 packed; f32 read in place ([`Lhs::Rows`]).
+pub(crate) struct PackedLhs<'a> {
     isa: Isa,
-    slots: Vec<u32>,
+    slots: LhsSlots<'a>,
     m: usize,
     k: usize,
+}
+
+/// The values of a [`PackedLhs`].
+enum LhsSlots<'a> {
+    Packed(Vec<u32>),
+    /// f32 rows `row` slots apart.
+    Rows {
+        a: &'a [u32],
+        row: usize,
+    },
 }
 
 /// A right operand `B: [K, N]` packed once, all its columns: attention's keys and values, which
@@ -496,18 +551,18 @@ pub(crate) fn row_step(dtype: DType) -> Option<usize> {
     Isa::best(dtype).map(Isa::row_step)
 }
 
-impl PackedLhs {
-    /// The row-major f32 `a: [m, k]` packed for the AVX-512F kernel, or `None` where the CPU has
-    /// no AVX-512F.
-    pub(crate) fn f32(a: &[f32], m: usize, k: usize) -> Option<PackedLhs> {
+impl<'a> PackedLhs<'a> {
+    /// The row-major f32 `a: [m, k]` for the AVX-512F kernel, or `None` where the CPU has no
+    /// AVX-512F.
+    pub(crate) fn f32(a: &'a [f32], m: usize, k: usize) -> Option<Self> {
         Isa::Avx512F
             .supported()
             .then(|| Self::pack(Isa::Avx512F, a, k, m, k))
     }
 
-    /// `A[i][j] = a[i · a_row + j]` packed for the fastest kernel for its dtype, or `None` where the
-    /// CPU runs none.
-    pub(crate) fn new<S: Source>(a: &[S], a_row: usize, m: usize, k: usize) -> Option<PackedLhs> {
+    /// `A[i][j] = a[i · a_row + j]` for the fastest kernel for its dtype, or `None` where the CPU
+    /// runs none.
+    pub(crate) fn new<S: Source>(a: &'a [S], a_row: usize, m: usize, k: usize) -> Option<Self> {
         Isa::best(S::DTYPE).map(|isa| Self::pack(isa, a, a_row, m, k))
     }
 
@@ -516,7 +571,7 @@ impl PackedLhs {
     pub(crate) fn rounded_bf16(
         values: &[f32],
         (m, k, a_row): (usize, usize, usize),
-    ) -> Option<PackedLhs> {
+    ) -> Option<Self> {
         assert!(
             m == 0 || values.len() >= (m - 1) * a_row + k,
             "PackedLhs: operand sizes"
@@ -526,7 +581,9 @@ impl PackedLhs {
         for (dst, src) in rounded.chunks_mut(k).zip(values.chunks(a_row)) {
             crate::kernels::narrow_to_bf16(&src[..k], dst);
         }
-        Some(Self::pack(isa, &rounded, k, m, k))
+        let ops = Operands::lhs(&rounded, k, m, k);
+        let slots = LhsSlots::Packed(pack_a(isa, &ops));
+        Some(PackedLhs { isa, slots, m, k })
     }
 
     /// A block of an online softmax's probabilities computed, rounded and packed for AMX in one
@@ -539,7 +596,7 @@ impl PackedLhs {
         (m, k, a_row): (usize, usize, usize),
         s: f32,
         max: &[f32],
-    ) -> Option<(PackedLhs, Vec<(f32, f32)>)> {
+    ) -> Option<(Self, Vec<(f32, f32)>)> {
         assert!(
             m == 0 || values.len() >= (m - 1) * a_row + k && max.len() >= m,
             "PackedLhs: operand sizes"
@@ -551,26 +608,28 @@ impl PackedLhs {
         let mut slots = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k)];
         // SAFETY: AMX implies AVX-512F and AVX-512 BF16 (Sapphire Rapids and later); the sizes hold.
         let rows = unsafe { amx::pack_exp(values, (m, k, a_row), s, max, &mut slots) };
+        let slots = LhsSlots::Packed(slots);
         Some((PackedLhs { isa, slots, m, k }, rows))
     }
 
-    fn pack<S: Source>(isa: Isa, a: &[S], a_row: usize, m: usize, k: usize) -> PackedLhs {
-        let ops = Operands {
-            a,
-            a_row,
-            b: a,
-            b_k: 0,
-            b_n: 0,
-            m,
-            k,
-            n: 0,
-        };
-        let kp = isa.slots(k);
-        let slots = match isa {
-            Isa::Amx => pack_a_tiles(&ops, kp),
-            Isa::Avx512Bf16 | Isa::Avx512F => pack_a_panels(&ops, kp),
+    fn pack<S: Source>(isa: Isa, a: &'a [S], a_row: usize, m: usize, k: usize) -> Self {
+        assert!(
+            m == 0 || a.len() >= (m - 1) * a_row + k,
+            "PackedLhs: operand sizes"
+        );
+        let slots = match (isa, S::as_slots(a)) {
+            (Isa::Avx512F, Some(a)) => LhsSlots::Rows { a, row: a_row },
+            _ => LhsSlots::Packed(pack_a(isa, &Operands::lhs(a, a_row, m, k))),
         };
         PackedLhs { isa, slots, m, k }
+    }
+
+    /// `A` as the kernels read it.
+    fn lhs(&self) -> Lhs<'_> {
+        match &self.slots {
+            LhsSlots::Packed(slots) => Lhs::Packed(slots),
+            &LhsSlots::Rows { a, row } => Lhs::Rows { a, row, m: self.m },
+        }
     }
 
     /// `dst[M, N] = A · b` for the row-major f32 `b: [K, n]`, on the calling thread, `B` packed a
@@ -614,7 +673,7 @@ impl PackedLhs {
                     // SAFETY: `f32` checked AVX-512F; both operands were packed for it with `k`
                     // slots; the tile lies inside `dst` (asserted), which this call alone writes.
                     unsafe {
-                        multiply_tile(self.isa, &self.slots, &packed_b, shape, tile);
+                        multiply_tile(self.isa, self.lhs(), &packed_b, shape, tile);
                         product.write_tile(tile, out, m0, shape.rows, n0, cols, n);
                     }
                 }
@@ -655,7 +714,7 @@ impl PackedLhs {
                 unsafe {
                     multiply_tile(
                         self.isa,
-                        &self.slots,
+                        self.lhs(),
                         panels,
                         shape,
                         &mut dst[m0 * ldc + n0..],
@@ -695,6 +754,14 @@ impl PackedRhs {
             k,
             n,
         }
+    }
+}
+
+/// `A` packed for `isa`'s kernel: AMX tiles or AVX-512 panels.
+fn pack_a<S: Source>(isa: Isa, ops: &Operands<S>) -> Vec<u32> {
+    match isa {
+        Isa::Amx => pack_a_tiles(ops, isa.slots(ops.k)),
+        Isa::Avx512Bf16 | Isa::Avx512F => pack_a_panels(ops, isa.slots(ops.k)),
     }
 }
 
@@ -891,25 +958,57 @@ struct TileShape {
 
 /// The AVX-512 kernels: a register tile of [`MR`] × [`NR`] f32 sums over packed slots.
 mod avx512 {
-    use super::{TileShape, KC, MR, NR};
+    use super::{Lhs, TileShape, KC, MR, NR};
+
+    /// Where a register tile reads its [`MR`] rows of `A`: slot `p` of row `r` at [`Rows::at`].
+    pub(super) trait Rows: Copy {
+        /// The address of slot `p` of row `r`.
+        ///
+        /// # Safety
+        /// The slot lies in the operand the rows were made from.
+        unsafe fn at(self, p: usize, r: usize) -> *const u32;
+    }
+
+    /// Rows packed by `pack_a_panels`: slot `p` of row `r` at `p · MR + r`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Panel(*const u32);
+
+    impl Rows for Panel {
+        #[inline(always)]
+        unsafe fn at(self, p: usize, r: usize) -> *const u32 {
+            self.0.add(p * MR + r)
+        }
+    }
+
+    /// f32 rows read where they lie, each from its own first slot.
+    #[derive(Clone, Copy)]
+    pub(super) struct InPlace([*const u32; MR]);
+
+    impl Rows for InPlace {
+        #[inline(always)]
+        unsafe fn at(self, p: usize, r: usize) -> *const u32 {
+            self.0[r].add(p)
+        }
+    }
 
     /// A register tile: `c[r][0..NR] (+)= Σₚ a[p][r] · b[p][0..NR]` over `kc` slots, `c` with row
     /// stride `ldc`, added to its contents when `accumulate`.
     ///
     /// # Safety
-    /// The CPU runs the kernel's instructions; `a` holds `kc · MR` slots, `b` `kc · NR` slots, `c`
-    /// at least `(MR − 1) · ldc + NR` values.
-    pub(super) type Kernel = unsafe fn(&[u32], &[u32], &mut [f32], usize, usize, bool);
+    /// The CPU runs the kernel's instructions; `a` holds `kc` slots of each of its [`MR`] rows, `b`
+    /// `kc · NR` slots, `c` at least `(MR − 1) · ldc + NR` values.
+    pub(super) type Kernel<A> = unsafe fn(A, &[u32], &mut [f32], usize, usize, bool);
 
     /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, `tile` f32 with rows `t.ldc` apart
     /// (rows past `rows`, up to a multiple of [`MR`], and columns past `cols`, up to a multiple of
-    /// [`NR`], hold the products of the zero padding), `A` packed by `pack_a_panels`.
+    /// [`NR`], hold the products of padding: zeros, or the last row of `A` repeated in place).
     ///
     /// # Safety
-    /// The CPU runs `kernel`; the operands hold the tile's `kp` slots.
+    /// The CPU runs `kernel`s instructions; the operands hold the tile's `kp` slots (`a`'s rows
+    /// padded to a multiple of [`MR`] where packed by `pack_a_panels`).
     pub(super) unsafe fn multiply_tile(
-        kernel: Kernel,
-        a: &[u32],
+        (packed, in_place): (Kernel<Panel>, Kernel<InPlace>),
+        a: Lhs,
         b: &[u32],
         t: TileShape,
         tile: &mut [f32],
@@ -919,15 +1018,21 @@ mod avx512 {
             for panel in 0..t.cols.div_ceil(NR) {
                 let b = &b[(panel * t.kp + k0) * NR..][..kc * NR];
                 for g in 0..t.rows.div_ceil(MR) {
-                    let a = &a[((t.m0 / MR + g) * t.kp + k0) * MR..][..kc * MR];
-                    kernel(
-                        a,
-                        b,
-                        &mut tile[g * MR * t.ldc + panel * NR..],
-                        kc,
-                        t.ldc,
-                        k0 > 0,
-                    );
+                    let c = &mut tile[g * MR * t.ldc + panel * NR..];
+                    match a {
+                        Lhs::Packed(a) => {
+                            let a = &a[((t.m0 / MR + g) * t.kp + k0) * MR..][..kc * MR];
+                            packed(Panel(a.as_ptr()), b, c, kc, t.ldc, k0 > 0);
+                        }
+                        Lhs::Rows { a, row, m } => {
+                            // Rows past `m` repeat the last one: their sums are not read.
+                            let first = t.m0 + g * MR;
+                            let rows = std::array::from_fn(|r| {
+                                a[(first + r).min(m - 1) * row + k0..][..kc].as_ptr()
+                            });
+                            in_place(InPlace(rows), b, c, kc, t.ldc, k0 > 0);
+                        }
+                    }
                 }
             }
         }
@@ -940,8 +1045,8 @@ mod avx512 {
             $(#[$doc])*
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(
-                a: &[u32],
+            pub(super) unsafe fn $name<A: Rows>(
+                a: A,
                 b: &[u32],
                 c: &mut [f32],
                 kc: usize,
@@ -950,12 +1055,12 @@ mod avx512 {
             ) {
                 use std::arch::x86_64::*;
                 let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-                let (a, b) = (a.as_ptr(), b.as_ptr() as *const __m512i);
+                let b = b.as_ptr() as *const __m512i;
                 for p in 0..kc {
                     let b0 = _mm512_loadu_si512(b.add(2 * p));
                     let b1 = _mm512_loadu_si512(b.add(2 * p + 1));
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm512_set1_epi32(*a.add(p * MR + r) as i32);
+                        let av = _mm512_set1_epi32(*a.at(p, r) as i32);
                         acc[0] = $step(acc[0], av, b0);
                         acc[1] = $step(acc[1], av, b1);
                     }
@@ -975,7 +1080,7 @@ mod avx512 {
             }
 
             #[cfg(not(target_arch = "x86_64"))]
-            pub(super) unsafe fn $name(_: &[u32], _: &[u32], _: &mut [f32], _: usize, _: usize, _: bool) {
+            pub(super) unsafe fn $name<A: Rows>(_: A, _: &[u32], _: &mut [f32], _: usize, _: usize, _: bool) {
                 unreachable!("AVX-512 is x86-64's")
             }
         };
@@ -1473,7 +1578,7 @@ impl PackedWeight {
                 [n, k] => PackedRhs::pack(isa, v, (1, k), k, n).slots,
                 _ => {
                     let (o, k) = (dims[0], dims[1..].iter().product());
-                    PackedLhs::pack(isa, v, k, o, k).slots
+                    pack_a(isa, &Operands::lhs(v, k, o, k))
                 }
             }
         }
@@ -1674,6 +1779,13 @@ mod tests {
                 let got = matmul_on(isa, &a, &bt.t().unwrap(), 0.5, DType::BF16).unwrap();
                 assert_eq!(got.dtype(), DType::BF16);
                 assert_close(&got, &want, &format!("{isa:?} {m}×{k}×{n} transposed"));
+                // A left operand whose rows lie `k + 5` apart, from an offset (f32: read in place).
+                let a = cast(isa, &test_input(&[m, k + 5], 4))
+                    .narrow(1, 2, k)
+                    .unwrap();
+                let want = f32(&a).matmul(&f32(&b)).unwrap();
+                let got = matmul_on(isa, &a, &b, 1.0, DType::F32).unwrap();
+                assert_close(&got, &want, &format!("{isa:?} {m}×{k}×{n} rows apart"));
             }
         }
     }
