@@ -9,8 +9,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::matmul::{self, Element, PackedLhs, PackedRhs, Source};
-use crate::kernels::softmax;
+use crate::kernels::matmul::{self, PackedLhs, PackedRhs, Source};
+use crate::kernels::{softmax, Element};
 
 /// Scores held at once, at most (elements): 2 MiB of f32, a core's share of the L2/L3 cache.
 const BLOCK_SCORES: usize = 1 << 19;

@@ -1,14 +1,13 @@
-//! The gated GELU of the UNet's feed-forward layers for bf16 on the CPU, in one pass:
+//! The gated GELU of the UNet's feed-forward layers for bf16 and f32 on the CPU, in one pass:
 //! `[h, g] → h · gelu(g)`, `gelu(g) = g/2 · (1 + erf(g/√2))` (diffusers' `GEGLU`, the exact GELU), in
-//! f32 with a polynomial `erf`. candle runs it as three passes over bf16 tensors (a strided copy of
-//! each half, the C library's `erf` on every value, a product), a tenth of a bf16 UNet step.
+//! f32 with a polynomial `erf`. candle runs it as three passes (a strided copy of each half, the C
+//! library's `erf` on every value, a product), a tenth of a bf16 UNet step, 4 % of an f32 one.
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use half::bf16;
 use rayon::prelude::*;
 
-use crate::kernels::contiguous_bf16;
 use crate::kernels::softmax::exp;
+use crate::kernels::{contiguous_bf16, contiguous_f32, Element};
 
 /// `erf(x)` with an absolute error below 1.5·10⁻⁷ in exact arithmetic, 6·10⁻⁷ in f32 (Abramowitz &
 /// Stegun 7.1.26):
@@ -30,9 +29,9 @@ fn erf(x: f32) -> f32 {
 }
 
 /// `out[r][i] = h · gelu(g)` with `h = hg[r][i]`, `g = hg[r][inner + i]`, for the rows of `hg`: each
-/// row in f32, then rounded to bf16.
+/// row in f32, then stored in `T` (bf16 rounded).
 #[inline(always)]
-fn rows(hg: &[bf16], out: &mut [bf16], inner: usize) {
+fn rows<T: Element>(hg: &[T], out: &mut [T], inner: usize) {
     let mut gated = vec![0f32; inner];
     for (src, dst) in hg.chunks_exact(2 * inner).zip(out.chunks_exact_mut(inner)) {
         let (h, g) = src.split_at(inner);
@@ -41,7 +40,8 @@ fn rows(hg: &[bf16], out: &mut [bf16], inner: usize) {
             let gelu = 0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
             *v = h.to_f32() * gelu;
         }
-        crate::kernels::narrow_to_bf16(&gated, dst);
+        // SAFETY: both hold a row's `inner` values.
+        unsafe { T::store(&gated, dst) };
     }
 }
 
@@ -51,8 +51,25 @@ fn rows(hg: &[bf16], out: &mut [bf16], inner: usize) {
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_avx512(hg: &[bf16], out: &mut [bf16], inner: usize) {
+unsafe fn rows_avx512<T: Element>(hg: &[T], out: &mut [T], inner: usize) {
     rows(hg, out, inner)
+}
+
+/// `h · gelu(g)` for the rows of `hg` (`[.., 2 · inner]`), a block of rows a task.
+fn geglu_values<T: Element>(hg: &[T], inner: usize) -> Vec<T> {
+    let mut out = vec![T::default(); hg.len() / 2];
+    let block = inner * (4096 / inner).max(1);
+    out.par_chunks_mut(block)
+        .zip(hg.par_chunks(2 * block))
+        .for_each(|(dst, src)| {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx512() {
+                // SAFETY: checked just above.
+                return unsafe { rows_avx512(src, dst, inner) };
+            }
+            rows(src, dst, inner)
+        });
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -64,36 +81,33 @@ struct Geglu;
 
 impl CustomOp1 for Geglu {
     fn name(&self) -> &'static str {
-        "geglu-bf16"
+        "geglu-cpu"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let hg = contiguous_bf16(s, l, "geglu: the input")?;
         let dims = l.dims();
-        let width = dims[dims.len() - 1];
+        let width = dims.last().copied().unwrap_or(0);
         if !width.is_multiple_of(2) {
             bail!("geglu: the last dimension ({width}) must be even");
         }
         let inner = width / 2;
-        let mut out = vec![bf16::ZERO; hg.len() / 2];
-        let block = inner * (4096 / inner).max(1);
-        out.par_chunks_mut(block)
-            .zip(hg.par_chunks(2 * block))
-            .for_each(|(dst, src)| {
-                #[cfg(target_arch = "x86_64")]
-                if has_avx512() {
-                    // SAFETY: checked just above.
-                    return unsafe { rows_avx512(src, dst, inner) };
-                }
-                rows(src, dst, inner)
-            });
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(geglu_values(
+                contiguous_f32(s, l, "geglu: the input")?,
+                inner,
+            )),
+            _ => CpuStorage::BF16(geglu_values(
+                contiguous_bf16(s, l, "geglu: the input")?,
+                inner,
+            )),
+        };
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap() = inner;
-        Ok((CpuStorage::BF16(out), Shape::from(shape)))
+        Ok((out, Shape::from(shape)))
     }
 }
 
-/// `h · gelu(g)` for `hg = [h, g]` split in halves along its last dimension, bf16 on the CPU.
+/// `h · gelu(g)` for `hg = [h, g]` split in halves along its last dimension, bf16 or f32 on the CPU.
 pub fn geglu(hg: &Tensor) -> candle_core::Result<Tensor> {
     hg.contiguous()?.apply_op1_no_bwd(&Geglu)
 }
@@ -146,5 +160,26 @@ mod tests {
                 "{rows}×{inner}"
             );
         }
+    }
+
+    #[test]
+    fn matches_candle_in_f32_within_the_erf_error() {
+        for (rows, inner) in [(3, 5), (1000, 40), (7, 5120)] {
+            let x = (test_input(&[rows, 2 * inner], 1) * 2.0).unwrap();
+            let h = x.narrow(1, 0, inner).unwrap();
+            let g = x.narrow(1, inner, inner).unwrap();
+            let want = (h * g.gelu_erf().unwrap()).unwrap();
+            let got = geglu(&x).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (want.dims(), DType::F32));
+            // |h| ≤ 4 times g/2 · 6·10⁻⁷ (the polynomial erf's error in f32), |g| ≤ 4.
+            let err = max_abs_diff(&got, &want);
+            assert!(err < 5e-6, "{rows}×{inner}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_odd_width_is_refused() {
+        let err = geglu(&test_input(&[2, 7], 1)).unwrap_err();
+        assert!(err.to_string().contains("must be even"), "{err}");
     }
 }

@@ -24,6 +24,8 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, 
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::kernels::Element;
+
 /// Rows of the AVX-512 register tile: 12 × 2 accumulators, two panel vectors and a broadcast in 32
 /// registers.
 const MR: usize = 12;
@@ -317,27 +319,6 @@ struct Product {
 struct SharedOut<T>(*mut T);
 unsafe impl<T> Send for SharedOut<T> {}
 unsafe impl<T> Sync for SharedOut<T> {}
-
-/// One output element type: f32 as is, bf16 rounded to nearest even.
-pub(crate) trait Element: Copy + Send + Sync + Default {
-    /// `dst[i] = src[i]` in this type.
-    ///
-    /// # Safety
-    /// The slices have one length.
-    unsafe fn store(src: &[f32], dst: &mut [Self]);
-}
-
-impl Element for f32 {
-    unsafe fn store(src: &[f32], dst: &mut [Self]) {
-        dst.copy_from_slice(src)
-    }
-}
-
-impl Element for bf16 {
-    unsafe fn store(src: &[f32], dst: &mut [Self]) {
-        crate::kernels::narrow_to_bf16(src, dst)
-    }
-}
 
 impl Product {
     /// `C` for `batch` products into `out` (`batch · M · N` elements, row-major), operand `i` of the

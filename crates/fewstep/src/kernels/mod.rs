@@ -13,6 +13,41 @@ pub mod winograd;
 
 use candle_core::{bail, CpuStorage, Layout};
 
+/// A value type of the kernels' inputs and outputs, computed in f32: f32 as is, bf16 widened
+/// exactly and rounded to nearest even when stored.
+pub(crate) trait Element: Copy + Send + Sync + Default {
+    /// The value in f32.
+    fn to_f32(self) -> f32;
+
+    /// `dst[i] = src[i]` in this type.
+    ///
+    /// # Safety
+    /// The slices have one length.
+    unsafe fn store(src: &[f32], dst: &mut [Self]);
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    unsafe fn store(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
+    }
+}
+
+impl Element for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+
+    unsafe fn store(src: &[f32], dst: &mut [Self]) {
+        narrow_to_bf16(src, dst)
+    }
+}
+
 /// The values of a contiguous operand of a custom op, or an error naming it (`what`, e.g.
 /// "group_norm: the input") and what was expected.
 fn contiguous<'a, T>(

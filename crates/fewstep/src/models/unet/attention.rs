@@ -161,7 +161,8 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let hg = apply(&self.proj, x)?;
-        if hg.dtype() == DType::BF16 && hg.device().is_cpu() && !hg.track_op() {
+        if matches!(hg.dtype(), DType::BF16 | DType::F32) && hg.device().is_cpu() && !hg.track_op()
+        {
             return apply(&self.out, &crate::kernels::geglu::geglu(&hg)?);
         }
         let last = hg.rank() - 1;
