@@ -5,12 +5,14 @@
 //! their weight ([`Weights::with_lora_branches`]): `y = W x + b + Σᵢ sᵢ · up_i(down_i(x))`. Without
 //! branches they are exactly candle's layers.
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::Conv2dConfig;
 
 use crate::kernels::matmul;
 use crate::kernels::unfold::unfold;
-use crate::kernels::winograd;
+use crate::kernels::winograd::{self, WinogradWeights};
 use crate::lora::LoraBranch;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -168,6 +170,9 @@ pub struct Conv2d {
     stride: usize,
     padding: usize,
     lora: Vec<Branch<candle_nn::Conv2d>>,
+    /// The weight transformed for Winograd, made at the first call that takes it on a small image
+    /// ([`WINOGRAD_CACHE_PIXELS`]) and kept for the next.
+    winograd: std::sync::Arc<OnceLock<WinogradWeights>>,
 }
 
 impl Conv2d {
@@ -185,6 +190,7 @@ impl From<candle_nn::Conv2d> for Conv2d {
             padding: base.config().padding,
             base: Base::Plain(base),
             lora: Vec::new(),
+            winograd: Default::default(),
         }
     }
 }
@@ -192,7 +198,10 @@ impl From<candle_nn::Conv2d> for Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (mut y, (_, c, kh, kw)) = match &self.base {
-            Base::Plain(conv) => (conv_forward(conv, x)?, conv.weight().dims4()?),
+            Base::Plain(conv) => (
+                conv_forward(conv, x, Some(&self.winograd))?,
+                conv.weight().dims4()?,
+            ),
             Base::Packed(p) => {
                 let d = p.dims();
                 let y = p.forward_conv(x, self.stride, self.padding)?;
@@ -201,7 +210,7 @@ impl Module for Conv2d {
         };
         crate::flops::add(crate::flops::matmul(y.elem_count(), c * kh * kw, 1));
         for b in &self.lora {
-            y = (y + conv_forward(&b.up, &conv_forward(&b.down, x)?)?)?;
+            y = (y + conv_forward(&b.up, &conv_forward(&b.down, x, None)?, None)?)?;
         }
         Ok(y)
     }
@@ -211,12 +220,23 @@ impl Module for Conv2d {
 /// the weights (4× their size, at every call) costs more than Winograd saves.
 const WINOGRAD_MIN_PIXELS: usize = 1024;
 
+/// Images with at most this many pixels (64×64) run Winograd on weights transformed once and kept
+/// (4× the weight's values, in f32): there transforming the weights took a quarter (320 channels at
+/// 64×64) to a half (640 channels at 32×32) of a call; on larger images its share is small and
+/// the memory is not spent.
+const WINOGRAD_CACHE_PIXELS: usize = 4096;
+
 /// The convolution of a layer: candle's on other devices; on the CPU (where candle re-lays the whole
 /// weight out at every call) 3×3 stride-1 padding-1 f32 convolutions of images of at least
-/// [`WINOGRAD_MIN_PIXELS`] by [`winograd::conv3x3`] in inference; other square convolutions by
+/// [`WINOGRAD_MIN_PIXELS`] by Winograd in inference (its transformed weights kept in `cache` for
+/// small images, where given); other square convolutions by
 /// [`matmul::conv2d`] where the CPU has a product kernel for the dtype (bf16 always: its products
 /// are exact and a bf16 Winograd transform would round); the rest by [`conv2d_unfolded`] in f32.
-fn conv_forward(conv: &candle_nn::Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
+fn conv_forward(
+    conv: &candle_nn::Conv2d,
+    x: &Tensor,
+    cache: Option<&OnceLock<WinogradWeights>>,
+) -> candle_core::Result<Tensor> {
     let cfg = conv.config();
     if !x.device().is_cpu() || cfg.dilation != 1 || cfg.groups != 1 {
         return conv.forward(x);
@@ -236,7 +256,19 @@ fn conv_forward(conv: &candle_nn::Conv2d, x: &Tensor) -> candle_core::Result<Ten
     }
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let y = match conv.bias() {
-        Some(bias) if winograd => winograd::conv3x3(&f32(x)?, &f32(conv.weight())?, &f32(bias)?)?,
+        Some(bias) if winograd => match cache.filter(|_| h * w <= WINOGRAD_CACHE_PIXELS) {
+            Some(cache) => {
+                let weights = match cache.get() {
+                    Some(weights) => weights,
+                    None => {
+                        let made = WinogradWeights::new(conv.weight(), bias)?;
+                        cache.get_or_init(|| made)
+                    }
+                };
+                weights.conv(&f32(x)?)?
+            }
+            None => winograd::conv3x3(&f32(x)?, conv.weight(), bias)?,
+        },
         _ if kh == kw => conv2d_unfolded(
             &f32(x)?,
             &f32(conv.weight())?,
@@ -364,6 +396,7 @@ pub fn conv2d(
         stride,
         padding,
         lora,
+        winograd: Default::default(),
     })
 }
 
@@ -523,6 +556,35 @@ mod tests {
         vars.iter()
             .map(|v| max_diff(g_ours.get(v).unwrap(), g_ref.get(v).unwrap()))
             .collect()
+    }
+
+    /// A plain f32 3×3 convolution runs Winograd from 32×32 on, its transformed weights made at the
+    /// first small image and kept; every size gives candle's convolution.
+    #[test]
+    fn winograd_weights_are_kept_for_small_images_and_give_candles_convolution() {
+        let (c, o) = (5, 7);
+        let (weight, bias) = (randn(&[o, c, 3, 3], 1), randn(&[o], 2));
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = Conv2d::from(candle_nn::Conv2d::new(
+            weight.clone(),
+            Some(bias.clone()),
+            cfg,
+        ));
+        for (side, kept) in [(31, false), (32, true), (45, true), (80, true)] {
+            let x = randn(&[1, c, side, side], 3);
+            let want = x
+                .conv2d(&weight, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            // Relative to the output's magnitude, as the Winograd kernel's own test.
+            let err = max_diff(&conv.forward(&x).unwrap(), &want) / crate::kernels::max_abs(&want);
+            assert!(err < 3e-5, "{side}×{side}: {err}");
+            assert_eq!(conv.winograd.get().is_some(), kept, "{side}×{side}");
+        }
     }
 
     /// The unfolded convolution and its gradients equal candle's convolution on awkward sizes: odd sides,
