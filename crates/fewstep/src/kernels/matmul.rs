@@ -810,8 +810,17 @@ fn pack_b<S: Source>(ops: &Operands<S>, n0: usize, cols: usize, kp: usize) -> Ve
                 let row = &ops.b[kk * ops.b_k + c0 * ops.b_n..];
                 let out = &mut dst[(kk / S::PER_SLOT) * NR..][..width];
                 let shift = shift * (kk % S::PER_SLOT);
-                for (c, o) in out.iter_mut().enumerate() {
-                    *o |= row[c * ops.b_n].bits() << shift;
+                match ops.b_n {
+                    // Contiguous rows (Winograd's `V`, attention's values): a vector loop.
+                    1 => out
+                        .iter_mut()
+                        .zip(row)
+                        .for_each(|(o, x)| *o |= x.bits() << shift),
+                    b_n => {
+                        for (c, o) in out.iter_mut().enumerate() {
+                            *o |= row[c * b_n].bits() << shift;
+                        }
+                    }
                 }
             }
         }

@@ -53,49 +53,94 @@ const CHUNK_ELEMENTS: usize = 1 << 20;
 /// Tiles a thread takes as one chunk whatever their size: 128, a 64×64 image's share of two threads.
 const SHARED_TILES: usize = 128;
 
-/// `P · X · Qᵀ` for small matrices given by rows: `P: [R, K]`, `X: [K, K2]`, `Q: [S, K2]` → `[R, S]`.
+/// Tiles (or channels) a transform takes at once, one in each lane of an AVX-512 register.
+const LANES: usize = 16;
+
+/// One value of each of [`LANES`] tiles.
+type Lanes = [f32; LANES];
+
+/// `P · X · Qᵀ` for small matrices given by rows, `P: [R, K]`, `X: [K, K2]`, `Q: [S, K2]` → `[R, S]`,
+/// in each lane: the transforms of [`LANES`] tiles at once, as vector operations.
 #[inline(always)]
 fn sandwich<const R: usize, const K: usize, const K2: usize, const S: usize>(
     p: &[[f32; K]; R],
-    x: &[[f32; K2]; K],
+    x: &[[Lanes; K2]; K],
     q: &[[f32; K2]; S],
-) -> [[f32; S]; R] {
-    let px: [[f32; K2]; R] =
-        std::array::from_fn(|i| std::array::from_fn(|j| (0..K).map(|k| p[i][k] * x[k][j]).sum()));
-    std::array::from_fn(|i| std::array::from_fn(|j| (0..K2).map(|k| px[i][k] * q[j][k]).sum()))
+) -> [[Lanes; S]; R] {
+    let mut px = [[[0f32; LANES]; K2]; R];
+    for (pxi, pi) in px.iter_mut().zip(p) {
+        for (xk, &pik) in x.iter().zip(pi) {
+            for (acc, xkj) in pxi.iter_mut().zip(xk) {
+                acc.iter_mut().zip(xkj).for_each(|(a, &v)| *a += pik * v);
+            }
+        }
+    }
+    let mut out = [[[0f32; LANES]; S]; R];
+    for (oi, pxi) in out.iter_mut().zip(&px) {
+        for (acc, qj) in oi.iter_mut().zip(q) {
+            for (pxik, &qjk) in pxi.iter().zip(qj) {
+                acc.iter_mut().zip(pxik).for_each(|(a, &v)| *a += v * qjk);
+            }
+        }
+    }
+    out
 }
 
-/// `U = G g Gᵀ` for every output and input channel: `[36, O, C]` from `g: [O, C, 3, 3]`.
+/// `f` compiled for AVX-512 where the CPU has it (the lanes of [`sandwich`] become one register).
+#[inline(always)]
+fn vectorised(f: impl FnOnce()) {
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(f: impl FnOnce()) {
+        f()
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: checked just above.
+        return unsafe { avx512(f) };
+    }
+    f()
+}
+
+/// `U = G g Gᵀ` for every output and input channel: `[36, O, C]` from `g: [O, C, 3, 3]`, the input
+/// channels [`LANES`] at a time.
 fn transform_weights(g: &[f32], o: usize, c: usize) -> Vec<f32> {
-    // Per output channel (in parallel): its `[C, 36]` block, then scattered to `[36, O, C]`.
-    let per_output: Vec<Vec<f32>> = (0..o)
-        .into_par_iter()
-        .map(|oi| {
-            let mut block = vec![0f32; c * XI];
-            for ci in 0..c {
-                let k = &g[9 * (oi * c + ci)..][..9];
-                let kernel: [[f32; 3]; 3] =
-                    std::array::from_fn(|i| std::array::from_fn(|j| k[3 * i + j]));
+    let mut u = vec![0f32; XI * o * c];
+    // Each output channel's `[36, C]` values, written to its rows of the 36 planes.
+    let rows = SharedOut(u.as_mut_ptr(), u.len());
+    (0..o).into_par_iter().for_each(|oi| {
+        vectorised(|| {
+            for c0 in (0..c).step_by(LANES) {
+                let lanes = LANES.min(c - c0);
+                let mut kernel = [[[0f32; LANES]; 3]; 3];
+                for (l, k) in g[9 * (oi * c + c0)..][..9 * lanes]
+                    .chunks_exact(9)
+                    .enumerate()
+                {
+                    for (i, row) in kernel.iter_mut().enumerate() {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            v[l] = k[3 * i + j];
+                        }
+                    }
+                }
                 let t = sandwich(&G, &kernel, &G);
-                for (xi, &x) in t.iter().flatten().enumerate() {
-                    block[xi * c + ci] = x;
+                // SAFETY: output channel `oi` writes only its own rows of `u` (see `SharedOut`).
+                let u = unsafe { rows.slice() };
+                for (xi, v) in t.iter().flatten().enumerate() {
+                    u[(xi * o + oi) * c + c0..][..lanes].copy_from_slice(&v[..lanes]);
                 }
             }
-            block
         })
-        .collect();
-    let mut u = vec![0f32; XI * o * c];
-    u.par_chunks_mut(o * c).enumerate().for_each(|(xi, plane)| {
-        for (oi, block) in per_output.iter().enumerate() {
-            plane[oi * c..(oi + 1) * c].copy_from_slice(&block[xi * c..(xi + 1) * c]);
-        }
     });
     u
 }
 
 /// `V_ξ[c, t] = (Bᵀ d B)_ξ` for the tiles `first..first + n` of one image `x: [C, H, W]`, into
 /// `v: [36, C, n]`. Tile `t` covers output rows `4·(t / tw)..+4`, columns `4·(t % tw)..+4`; its 6×6
-/// input patch starts one pixel up and left (the padding), zeros outside the image.
+/// input patch starts one pixel up and left (the padding), zeros outside the image. [`LANES`] tiles
+/// at a time.
 #[allow(clippy::too_many_arguments)]
 fn transform_input(
     x: &[f32],
@@ -107,37 +152,40 @@ fn transform_input(
     n: usize,
     v: &mut [f32],
 ) {
-    for ch in 0..c {
-        let plane = &x[ch * h * w..(ch + 1) * h * w];
-        for i in 0..n {
-            let t = first + i;
-            let (y0, x0) = ((M * (t / tw)) as isize - 1, (M * (t % tw)) as isize - 1);
-            let mut d = [[0f32; A]; A];
-            for (r, row) in d.iter_mut().enumerate() {
-                let y = y0 + r as isize;
-                if y < 0 || y >= h as isize {
-                    continue;
-                }
-                let line = &plane[y as usize * w..(y as usize + 1) * w];
-                for (q, val) in row.iter_mut().enumerate() {
-                    let xx = x0 + q as isize;
-                    if xx >= 0 && xx < w as isize {
-                        *val = line[xx as usize];
+    vectorised(|| {
+        for ch in 0..c {
+            let plane = &x[ch * h * w..(ch + 1) * h * w];
+            for i0 in (0..n).step_by(LANES) {
+                let lanes = LANES.min(n - i0);
+                let mut d = [[[0f32; LANES]; A]; A];
+                for l in 0..lanes {
+                    let t = first + i0 + l;
+                    let (y0, x0) = ((M * (t / tw)) as isize - 1, (M * (t % tw)) as isize - 1);
+                    for (r, row) in d.iter_mut().enumerate() {
+                        let y = y0 + r as isize;
+                        if y < 0 || y >= h as isize {
+                            continue;
+                        }
+                        let line = &plane[y as usize * w..(y as usize + 1) * w];
+                        for (q, val) in row.iter_mut().enumerate() {
+                            let xx = x0 + q as isize;
+                            if xx >= 0 && xx < w as isize {
+                                val[l] = line[xx as usize];
+                            }
+                        }
                     }
                 }
-            }
-            let e = sandwich(&BT, &d, &BT);
-            for (r, row) in e.iter().enumerate() {
-                for (q, &val) in row.iter().enumerate() {
-                    v[((A * r + q) * c + ch) * n + i] = val;
+                let e = sandwich(&BT, &d, &BT);
+                for (xi, val) in e.iter().flatten().enumerate() {
+                    v[(xi * c + ch) * n + i0..][..lanes].copy_from_slice(&val[..lanes]);
                 }
             }
         }
-    }
+    })
 }
 
 /// `y[o, 4ty+i, 4tx+j] = (Aᵀ M A)[i, j] + bias[o]` for the tiles `first..first + n`, from
-/// `m: [36, O, n]`, cropped at the image's edge.
+/// `m: [36, O, n]`, cropped at the image's edge; [`LANES`] tiles at a time.
 #[allow(clippy::too_many_arguments)]
 fn transform_output(
     m: &[f32],
@@ -150,20 +198,27 @@ fn transform_output(
     n: usize,
     y: &mut [f32],
 ) {
-    for oc in 0..o {
-        for i in 0..n {
-            let mm: [[f32; A]; A] =
-                std::array::from_fn(|r| std::array::from_fn(|q| m[((A * r + q) * o + oc) * n + i]));
-            let out = sandwich(&AT, &mm, &AT);
-            let t = first + i;
-            let (oy, ox) = (M * (t / tw), M * (t % tw));
-            for (r, row) in out.iter().enumerate().take(h.saturating_sub(oy)) {
-                for (q, &val) in row.iter().enumerate().take(w.saturating_sub(ox)) {
-                    y[(oc * h + oy + r) * w + ox + q] = val + bias[oc];
+    vectorised(|| {
+        for oc in 0..o {
+            for i0 in (0..n).step_by(LANES) {
+                let lanes = LANES.min(n - i0);
+                let mut mm = [[[0f32; LANES]; A]; A];
+                for (xi, val) in mm.iter_mut().flatten().enumerate() {
+                    val[..lanes].copy_from_slice(&m[(xi * o + oc) * n + i0..][..lanes]);
+                }
+                let out = sandwich(&AT, &mm, &AT);
+                for l in 0..lanes {
+                    let t = first + i0 + l;
+                    let (oy, ox) = (M * (t / tw), M * (t % tw));
+                    for (r, row) in out.iter().enumerate().take(h.saturating_sub(oy)) {
+                        for (q, val) in row.iter().enumerate().take(w.saturating_sub(ox)) {
+                            y[(oc * h + oy + r) * w + ox + q] = val[l] + bias[oc];
+                        }
+                    }
                 }
             }
         }
-    }
+    })
 }
 
 /// `dst[O, n] = a[O, C] · b[C, n]`, row-major, on the calling thread, by `gemm` (CPUs without
@@ -305,8 +360,9 @@ impl CustomOp1 for Winograd<'_> {
     }
 }
 
-/// The output image shared by the threads of one convolution. Each chunk of tiles writes only the
-/// pixels of its own 4×4 blocks, so the writes never overlap.
+/// An output shared by threads that never write the same element: an image whose chunks of tiles
+/// each write the pixels of their own 4×4 blocks, or `U` whose output channels each write their own
+/// rows.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32, usize);
 unsafe impl Send for SharedOut {}
