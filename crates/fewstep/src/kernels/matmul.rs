@@ -571,7 +571,8 @@ impl<'a> PackedLhs<'a> {
     /// pass, or `None` where the CPU has no AMX: `A[i][j] = bf16(e^(s · values[i · a_row + j] − mᵢ))`
     /// with `mᵢ = max(max[i], maxⱼ s · values[i · a_row + j])`, and per row `(mᵢ, Σⱼ e^(…))` (the sum
     /// of the f32 values; [`softmax::online_step`](crate::kernels::softmax::online_step) takes both).
-    /// The numbers of `exp_rows_online` followed by [`PackedLhs::rounded_bf16`].
+    /// The numbers of `exp_rows_online` followed by [`PackedLhs::rounded_bf16`], the maxima exact,
+    /// the exponentials to a relative 3·10⁻⁶ before their rounding to bf16 (`exp_at_bf16`).
     pub(crate) fn exp_bf16(
         values: &[f32],
         (m, k, a_row): (usize, usize, usize),
@@ -1202,12 +1203,12 @@ mod amx {
         max: &[f32],
         slots: &mut [u32],
     ) -> Vec<(f32, f32)> {
-        use crate::kernels::softmax::avx512::{exp_at, row_max};
+        use crate::kernels::softmax::avx512::{exp_at_bf16, row_max};
         use std::arch::x86_64::*;
         let kp = super::Isa::Amx.slots(k);
         let tile = AMX_TILE_ROWS * AMX_PAIRS;
         let dst = slots.as_mut_ptr();
-        let sv = _mm512_set1_ps(s);
+        let ls = _mm512_set1_ps(s * std::f32::consts::LOG2_E);
         // A loop, not a closure: a closure would not take the function's instruction sets.
         let mut rows = Vec::with_capacity(m);
         for r in 0..m {
@@ -1217,14 +1218,14 @@ mod amx {
                 rows.push((max, 1.0));
                 continue;
             }
-            let mx = _mm512_set1_ps(max);
+            let lm = _mm512_set1_ps(max * std::f32::consts::LOG2_E);
             let first = (r / AMX_TILE_ROWS) * AMX_TILE_ROWS * kp + (r % AMX_TILE_ROWS) * AMX_PAIRS;
             let mut acc = _mm512_setzero_ps();
             for (step, j) in (0..k).step_by(2 * AMX_PAIRS).enumerate() {
-                let lo = exp_at(row, j, sv, mx);
+                let lo = exp_at_bf16(row, j, ls, lm);
                 acc = _mm512_add_ps(acc, lo);
                 let hi = match j + 16 < k {
-                    true => exp_at(row, j + 16, sv, mx),
+                    true => exp_at_bf16(row, j + 16, ls, lm),
                     false => _mm512_setzero_ps(),
                 };
                 acc = _mm512_add_ps(acc, hi);
@@ -1924,7 +1925,13 @@ mod tests {
         let state = (&mut want_max[..], &mut sums[..], &mut rescale[..]);
         crate::kernels::softmax::exp_rows_online(&mut exps, (m, k, a_row), s, state);
         for (i, &(row_max, block)) in rows.iter().enumerate() {
-            assert_eq!((row_max, block), (want_max[i], sums[i]), "row {i}");
+            // The sums within the exponentials' relative 3·10⁻⁶ (and f32 summation orders).
+            assert_eq!(row_max, want_max[i], "row {i}");
+            assert!(
+                (block - sums[i]).abs() <= 5e-6 * sums[i],
+                "row {i}: {block} {}",
+                sums[i]
+            );
         }
         let want = PackedLhs::rounded_bf16(&exps, (m, k, a_row)).unwrap();
         let b: Vec<bf16> = test_input(&[k, n], 4)
@@ -1946,6 +1953,13 @@ mod tests {
         };
         let (got, want) = (product(&got), product(&want));
         assert!(got.iter().any(|&v| v != 0.0));
-        assert_eq!(got, want);
+        // Rounded to bf16 alike but where an exponential lies within 3·10⁻⁶ of a rounding boundary:
+        // each such probability moves by one bf16 step (2⁻⁸ of it).
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(err <= 1e-2 * scale, "{err} of {scale}");
     }
 }
