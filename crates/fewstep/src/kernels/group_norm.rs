@@ -3,7 +3,8 @@
 //! pixel axes, is the slowest CPU path of a training step), and fused with the SiLU that follows it in
 //! every ResNet block for inference.
 
-use crate::kernels::{contiguous_bf16, contiguous_f32, narrow_to_bf16};
+use crate::kernels::softmax::exp;
+use crate::kernels::{contiguous_bf16, contiguous_f32, narrow_to_bf16, vectorised};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -65,17 +66,21 @@ impl GroupNormOp {
     ) {
         let (mean, rstd) = moments(x, self.eps);
         let c0 = (bg % self.groups) * (x.len() / hw);
-        for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-            let (g, b) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x - mean) * g + b;
-            }
-            if self.silu {
-                for y in y.iter_mut() {
-                    *y /= 1.0 + (-*y).exp();
+        vectorised(|| {
+            for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                let (g, b) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - mean) * g + b;
+                }
+                if self.silu {
+                    // σ(y) by the polynomial `exp` (the C library's was a call a value); past e⁸⁰
+                    // the quotient is 0 in f32 anyway, and the clamp keeps `exp` inside its range.
+                    for y in y.iter_mut() {
+                        *y /= 1.0 + exp((-*y).min(80.0));
+                    }
                 }
             }
-        }
+        })
     }
 }
 

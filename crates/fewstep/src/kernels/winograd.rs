@@ -13,8 +13,8 @@
 //! interpolation points 0, ±1, ±2 (Lavin & Gray's matrices below); in f32 the result is within a few
 //! 10⁻⁶ of the direct convolution's, relative to the output's magnitude.
 
-use crate::kernels::contiguous_f32;
 use crate::kernels::matmul::PackedLhs;
+use crate::kernels::{contiguous_f32, vectorised};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -84,24 +84,6 @@ fn sandwich<const R: usize, const K: usize, const K2: usize, const S: usize>(
         }
     }
     out
-}
-
-/// `f` compiled for AVX-512 where the CPU has it (the lanes of [`sandwich`] become one register).
-#[inline(always)]
-fn vectorised(f: impl FnOnce()) {
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn avx512(f: impl FnOnce()) {
-        f()
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: checked just above.
-        return unsafe { avx512(f) };
-    }
-    f()
 }
 
 /// `U = G g Gᵀ` for every output and input channel: `[36, O, C]` from `g: [O, C, 3, 3]`, the input
