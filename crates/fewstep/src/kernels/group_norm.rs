@@ -66,21 +66,24 @@ impl GroupNormOp {
     ) {
         let (mean, rstd) = moments(x, self.eps);
         let c0 = (bg % self.groups) * (x.len() / hw);
-        vectorised(|| {
-            for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                let (g, b) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - mean) * g + b;
-                }
-                if self.silu {
-                    // σ(y) by the polynomial `exp` (the C library's was a call a value); past e⁸⁰
-                    // the quotient is 0 in f32 anyway, and the clamp keeps `exp` inside its range.
-                    for y in y.iter_mut() {
-                        *y /= 1.0 + exp((-*y).min(80.0));
+        vectorised(
+            #[inline(always)]
+            || {
+                for (ci, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                    let (g, b) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - mean) * g + b;
+                    }
+                    if self.silu {
+                        // σ(y) by the polynomial `exp` (the C library's was a call a value); past e⁸⁰
+                        // the quotient is 0 in f32 anyway, and the clamp keeps `exp` inside its range.
+                        for y in y.iter_mut() {
+                            *y /= 1.0 + exp((-*y).min(80.0));
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
     }
 }
 

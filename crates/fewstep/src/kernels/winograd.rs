@@ -93,28 +93,31 @@ fn transform_weights(g: &[f32], o: usize, c: usize) -> Vec<f32> {
     // Each output channel's `[36, C]` values, written to its rows of the 36 planes.
     let rows = SharedOut(u.as_mut_ptr(), u.len());
     (0..o).into_par_iter().for_each(|oi| {
-        vectorised(|| {
-            for c0 in (0..c).step_by(LANES) {
-                let lanes = LANES.min(c - c0);
-                let mut kernel = [[[0f32; LANES]; 3]; 3];
-                for (l, k) in g[9 * (oi * c + c0)..][..9 * lanes]
-                    .chunks_exact(9)
-                    .enumerate()
-                {
-                    for (i, row) in kernel.iter_mut().enumerate() {
-                        for (j, v) in row.iter_mut().enumerate() {
-                            v[l] = k[3 * i + j];
+        vectorised(
+            #[inline(always)]
+            || {
+                for c0 in (0..c).step_by(LANES) {
+                    let lanes = LANES.min(c - c0);
+                    let mut kernel = [[[0f32; LANES]; 3]; 3];
+                    for (l, k) in g[9 * (oi * c + c0)..][..9 * lanes]
+                        .chunks_exact(9)
+                        .enumerate()
+                    {
+                        for (i, row) in kernel.iter_mut().enumerate() {
+                            for (j, v) in row.iter_mut().enumerate() {
+                                v[l] = k[3 * i + j];
+                            }
                         }
                     }
+                    let t = sandwich(&G, &kernel, &G);
+                    // SAFETY: output channel `oi` writes only its own rows of `u` (see `SharedOut`).
+                    let u = unsafe { rows.slice() };
+                    for (xi, v) in t.iter().flatten().enumerate() {
+                        u[(xi * o + oi) * c + c0..][..lanes].copy_from_slice(&v[..lanes]);
+                    }
                 }
-                let t = sandwich(&G, &kernel, &G);
-                // SAFETY: output channel `oi` writes only its own rows of `u` (see `SharedOut`).
-                let u = unsafe { rows.slice() };
-                for (xi, v) in t.iter().flatten().enumerate() {
-                    u[(xi * o + oi) * c + c0..][..lanes].copy_from_slice(&v[..lanes]);
-                }
-            }
-        })
+            },
+        )
     });
     u
 }
@@ -134,36 +137,39 @@ fn transform_input(
     n: usize,
     v: &mut [f32],
 ) {
-    vectorised(|| {
-        for ch in 0..c {
-            let plane = &x[ch * h * w..(ch + 1) * h * w];
-            for i0 in (0..n).step_by(LANES) {
-                let lanes = LANES.min(n - i0);
-                let mut d = [[[0f32; LANES]; A]; A];
-                for l in 0..lanes {
-                    let t = first + i0 + l;
-                    let (y0, x0) = ((M * (t / tw)) as isize - 1, (M * (t % tw)) as isize - 1);
-                    for (r, row) in d.iter_mut().enumerate() {
-                        let y = y0 + r as isize;
-                        if y < 0 || y >= h as isize {
-                            continue;
-                        }
-                        let line = &plane[y as usize * w..(y as usize + 1) * w];
-                        for (q, val) in row.iter_mut().enumerate() {
-                            let xx = x0 + q as isize;
-                            if xx >= 0 && xx < w as isize {
-                                val[l] = line[xx as usize];
+    vectorised(
+        #[inline(always)]
+        || {
+            for ch in 0..c {
+                let plane = &x[ch * h * w..(ch + 1) * h * w];
+                for i0 in (0..n).step_by(LANES) {
+                    let lanes = LANES.min(n - i0);
+                    let mut d = [[[0f32; LANES]; A]; A];
+                    for l in 0..lanes {
+                        let t = first + i0 + l;
+                        let (y0, x0) = ((M * (t / tw)) as isize - 1, (M * (t % tw)) as isize - 1);
+                        for (r, row) in d.iter_mut().enumerate() {
+                            let y = y0 + r as isize;
+                            if y < 0 || y >= h as isize {
+                                continue;
+                            }
+                            let line = &plane[y as usize * w..(y as usize + 1) * w];
+                            for (q, val) in row.iter_mut().enumerate() {
+                                let xx = x0 + q as isize;
+                                if xx >= 0 && xx < w as isize {
+                                    val[l] = line[xx as usize];
+                                }
                             }
                         }
                     }
-                }
-                let e = sandwich(&BT, &d, &BT);
-                for (xi, val) in e.iter().flatten().enumerate() {
-                    v[(xi * c + ch) * n + i0..][..lanes].copy_from_slice(&val[..lanes]);
+                    let e = sandwich(&BT, &d, &BT);
+                    for (xi, val) in e.iter().flatten().enumerate() {
+                        v[(xi * c + ch) * n + i0..][..lanes].copy_from_slice(&val[..lanes]);
+                    }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 /// `y[o, 4ty+i, 4tx+j] = (Aᵀ M A)[i, j] + bias[o]` for the tiles `first..first + n`, from
@@ -180,27 +186,30 @@ fn transform_output(
     n: usize,
     y: &mut [f32],
 ) {
-    vectorised(|| {
-        for oc in 0..o {
-            for i0 in (0..n).step_by(LANES) {
-                let lanes = LANES.min(n - i0);
-                let mut mm = [[[0f32; LANES]; A]; A];
-                for (xi, val) in mm.iter_mut().flatten().enumerate() {
-                    val[..lanes].copy_from_slice(&m[(xi * o + oc) * n + i0..][..lanes]);
-                }
-                let out = sandwich(&AT, &mm, &AT);
-                for l in 0..lanes {
-                    let t = first + i0 + l;
-                    let (oy, ox) = (M * (t / tw), M * (t % tw));
-                    for (r, row) in out.iter().enumerate().take(h.saturating_sub(oy)) {
-                        for (q, val) in row.iter().enumerate().take(w.saturating_sub(ox)) {
-                            y[(oc * h + oy + r) * w + ox + q] = val[l] + bias[oc];
+    vectorised(
+        #[inline(always)]
+        || {
+            for oc in 0..o {
+                for i0 in (0..n).step_by(LANES) {
+                    let lanes = LANES.min(n - i0);
+                    let mut mm = [[[0f32; LANES]; A]; A];
+                    for (xi, val) in mm.iter_mut().flatten().enumerate() {
+                        val[..lanes].copy_from_slice(&m[(xi * o + oc) * n + i0..][..lanes]);
+                    }
+                    let out = sandwich(&AT, &mm, &AT);
+                    for l in 0..lanes {
+                        let t = first + i0 + l;
+                        let (oy, ox) = (M * (t / tw), M * (t % tw));
+                        for (r, row) in out.iter().enumerate().take(h.saturating_sub(oy)) {
+                            for (q, val) in row.iter().enumerate().take(w.saturating_sub(ox)) {
+                                y[(oc * h + oy + r) * w + ox + q] = val[l] + bias[oc];
+                            }
                         }
                     }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 /// `dst[O, n] = a[O, C] · b[C, n]`, row-major, on the calling thread, by `gemm` (CPUs without
