@@ -7,7 +7,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::softmax::exp;
-use crate::kernels::{contiguous_bf16, contiguous_f32, Element};
+use crate::kernels::{contiguous_bf16, contiguous_f32, vectorised, Element};
 
 /// `erf(x)` with an absolute error below 1.5·10⁻⁷ in exact arithmetic, 6·10⁻⁷ in f32 (Abramowitz &
 /// Stegun 7.1.26):
@@ -45,36 +45,20 @@ fn rows<T: Element>(hg: &[T], out: &mut [T], inner: usize) {
     }
 }
 
-/// [`rows`] compiled for AVX-512 (sixteen values a step).
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn rows_avx512<T: Element>(hg: &[T], out: &mut [T], inner: usize) {
-    rows(hg, out, inner)
-}
-
-/// `h · gelu(g)` for the rows of `hg` (`[.., 2 · inner]`), a block of rows a task.
+/// `h · gelu(g)` for the rows of `hg` (`[.., 2 · inner]`), a block of rows a task, [`rows`] compiled
+/// for AVX-512 where the CPU has it (sixteen values a step).
 fn geglu_values<T: Element>(hg: &[T], inner: usize) -> Vec<T> {
     let mut out = vec![T::default(); hg.len() / 2];
     let block = inner * (4096 / inner).max(1);
     out.par_chunks_mut(block)
         .zip(hg.par_chunks(2 * block))
         .for_each(|(dst, src)| {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx512() {
-                // SAFETY: checked just above.
-                return unsafe { rows_avx512(src, dst, inner) };
-            }
-            rows(src, dst, inner)
+            vectorised(
+                #[inline(always)]
+                || rows(src, dst, inner),
+            )
         });
     out
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
 }
 
 struct Geglu;

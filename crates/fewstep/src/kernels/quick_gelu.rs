@@ -7,8 +7,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::kernels::contiguous_bf16;
 use crate::kernels::softmax::exp;
+use crate::kernels::{contiguous_bf16, vectorised};
 
 /// `out[i] = quick_gelu(x[i])`, in f32 then rounded to bf16, a block of values at a time.
 #[inline(always)]
@@ -25,16 +25,6 @@ fn values(x: &[bf16], out: &mut [bf16]) {
     }
 }
 
-/// [`values`] compiled for AVX-512 (sixteen values a step).
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn values_avx512(x: &[bf16], out: &mut [bf16]) {
-    values(x, out)
-}
-
 struct QuickGelu;
 
 impl CustomOp1 for QuickGelu {
@@ -47,13 +37,12 @@ impl CustomOp1 for QuickGelu {
         let mut out = vec![bf16::ZERO; x.len()];
         out.par_chunks_mut(16384)
             .zip(x.par_chunks(16384))
+            // Compiled for AVX-512 where the CPU has it: sixteen values a step.
             .for_each(|(dst, src)| {
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: checked just above.
-                    return unsafe { values_avx512(src, dst) };
-                }
-                values(src, dst)
+                vectorised(
+                    #[inline(always)]
+                    || values(src, dst),
+                )
             });
         Ok((CpuStorage::BF16(out), l.shape().clone()))
     }
