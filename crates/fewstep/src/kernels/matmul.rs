@@ -533,14 +533,6 @@ pub(crate) fn row_step(dtype: DType) -> Option<usize> {
 }
 
 impl<'a> PackedLhs<'a> {
-    /// The row-major f32 `a: [m, k]` for the AVX-512F kernel, or `None` where the CPU has no
-    /// AVX-512F.
-    pub(crate) fn f32(a: &'a [f32], m: usize, k: usize) -> Option<Self> {
-        Isa::Avx512F
-            .supported()
-            .then(|| Self::pack(Isa::Avx512F, a, k, m, k))
-    }
-
     /// `A[i][j] = a[i · a_row + j]` for the fastest kernel for its dtype, or `None` where the CPU
     /// runs none.
     pub(crate) fn new<S: Source>(a: &'a [S], a_row: usize, m: usize, k: usize) -> Option<Self> {

@@ -308,7 +308,7 @@ impl CustomOp1 for Winograd<'_> {
         }
         // The AVX-512F product reads the 36 `U_ξ` where they lie.
         let packed: Option<Vec<PackedLhs>> = (0..XI)
-            .map(|xi| PackedLhs::f32(&u[xi * o * c..(xi + 1) * o * c], o, c))
+            .map(|xi| PackedLhs::new(&u[xi * o * c..(xi + 1) * o * c], c, o, c))
             .collect();
         let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
         let tiles = th * tw;

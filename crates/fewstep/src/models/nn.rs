@@ -216,8 +216,8 @@ impl Module for Conv2d {
     }
 }
 
-/// Images with fewer pixels than this (32×32) run the im2col product: with few 4×4 tiles, transforming
-/// the weights (4× their size, at every call) costs more than Winograd saves.
+/// Images with fewer pixels than this (32×32) run the im2col product: with few 4×4 tiles it is faster
+/// than Winograd even on kept weights (1280 channels at 16×16: 30 against 44 ms).
 const WINOGRAD_MIN_PIXELS: usize = 1024;
 
 /// Images with at most this many pixels (64×64) run Winograd on weights transformed once and kept
