@@ -24,6 +24,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, 
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::kernels::aligned::Aligned;
 use crate::kernels::Element;
 
 /// Rows of the AVX-512 register tile: 12 × 2 accumulators, two panel vectors and a broadcast in 32
@@ -372,7 +373,7 @@ impl Product {
                 }
             };
             // Packed once for all tasks unless each block of patches has a task of its own.
-            let shared_b: Vec<Vec<u32>> = match (patches, packed) {
+            let shared_b: Vec<Aligned<u32>> = match (patches, packed) {
                 (_, Prepacked::Rhs(_)) => Vec::new(),
                 (Some(_), _) if m_chunks == 1 => Vec::new(),
                 _ => (0..n_blocks).into_par_iter().map(block_b).collect(),
@@ -461,7 +462,7 @@ impl Product {
 /// pool, which could want the tile too.
 fn with_tile<R>(f: impl FnOnce(&mut [f32]) -> R) -> R {
     thread_local! {
-        static TILE: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::new(vec![0f32; MC * NC]);
+        static TILE: std::cell::RefCell<Aligned<f32>> = std::cell::RefCell::new(Aligned::zeroed(MC * NC));
     }
     TILE.with_borrow_mut(|tile| f(tile))
 }
@@ -509,7 +510,7 @@ pub(crate) struct PackedLhs<'a> {
 
 /// The values of a [`PackedLhs`].
 enum LhsSlots<'a> {
-    Packed(Vec<u32>),
+    Packed(Aligned<u32>),
     /// f32 rows `row` slots apart.
     Rows {
         a: &'a [u32],
@@ -521,7 +522,7 @@ enum LhsSlots<'a> {
 /// every block of queries multiplies.
 pub(crate) struct PackedRhs {
     isa: Isa,
-    slots: Vec<u32>,
+    slots: Aligned<u32>,
     k: usize,
     n: usize,
 }
@@ -579,7 +580,7 @@ impl<'a> PackedLhs<'a> {
         if !isa.supported() {
             return None;
         }
-        let mut slots = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k)];
+        let mut slots = Aligned::zeroed(m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k));
         // SAFETY: AMX implies AVX-512F and AVX-512 BF16 (Sapphire Rapids and later); the sizes hold.
         let rows = unsafe { amx::pack_exp(values, (m, k, a_row), s, max, &mut slots) };
         let slots = LhsSlots::Packed(slots);
@@ -732,7 +733,7 @@ impl PackedRhs {
 }
 
 /// `A` packed for `isa`'s kernel: AMX tiles or AVX-512 panels.
-fn pack_a<S: Source>(isa: Isa, ops: &Operands<S>) -> Vec<u32> {
+fn pack_a<S: Source>(isa: Isa, ops: &Operands<S>) -> Aligned<u32> {
     match isa {
         Isa::Amx => pack_a_tiles(ops, isa.slots(ops.k)),
         Isa::Avx512Bf16 | Isa::Avx512F => pack_a_panels(ops, isa.slots(ops.k)),
@@ -741,8 +742,8 @@ fn pack_a<S: Source>(isa: Isa, ops: &Operands<S>) -> Vec<u32> {
 
 /// `A` as panels of [`MR`] rows for the AVX-512 kernels: `[group][slot][row]` u32 slots, slot `p` of
 /// row `r` holding `A[r][p·PER_SLOT ..]` ([`Source::slots`]), zero past `M` and `K`.
-fn pack_a_panels<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
-    let mut packed = vec![0u32; ops.m.div_ceil(MR) * kp * MR];
+fn pack_a_panels<S: Source>(ops: &Operands<S>, kp: usize) -> Aligned<u32> {
+    let mut packed = Aligned::zeroed(ops.m.div_ceil(MR) * kp * MR);
     packed
         .par_chunks_mut(kp * MR)
         .enumerate()
@@ -764,9 +765,9 @@ fn pack_a_panels<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
 /// `A` as AMX tiles: `[block of 16 rows][step of 16 slots][row][slot]` u32 slots, each tile 1 KiB
 /// contiguous (rows of a plain row-major `A` lie a power of two apart and evict each other from the
 /// cache), zero past `K` and in the rows that pad `M` to a multiple of [`AMX_ROWS`].
-fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
+fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Aligned<u32> {
     let tile = AMX_TILE_ROWS * AMX_PAIRS;
-    let mut packed = vec![0u32; ops.m.div_ceil(AMX_ROWS) * AMX_ROWS * kp];
+    let mut packed = Aligned::zeroed(ops.m.div_ceil(AMX_ROWS) * AMX_ROWS * kp);
     packed
         .par_chunks_mut(AMX_TILE_ROWS * kp)
         .enumerate()
@@ -783,9 +784,9 @@ fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Vec<u32> {
 
 /// Columns `n0 .. n0 + cols` of `B` as panels of [`NR`] columns: `[panel][slot][column]` u32 slots,
 /// slot `p` of column `c` holding `B[p·PER_SLOT ..][c]`, zero past `K` and `N`.
-fn pack_b<S: Source>(ops: &Operands<S>, n0: usize, cols: usize, kp: usize) -> Vec<u32> {
+fn pack_b<S: Source>(ops: &Operands<S>, n0: usize, cols: usize, kp: usize) -> Aligned<u32> {
     let panels = cols.div_ceil(NR);
-    let mut packed = vec![0u32; panels * kp * NR];
+    let mut packed = Aligned::zeroed(panels * kp * NR);
     let shift = 32 / S::PER_SLOT;
     for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
         let c0 = n0 + panel * NR;
@@ -830,9 +831,9 @@ fn pack_patches<S: Source>(
     n0: usize,
     cols: usize,
     kp: usize,
-) -> Vec<u32> {
+) -> Aligned<u32> {
     let panels = cols.div_ceil(NR);
-    let mut packed = vec![0u32; panels * kp * NR];
+    let mut packed = Aligned::zeroed(panels * kp * NR);
     let plane = g.h * g.w;
     // k = (channel, u, v) in order: the first value of the channel's plane and the tap `u·k + v`.
     let taps: Vec<(usize, usize)> = (0..ops.k / (g.k * g.k))
@@ -1515,7 +1516,7 @@ fn conv2d_on(
 /// pair or an f32 a slot, `K` padded to the kernel's step.
 pub struct PackedWeight {
     isa: Isa,
-    slots: Vec<u32>,
+    slots: Aligned<u32>,
     /// The weight's shape as stored: `[N, K]` or `[O, C, k, k]`.
     dims: Vec<usize>,
     bias: Bias,
@@ -1556,7 +1557,7 @@ impl PackedWeight {
         let dims = w.dims().to_vec();
         /// `Wᵀ` of a linear layer's `[N, K]` as a right operand, a convolution's `[O, C·k·k]` as
         /// a left one.
-        fn values<S: Source>(isa: Isa, dims: &[usize], v: &[S]) -> Vec<u32> {
+        fn values<S: Source>(isa: Isa, dims: &[usize], v: &[S]) -> Aligned<u32> {
             match *dims {
                 [n, k] => PackedRhs::pack(isa, v, (1, k), k, n).slots,
                 _ => {
@@ -1636,7 +1637,7 @@ struct WeightProduct<'a> {
 impl WeightProduct<'_> {
     /// The plan of the product, the weight's side given the layout it was packed from.
     fn plan(&self, x_l: &Layout) -> candle_core::Result<(Plan, Prepacked<'_>)> {
-        let (w, slots) = (&self.weight.dims, self.weight.slots.as_slice());
+        let (w, slots) = (&self.weight.dims, &self.weight.slots[..]);
         Ok(match self.product.rhs {
             Rhs::Matrix => {
                 let wt = Layout::contiguous((w[0], w[1])).transpose(0, 1)?;

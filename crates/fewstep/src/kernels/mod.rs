@@ -2,6 +2,7 @@
 //! bottleneck. Other devices keep candle's ops; each kernel is tested against the plain candle op.
 
 pub mod add;
+mod aligned;
 pub mod attention;
 pub mod geglu;
 pub mod group_norm;
