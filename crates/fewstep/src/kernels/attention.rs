@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::matmul::{self, PackedLhs, PackedRhs, Source};
-use crate::kernels::{softmax, Element};
+use crate::kernels::{softmax, Element, SharedOut};
 
 /// Scores held at once, at most (elements): 2 MiB of f32, a core's share of the L2/L3 cache.
 const BLOCK_SCORES: usize = 1 << 19;
@@ -47,25 +47,24 @@ pub fn scaled_dot_product_attention(
 ) -> candle_core::Result<Tensor> {
     let (n, lq, d) = q.dims3()?;
     let (_, lk, dv) = v.dims3()?;
+    let one_head = |t: &Tensor| t.unsqueeze(1);
+    if let Some(o) = fused(
+        &one_head(q)?,
+        &one_head(k)?,
+        &one_head(v)?,
+        scale,
+        mask,
+        upcast,
+    )? {
+        return Ok(o);
+    }
     crate::flops::add(crate::flops::matmul(n * lq, d, lk) + crate::flops::matmul(n * lq, lk, dv));
     let (q, k) = if upcast && q.dtype() != DType::F32 {
         (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
     } else {
         (q.clone(), k.clone())
     };
-    // Both products on the CPU kernels where q, k and v share a dtype they run (after an upcast,
-    // q and k are f32 and v is not), outside autograd (the kernels have no backward pass).
-    let kernel = [&q, &k, v]
-        .into_iter()
-        .all(|t| matmul::available(t) && t.dtype() == q.dtype() && !t.track_op());
-    let causal = matches!(mask, Some(Mask::Causal));
-    if kernel && !matches!(mask, Some(Mask::Additive(_))) {
-        let op = Fused {
-            scale: scale as f32,
-            causal,
-        };
-        return q.apply_op3_no_bwd(&k, v, &op);
-    }
+    let kernel = kernels_run(&[&q, &k, v]);
     let causal_mask;
     let mask = match mask {
         Some(Mask::Causal) => {
@@ -110,6 +109,81 @@ pub fn scaled_dot_product_attention(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Tensor::stack(&heads, 0)
+}
+
+/// Multi-head attention on heads side by side, as attention's projections write them: `q: [B, Lq,
+/// H·d]`, `k: [B, Lk, H·d]`, `v: [B, Lk, H·dv]`, head `h` in columns `h·d .. (h + 1)·d` → `[B, Lq,
+/// H·dv]`, head `h`'s `softmax(q_h k_hᵀ · scale + mask) v_h` in its columns `h·dv ..` (diffusers'
+/// `Attention`: `head_to_batch_dim`, the attention per batch-head, `batch_to_head_dim`). Where the
+/// fused kernel runs, it reads and writes the heads where they lie; elsewhere they are split out
+/// into `[B·H, L, d]`, taken through [`scaled_dot_product_attention`] and merged back (four copies
+/// that took a sixth of the single-threaded time of a bf16 UNet step).
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    mask: Option<Mask>,
+    upcast: bool,
+) -> candle_core::Result<Tensor> {
+    let ((b, lq, qw), (_, lk, kw), (_, _, vw)) = (q.dims3()?, k.dims3()?, v.dims3()?);
+    if heads == 0 || qw % heads != 0 || kw != qw || vw % heads != 0 {
+        bail!(
+            "attention: {heads} heads do not split q {:?}, k {:?} and v {:?} evenly",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let (d, dv) = (qw / heads, vw / heads);
+    // `[B, H, L, w]` views of the heads.
+    let split = |t: &Tensor, w: usize| t.reshape((b, t.dim(1)?, heads, w))?.transpose(1, 2);
+    let (q, k, v) = (split(q, d)?, split(k, d)?, split(v, dv)?);
+    if let Some(o) = fused(&q, &k, &v, scale, mask, upcast)? {
+        return Ok(o);
+    }
+    let flat = |t: Tensor, l: usize, w: usize| t.contiguous()?.reshape((b * heads, l, w));
+    let (q, k, v) = (flat(q, lq, d)?, flat(k, lk, d)?, flat(v, lk, dv)?);
+    scaled_dot_product_attention(&q, &k, &v, scale, mask, upcast)?
+        .reshape((b, heads, lq, dv))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, lq, heads * dv))
+}
+
+/// Whether both products run on the CPU kernels: `operands` share a dtype they run (after an upcast,
+/// q and k are f32 and v is not), outside autograd (the kernels have no backward pass).
+fn kernels_run(operands: &[&Tensor]) -> bool {
+    let dtype = operands[0].dtype();
+    operands
+        .iter()
+        .all(|t| matmul::available(t) && t.dtype() == dtype && !t.track_op())
+}
+
+/// [`Fused`] on `[B, H, L, w]` views of the heads → `[B, Lq, H·dv]`, or `None` where it does not run:
+/// an additive mask, operands the kernels do not take, or q and k to be upcast.
+fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<Mask>,
+    upcast: bool,
+) -> candle_core::Result<Option<Tensor>> {
+    let upcast = upcast && q.dtype() != DType::F32;
+    if upcast || matches!(mask, Some(Mask::Additive(_))) || !kernels_run(&[q, k, v]) {
+        return Ok(None);
+    }
+    let ((b, h, lq, d), (_, _, lk, dv)) = (q.dims4()?, v.dims4()?);
+    crate::flops::add(
+        crate::flops::matmul(b * h * lq, d, lk) + crate::flops::matmul(b * h * lq, lk, dv),
+    );
+    let op = Fused {
+        scale: scale as f32,
+        causal: matches!(mask, Some(Mask::Causal)),
+    };
+    q.apply_op3_no_bwd(k, v, &op).map(Some)
 }
 
 /// [`Mask::Causal`] as an additive mask `[lq, lk]` (f32): 0 where key `j ≤` query `i`, −∞ past it.
@@ -157,8 +231,9 @@ fn attend(
     }
 }
 
-/// `softmax(q kᵀ · scale) v` for `q: [N, Lq, d]`, `k: [N, Lk, d]`, `v: [N, Lk, dv]` of one dtype (bf16 or
-/// f32, rows contiguous, any other strides) → `[N, Lq, dv]`, on the CPU kernels of [`matmul`], the way
+/// `softmax(q kᵀ · scale) v` per batch and head for `q: [B, H, Lq, d]`, `k: [B, H, Lk, d]`, `v: [B, H,
+/// Lk, dv]` of one dtype (bf16 or f32, rows contiguous, any other strides: views of heads side by
+/// side) → `[B, Lq, H·dv]`, heads side by side, on the CPU kernels of [`matmul`], the way
 /// FlashAttention computes it (Dao et al. 2022): per head, the keys and values packed once in blocks of
 /// [`KEY_BLOCK`]; per block of queries (a task, a multiple of [`matmul::row_step`] rows), for each
 /// block of keys the scores `S = α · Q Kⱼᵀ` (f32), the online softmax's `Pⱼ = e^(S − m)` with the
@@ -182,16 +257,37 @@ type Rows = (usize, usize, usize);
 /// The online softmax's running maxima, sums and rescaling factors of a block's rows.
 type Online<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32]);
 
-/// The `[N, L, d]` operand of [`Fused`] as values: the slice from its offset and the strides of its
-/// heads and rows (its last dimension contiguous), or an error naming the operand.
-fn heads<'a, S>(
+/// A `[B, H, L, d]` operand of [`Fused`] as values: the slice from its offset, its number of heads
+/// and the strides of its batches, heads and rows (its last dimension contiguous), or an error
+/// naming the operand.
+struct Heads<'a, S> {
     values: &'a [S],
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<(&'a [S], usize, usize)> {
-    match (l.dims(), l.stride()) {
-        ([_, _, _], [head, row, 1]) => Ok((&values[l.start_offset()..], *head, *row)),
-        (dims, _) => bail!("attention: {what} {dims:?} must be [N, L, d] with contiguous rows"),
+    heads: usize,
+    batch: usize,
+    head: usize,
+    row: usize,
+}
+
+impl<'a, S> Heads<'a, S> {
+    fn of(values: &'a [S], l: &Layout, what: &str) -> candle_core::Result<Self> {
+        match (l.dims(), l.stride()) {
+            ([_, heads, _, _], [batch, head, row, 1]) => Ok(Heads {
+                values: &values[l.start_offset()..],
+                heads: *heads,
+                batch: *batch,
+                head: *head,
+                row: *row,
+            }),
+            (dims, _) => {
+                bail!("attention: {what} {dims:?} must be [B, H, L, d] with contiguous rows")
+            }
+        }
+    }
+
+    /// The values of head `bh` (of all the batches' heads) from its row `row` on.
+    fn at(&self, bh: usize, row: usize) -> &'a [S] {
+        &self.values
+            [(bh / self.heads) * self.batch + (bh % self.heads) * self.head + row * self.row..]
     }
 }
 
@@ -218,10 +314,15 @@ impl Fused {
         (v, v_l): (&[S], &Layout),
         probabilities: Probabilities,
     ) -> candle_core::Result<(Vec<S>, Shape)> {
-        let (n, lq, d) = q_l.shape().dims3()?;
-        let (nk, lk, dk) = k_l.shape().dims3()?;
-        let (nv, lv, dv) = v_l.shape().dims3()?;
-        if (nk, dk) != (n, d) || (nv, lv) != (n, lk) {
+        let (q, k, v) = (
+            Heads::of(q, q_l, "q")?,
+            Heads::of(k, k_l, "k")?,
+            Heads::of(v, v_l, "v")?,
+        );
+        let (b, h, lq, d) = q_l.shape().dims4()?;
+        let (bk, hk, lk, dk) = k_l.shape().dims4()?;
+        let (bv, hv, lv, dv) = v_l.shape().dims4()?;
+        if (bk, hk, dk) != (b, h, d) || (bv, hv, lv) != (b, h, lk) {
             bail!(
                 "attention: q {:?}, k {:?} and v {:?} do not fit",
                 q_l.dims(),
@@ -232,9 +333,6 @@ impl Fused {
         if lk == 0 {
             bail!("attention: k {:?} has no keys to attend to", k_l.dims());
         }
-        let (q, q_head, q_row) = heads(q, q_l, "q")?;
-        let (k, k_head, k_row) = heads(k, k_l, "k")?;
-        let (v, v_head, v_row) = heads(v, v_l, "v")?;
         let no_kernel =
             || candle_core::Error::Msg(format!("attention: no kernel for {:?}", S::DTYPE));
         let step = matmul::row_step(S::DTYPE).ok_or_else(no_kernel)?;
@@ -242,33 +340,34 @@ impl Fused {
         let rows = 128usize.div_ceil(step) * step;
         // The outputs' rows as the kernels write them: whole panels of 32 columns.
         let ldo = dv.div_ceil(32) * 32;
-        let key_blocks = |h: usize| {
+        let key_blocks = |bh: usize| {
             (0..lk)
                 .step_by(KEY_BLOCK)
                 .map(|j0| {
                     let len = KEY_BLOCK.min(lk - j0);
-                    let kt = PackedRhs::new(&k[h * k_head + j0 * k_row..], (1, k_row), d, len);
-                    let vp = PackedRhs::new(&v[h * v_head + j0 * v_row..], (v_row, 1), len, dv);
+                    let kt = PackedRhs::new(k.at(bh, j0), (1, k.row), d, len);
+                    let vp = PackedRhs::new(v.at(bh, j0), (v.row, 1), len, dv);
                     Some((len, kt?, vp?))
                 })
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(no_kernel)
         };
-        let packed: Vec<Vec<(usize, PackedRhs, PackedRhs)>> = (0..n)
+        let packed: Vec<Vec<(usize, PackedRhs, PackedRhs)>> = (0..b * h)
             .into_par_iter()
             .map(key_blocks)
             .collect::<candle_core::Result<_>>()?;
-        let mut out = vec![S::default(); n * lq * dv];
-        out.par_chunks_mut((lq * dv).max(1))
+        // `[B, Lq, H, dv]`: query `i` of head `bh` at row `(bh / H) · Lq + i`, columns `(bh % H) · dv ..`.
+        let mut out = vec![S::default(); b * lq * h * dv];
+        let shared = SharedOut::new(&mut out);
+        (0..b * h)
+            .into_par_iter()
             .zip(&packed)
-            .enumerate()
-            .try_for_each(|(h, (out, blocks))| {
-                out.par_chunks_mut((rows * dv).max(1))
-                    .enumerate()
-                    .try_for_each_init(Scratch::default, |w, (block, out)| {
+            .try_for_each(|(bh, blocks)| {
+                (0..lq.div_ceil(rows)).into_par_iter().try_for_each_init(
+                    Scratch::default,
+                    |w, block| {
                         let (i0, m) = (block * rows, rows.min(lq - block * rows));
-                        let qa = PackedLhs::new(&q[h * q_head + i0 * q_row..], q_row, m, d)
-                            .ok_or_else(no_kernel)?;
+                        let qa = PackedLhs::new(q.at(bh, i0), q.row, m, d).ok_or_else(no_kernel)?;
                         let padded = m.div_ceil(step) * step;
                         w.max.clear();
                         w.max.resize(m, f32::NEG_INFINITY);
@@ -308,17 +407,19 @@ impl Fused {
                                 }
                             }
                         }
-                        let rows = w.out.chunks_mut(ldo).zip(out.chunks_mut(dv));
-                        for ((o, out), &l) in rows.zip(&w.sums) {
+                        let first = ((bh / h) * lq + i0) * h + bh % h;
+                        for (r, (o, &l)) in w.out.chunks_mut(ldo).zip(&w.sums).enumerate() {
                             let o = &mut o[..dv];
                             o.iter_mut().for_each(|v| *v /= l);
-                            // SAFETY: both hold a row's `dv` values.
-                            unsafe { S::store(o, out) };
+                            // SAFETY: this task alone writes its head's columns of its queries' rows;
+                            // both slices hold a row's `dv` values.
+                            unsafe { S::store(o, shared.range((first + r * h) * dv, dv)) };
                         }
                         Ok::<(), candle_core::Error>(())
-                    })
+                    },
+                )
             })?;
-        Ok((out, Shape::from((n, lq, dv))))
+        Ok((out, Shape::from((b, lq, h * dv))))
     }
 }
 
@@ -544,18 +645,77 @@ mod tests {
     }
 
     #[test]
+    fn heads_side_by_side_get_each_heads_attention_in_their_columns() {
+        // Two batches of three heads, 40 wide for q and k and 24 for v; 70 queries over 130 keys
+        // (a short second block of queries), with and without the causal mask, in f32 and bf16
+        // (the fused kernel where the CPU runs it, split heads elsewhere).
+        let (b, h, lq, lk, d, dv) = (2, 3, 70, 130, 40, 24);
+        let causal: Vec<f32> = (0..lq * lk)
+            .map(|i| match i % lk > i / lk {
+                true => f32::NEG_INFINITY,
+                false => 0.0,
+            })
+            .collect();
+        let causal = Tensor::from_vec(causal, (lq, lk), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let input = |dims: &[usize], seed| test_input(dims, seed).to_dtype(dtype).unwrap();
+            let (q, k, v) = (
+                input(&[b, lq, h * d], 11),
+                input(&[b, lk, h * d], 12),
+                input(&[b, lk, h * dv], 13),
+            );
+            for (mask, reference_mask) in [(None, None), (Some(Mask::Causal), Some(&causal))] {
+                let got = multi_head_attention(&q, &k, &v, h, 0.2, mask, false).unwrap();
+                assert_eq!(got.dims(), &[b, lq, h * dv]);
+                let got = got.to_dtype(DType::F32).unwrap();
+                let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                for (bi, hi) in (0..b).flat_map(|bi| (0..h).map(move |hi| (bi, hi))) {
+                    let head = |t: &Tensor, w: usize| {
+                        let t = t.get(bi).unwrap().narrow(1, hi * w, w).unwrap();
+                        t.to_dtype(DType::F32).unwrap().contiguous().unwrap()
+                    };
+                    let want = reference(
+                        &head(&q, d),
+                        &head(&k, d),
+                        &head(&v, dv),
+                        0.2,
+                        reference_mask,
+                    );
+                    let err = max_abs_diff(&head(&got, dv), &want);
+                    assert!(
+                        err < bound,
+                        "{dtype:?} {mask:?} batch {bi} head {hi}: {err}"
+                    );
+                }
+            }
+        }
+        let x = test_input(&[1, 4, 120], 14);
+        let err = multi_head_attention(&x, &x, &x, 7, 1.0, None, false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("7 heads do not split q [1, 4, 120]"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn fused_attention_refuses_bad_operands_by_name() {
-        let q = test_input(&[1, 4, 8], 1);
+        let q = test_input(&[1, 1, 4, 8], 1);
         let op = Fused {
             scale: 1.0,
             causal: false,
         };
         for (k, want) in [
-            (test_input(&[1, 0, 8], 2), "no keys"),
+            (test_input(&[1, 1, 0, 8], 2), "no keys"),
             (
-                test_input(&[1, 4, 8], 2).to_dtype(DType::BF16).unwrap(),
+                test_input(&[1, 1, 4, 8], 2).to_dtype(DType::BF16).unwrap(),
                 "all be bf16 or all f32",
             ),
+            (
+                test_input(&[1, 4, 8], 2),
+                "k [1, 4, 8] must be [B, H, L, d]",
+            ),
+            (test_input(&[1, 2, 4, 8], 2), "do not fit"),
         ] {
             let err = q.apply_op3_no_bwd(&k, &k, &op).unwrap_err();
             assert!(err.to_string().contains(want), "{err}");

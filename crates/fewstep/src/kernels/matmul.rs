@@ -25,7 +25,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels::aligned::Aligned;
-use crate::kernels::Element;
+use crate::kernels::{Element, SharedOut};
 
 /// Rows of the AVX-512 register tile: 12 × 2 accumulators, two panel vectors and a broadcast in 32
 /// registers.
@@ -315,12 +315,6 @@ struct Product {
     rhs: Rhs,
 }
 
-/// The output buffer shared by the tasks of one product; each task writes its own tile of `C`.
-#[derive(Clone, Copy)]
-struct SharedOut<T>(*mut T);
-unsafe impl<T> Send for SharedOut<T> {}
-unsafe impl<T> Sync for SharedOut<T> {}
-
 impl Product {
     /// `C` for `batch` products into `out` (`batch · M · N` elements, row-major), operand `i` of the
     /// batch found at `a_batch · i` and `b_batch · i` elements past the operands' offsets.
@@ -378,7 +372,10 @@ impl Product {
                 (Some(_), _) if m_chunks == 1 => Vec::new(),
                 _ => (0..n_blocks).into_par_iter().map(block_b).collect(),
             };
-            let dst = SharedOut(out[i * m * n..].as_mut_ptr() as *mut T);
+            let dst = &mut out[i * m * n..(i + 1) * m * n];
+            // SAFETY: `T` (f32 or bf16) has no invalid values and no drop; the tiles write every
+            // element before any is read.
+            let dst = SharedOut::new(unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) });
             (0..n_blocks * m_chunks).into_par_iter().for_each(|task| {
                 let (nb, chunk) = (task / m_chunks, task % m_chunks);
                 let n0 = nb * NC;
@@ -449,10 +446,7 @@ impl Product {
                     src.iter_mut().for_each(|v| *v = self.alpha * *v + b);
                 }
             }
-            T::store(
-                src,
-                std::slice::from_raw_parts_mut(dst.0.add((m0 + r) * n + n0), cols),
-            );
+            T::store(src, dst.range((m0 + r) * n + n0, cols));
         }
     }
 }
@@ -632,7 +626,7 @@ impl<'a> PackedLhs<'a> {
             out: DType::F32,
             rhs: Rhs::Matrix,
         };
-        let out = SharedOut(dst.as_mut_ptr());
+        let out = SharedOut::new(dst);
         with_tile(|tile| {
             for n0 in (0..n).step_by(NC) {
                 let cols = NC.min(n - n0);

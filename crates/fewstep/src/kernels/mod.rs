@@ -92,6 +92,44 @@ pub(crate) fn contiguous_bf16<'a>(
     contiguous(values, l, what, "bf16")
 }
 
+/// An output shared by the threads of a kernel, each writing elements no other thread writes: the
+/// tiles of a product, the rows of one head's block of queries, a Winograd tile's pixels.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut<T>(*mut T, usize);
+// SAFETY: the threads write disjoint elements (each user's contract, `range`).
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// The elements of `out`, to be shared.
+    pub(crate) fn new(out: &mut [T]) -> Self {
+        SharedOut(out.as_mut_ptr(), out.len())
+    }
+
+    /// Elements `start .. start + len` (panics past the end).
+    ///
+    /// # Safety
+    /// No other thread reads or writes them while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn range(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(
+            start + len <= self.1,
+            "SharedOut: {start} + {len} past {}",
+            self.1
+        );
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+
+    /// All the elements.
+    ///
+    /// # Safety
+    /// The threads holding them write disjoint elements and read none another writes.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn all(&self) -> &mut [T] {
+        self.range(0, self.1)
+    }
+}
+
 /// `f` compiled for AVX-512 where the CPU has it, so that its loops over f32 values take sixteen lanes
 /// a step; as it is elsewhere. `f` must be an `#[inline(always)]` closure: a closure is a function of
 /// its own, compiled for the baseline instruction set unless inlined here (measured: without the

@@ -14,7 +14,7 @@
 //! 10⁻⁶ of the direct convolution's, relative to the output's magnitude.
 
 use crate::kernels::matmul::PackedLhs;
-use crate::kernels::{contiguous_f32, vectorised};
+use crate::kernels::{contiguous_f32, vectorised, SharedOut};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -91,7 +91,7 @@ fn sandwich<const R: usize, const K: usize, const K2: usize, const S: usize>(
 fn transform_weights(g: &[f32], o: usize, c: usize) -> Vec<f32> {
     let mut u = vec![0f32; XI * o * c];
     // Each output channel's `[36, C]` values, written to its rows of the 36 planes.
-    let rows = SharedOut(u.as_mut_ptr(), u.len());
+    let rows = SharedOut::new(&mut u);
     (0..o).into_par_iter().for_each(|oi| {
         vectorised(
             #[inline(always)]
@@ -111,7 +111,7 @@ fn transform_weights(g: &[f32], o: usize, c: usize) -> Vec<f32> {
                     }
                     let t = sandwich(&G, &kernel, &G);
                     // SAFETY: output channel `oi` writes only its own rows of `u` (see `SharedOut`).
-                    let u = unsafe { rows.slice() };
+                    let u = unsafe { rows.all() };
                     for (xi, v) in t.iter().flatten().enumerate() {
                         u[(xi * o + oi) * c + c0..][..lanes].copy_from_slice(&v[..lanes]);
                     }
@@ -325,7 +325,7 @@ impl CustomOp1 for Winograd<'_> {
         for (img, out) in y.chunks_mut(o * h * w).enumerate() {
             let x = &x[img * c * h * w..(img + 1) * c * h * w];
             // Each chunk writes its own 4×4 blocks: disjoint pixels of `out`.
-            let out = SharedOut(out.as_mut_ptr(), out.len());
+            let out = SharedOut::new(out);
             (0..tiles.div_ceil(chunk)).into_par_iter().for_each(|k| {
                 let first = k * chunk;
                 let n = chunk.min(tiles - first);
@@ -343,28 +343,11 @@ impl CustomOp1 for Winograd<'_> {
                     }
                 }
                 // SAFETY: see `SharedOut`.
-                let out = unsafe { out.slice() };
+                let out = unsafe { out.all() };
                 transform_output(&m, bias, o, h, w, tw, first, n, out);
             });
         }
         Ok((CpuStorage::F32(y), Shape::from((b, o, h, w))))
-    }
-}
-
-/// An output shared by threads that never write the same element: an image whose chunks of tiles
-/// each write the pixels of their own 4×4 blocks, or `U` whose output channels each write their own
-/// rows.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32, usize);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// # Safety
-    /// Callers write disjoint elements only.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0, self.1)
     }
 }
 

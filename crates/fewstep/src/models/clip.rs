@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
 use crate::config::ClipTextConfig;
-use crate::kernels::attention::{scaled_dot_product_attention, Mask};
+use crate::kernels::attention::{multi_head_attention, Mask};
 use crate::models::nn;
 use crate::models::nn::LayerNorm;
 use crate::weights::Weights;
@@ -62,7 +62,6 @@ struct ClipAttention {
     v_proj: Linear,
     out_proj: Linear,
     heads: usize,
-    head_dim: usize,
     scale: f64,
 }
 
@@ -83,28 +82,19 @@ impl ClipAttention {
             v_proj: nn::linear(&w.pp("v_proj"), d, d, true)?,
             out_proj: nn::linear(&w.pp("out_proj"), d, d, true)?,
             heads,
-            head_dim,
             scale: (head_dim as f64).powf(-0.5),
         })
     }
 
     /// `x: [B, L, D]` → `[B, L, D]`, token `i` attending to tokens `0..=i`. Scores and softmax in f32.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, d) = x.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * self.heads, l, self.head_dim))?)
-        };
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, Some(Mask::Causal), false)?
-            .reshape((b, self.heads, l, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, l, d))?;
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let causal = Some(Mask::Causal);
+        let out = multi_head_attention(&q, &k, &v, self.heads, self.scale, causal, false)?;
         Ok(self.out_proj.forward(&out)?)
     }
 }

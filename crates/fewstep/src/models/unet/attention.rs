@@ -7,7 +7,7 @@ use crate::models::nn::Linear;
 use candle_core::{DType, Tensor};
 
 use crate::kernels::add::add;
-use crate::kernels::attention::scaled_dot_product_attention;
+use crate::kernels::attention::multi_head_attention;
 
 use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear, LayerNorm};
 use crate::weights::Weights;
@@ -79,29 +79,17 @@ impl Attention {
         })
     }
 
-    /// `[B, L, heads·head_dim]` → contiguous `[B·heads, L, head_dim]`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        Ok(x.reshape((b, l, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * self.heads, l, self.head_dim))?)
-    }
-
     /// `x: [B, N, query_dim]`, `context: [B, M, context_dim]` (or `None` for self-attention) →
     /// `[B, N, query_dim]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
         let ctx = context.unwrap_or(x);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = self.split_heads(&apply(&self.to_q, x)?)?;
-        let k = self.split_heads(&apply(&self.to_k, ctx)?)?;
-        let v = self.split_heads(&apply(&self.to_v, ctx)?)?;
-        let o = scaled_dot_product_attention(&q, &k, &v, scale, None, self.upcast)?;
-        let o = o
-            .reshape((b, self.heads, n, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?;
+        let (q, k, v) = (
+            apply(&self.to_q, x)?,
+            apply(&self.to_k, ctx)?,
+            apply(&self.to_v, ctx)?,
+        );
+        let o = multi_head_attention(&q, &k, &v, self.heads, scale, None, self.upcast)?;
         apply(&self.to_out, &o)
     }
 }
