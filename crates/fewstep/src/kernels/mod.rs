@@ -9,6 +9,7 @@ pub mod group_norm;
 pub mod matmul;
 pub mod quick_gelu;
 pub mod softmax;
+pub mod transpose;
 pub mod unfold;
 pub mod winograd;
 

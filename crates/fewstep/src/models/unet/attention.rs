@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 
 use crate::kernels::add::add;
 use crate::kernels::attention::multi_head_attention;
+use crate::kernels::transpose::transpose_last2;
 
 use crate::models::nn::{apply, conv2d, group_norm, layer_norm, linear, LayerNorm};
 use crate::weights::Weights;
@@ -119,12 +120,9 @@ impl SpatialSelfAttention {
     /// `x: [B, C, H, W]` → `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let t = apply(&self.group_norm, x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let t = transpose_last2(&apply(&self.group_norm, x)?.reshape((b, c, h * w))?)?;
         let t = self.attn.forward(&t, None)?;
-        let t = t.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let t = transpose_last2(&t)?.reshape((b, c, h, w))?;
         Ok((t + x)?)
     }
 }
@@ -281,7 +279,7 @@ impl Transformer2DModel {
         let t = apply(&self.norm, x)?;
         let to_tokens = |t: Tensor| -> Result<Tensor> {
             let c = t.dim(1)?;
-            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
+            Ok(transpose_last2(&t.reshape((b, c, h * w))?)?)
         };
         let mut t = match &self.proj_in {
             Projection::Conv(p) => to_tokens(apply(p, &t)?)?,
@@ -291,9 +289,7 @@ impl Transformer2DModel {
             t = block.forward(&t, context)?;
         }
         let to_image = |t: Tensor, c: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
+            Ok(transpose_last2(&t)?.reshape((b, c, h, w))?)
         };
         let out = match &self.proj_out {
             Projection::Conv(p) => apply(p, &to_image(t, self.inner)?)?,
