@@ -5,9 +5,8 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
-use crate::kernels::contiguous_bf16;
+use crate::kernels::{contiguous_bf16, par_filled};
 
 /// Values a task adds: blocks of 64 Ki.
 const BLOCK: usize = 1 << 16;
@@ -47,20 +46,21 @@ impl CustomOp2 for Add {
             contiguous_bf16(a_s, a_l, "add: the left operand")?,
             contiguous_bf16(b_s, b_l, "add: the right operand")?,
         );
-        let mut out = vec![bf16::ZERO; a.len()];
-        if b.len() == a.len() {
-            out.par_chunks_mut(BLOCK)
-                .zip(a.par_chunks(BLOCK).zip(b.par_chunks(BLOCK)))
-                .for_each(|(o, (a, b))| add_into(o, a, |i| b[i].to_f32()));
+        let out = if b.len() == a.len() {
+            par_filled(a.len(), BLOCK, |i, o| {
+                let (a, b) = (&a[i * BLOCK..], &b[i * BLOCK..]);
+                add_into(o, a, |j| b[j].to_f32())
+            })
         } else if !b.is_empty() && a.len() % b.len() == 0 {
             // One value of `b` for each run of `a.len() / b.len()` values.
             let run = a.len() / b.len();
-            out.par_chunks_mut(run)
-                .zip(a.par_chunks(run).zip(b.par_iter()))
-                .for_each(|(o, (a, b))| add_into(o, a, |_| b.to_f32()));
+            par_filled(a.len(), run, |i, o| {
+                let b = b[i].to_f32();
+                add_into(o, &a[i * run..], |_| b)
+            })
         } else {
             bail!("add: shapes {:?} and {:?}", a_l.dims(), b_l.dims());
-        }
+        };
         Ok((CpuStorage::BF16(out), a_l.shape().clone()))
     }
 }

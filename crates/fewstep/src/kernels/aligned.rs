@@ -5,6 +5,7 @@
 //! GFLOP/s a core with its packed weight 16 bytes past a line, at 1,100 on a line.
 
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut};
 
 /// One cache line.
@@ -14,7 +15,7 @@ struct Line([u32; 16]);
 
 /// A value type whose every bit pattern is a value and whose zero bits are zero: what an
 /// [`Aligned`] buffer may hold.
-pub(crate) trait Plain: Copy {}
+pub(crate) trait Plain: Copy + Default + Send + Sync {}
 
 impl Plain for u32 {}
 impl Plain for f32 {}
@@ -32,6 +33,44 @@ impl<T: Plain> Aligned<T> {
         const { assert!(std::mem::size_of::<T>() == 4 && std::mem::align_of::<T>() <= 64) };
         Aligned {
             lines: vec![Line([0; 16]); len.div_ceil(16)],
+            len,
+            values: PhantomData,
+        }
+    }
+
+    /// `len` values made on all threads as [`par_filled`](crate::kernels::par_filled) makes them:
+    /// chunk `i` zeroed, then `f(i, chunk)`.
+    pub(crate) fn par_filled(
+        len: usize,
+        chunk: usize,
+        f: impl Fn(usize, &mut [T]) + Sync + Send,
+    ) -> Self {
+        const { assert!(std::mem::size_of::<T>() == 4 && std::mem::align_of::<T>() <= 64) };
+        let mut lines: Vec<MaybeUninit<Line>> = Vec::with_capacity(len.div_ceil(16));
+        // SAFETY: `MaybeUninit` values need no initialisation.
+        unsafe { lines.set_len(len.div_ceil(16)) };
+        // SAFETY: the lines hold `16 · lines` 4-byte values, `len` of them and the last line's rest.
+        let values = unsafe {
+            std::slice::from_raw_parts_mut(
+                lines.as_mut_ptr() as *mut MaybeUninit<T>,
+                16 * lines.len(),
+            )
+        };
+        let (head, tail) = values.split_at_mut(len);
+        crate::kernels::fill_chunks(head, chunk, f);
+        for v in tail {
+            v.write(T::default());
+        }
+        let mut lines = std::mem::ManuallyDrop::new(lines);
+        Aligned {
+            // SAFETY: every value of every line was written; `MaybeUninit<Line>` has `Line`'s layout.
+            lines: unsafe {
+                Vec::from_raw_parts(
+                    lines.as_mut_ptr() as *mut Line,
+                    lines.len(),
+                    lines.capacity(),
+                )
+            },
             len,
             values: PhantomData,
         }
@@ -71,5 +110,22 @@ mod tests {
         }
         let f = Aligned::<f32>::zeroed(33);
         assert!(f.iter().all(|&v| v == 0.0) && f.as_ptr() as usize % 64 == 0);
+    }
+
+    #[test]
+    fn buffers_filled_in_parallel_get_each_chunk_from_its_task() {
+        // Chunks that end inside a line, a short last chunk, values a task leaves as zero.
+        for (len, chunk) in [(0, 5), (1, 5), (100, 7), (1000, 48), (37, 100)] {
+            let a = Aligned::<u32>::par_filled(len, chunk, |i, values| {
+                for (j, v) in values.iter_mut().enumerate().skip(1) {
+                    *v = (i * chunk + j) as u32;
+                }
+            });
+            assert_eq!(a.as_ptr() as usize % 64, 0);
+            let want: Vec<u32> = (0..len as u32)
+                .map(|v| if v as usize % chunk == 0 { 0 } else { v })
+                .collect();
+            assert_eq!(&a[..], &want[..], "{len} in chunks of {chunk}");
+        }
     }
 }

@@ -4,9 +4,8 @@
 //! every ResNet block for inference.
 
 use crate::kernels::softmax::exp;
-use crate::kernels::{contiguous_bf16, contiguous_f32, narrow_to_bf16, vectorised};
+use crate::kernels::{contiguous_bf16, contiguous_f32, narrow_to_bf16, par_filled, vectorised};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use half::bf16;
 use rayon::prelude::*;
 
 /// `y = (x − μ_g) / √(σ²_g + ε) · γ_c + β_c` over `[B, C, …]`, with `μ_g`, `σ²_g` the mean and (biased)
@@ -110,25 +109,23 @@ impl CustomOp3 for GroupNormOp {
         let storage = match xs {
             CpuStorage::BF16(_) => {
                 let x = contiguous_bf16(xs, xl, "group_norm: the input")?;
-                let mut y = vec![bf16::ZERO; x.len()];
-                y.par_chunks_mut(cg * hw)
-                    .zip(x.par_chunks(cg * hw))
-                    .enumerate()
-                    .for_each(|(bg, (y, x))| {
-                        let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-                        let mut out = vec![0f32; x.len()];
-                        self.normalize_group(&x, &mut out, gamma, beta, bg, hw);
-                        narrow_to_bf16(&out, y);
-                    });
+                let y = par_filled(x.len(), cg * hw, |bg, y| {
+                    let x: Vec<f32> = x[bg * cg * hw..][..y.len()]
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect();
+                    let mut out = vec![0f32; x.len()];
+                    self.normalize_group(&x, &mut out, gamma, beta, bg, hw);
+                    narrow_to_bf16(&out, y);
+                });
                 CpuStorage::BF16(y)
             }
             _ => {
                 let x = contiguous_f32(xs, xl, "group_norm: the input")?;
-                let mut y = vec![0f32; x.len()];
-                y.par_chunks_mut(cg * hw)
-                    .zip(x.par_chunks(cg * hw))
-                    .enumerate()
-                    .for_each(|(bg, (y, x))| self.normalize_group(x, y, gamma, beta, bg, hw));
+                let y = par_filled(x.len(), cg * hw, |bg, y| {
+                    let x = &x[bg * cg * hw..][..y.len()];
+                    self.normalize_group(x, y, gamma, beta, bg, hw)
+                });
                 CpuStorage::F32(y)
             }
         };

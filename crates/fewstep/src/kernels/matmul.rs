@@ -737,23 +737,18 @@ fn pack_a<S: Source>(isa: Isa, ops: &Operands<S>) -> Aligned<u32> {
 /// `A` as panels of [`MR`] rows for the AVX-512 kernels: `[group][slot][row]` u32 slots, slot `p` of
 /// row `r` holding `A[r][p·PER_SLOT ..]` ([`Source::slots`]), zero past `M` and `K`.
 fn pack_a_panels<S: Source>(ops: &Operands<S>, kp: usize) -> Aligned<u32> {
-    let mut packed = Aligned::zeroed(ops.m.div_ceil(MR) * kp * MR);
-    packed
-        .par_chunks_mut(kp * MR)
-        .enumerate()
-        .for_each(|(g, panel)| {
-            let rows: Vec<&[S]> = (0..MR.min(ops.m - g * MR))
-                .map(|r| &ops.a[(g * MR + r) * ops.a_row..][..ops.k])
-                .collect();
-            // Slot by slot across the rows: the panel is written in order.
-            let slots = panel.chunks_exact_mut(MR).take(ops.k.div_ceil(S::PER_SLOT));
-            for (p, out) in slots.enumerate() {
-                for (o, row) in out.iter_mut().zip(&rows) {
-                    *o = S::slot_at(row, p);
-                }
+    Aligned::par_filled(ops.m.div_ceil(MR) * kp * MR, kp * MR, |g, panel| {
+        let rows: Vec<&[S]> = (0..MR.min(ops.m - g * MR))
+            .map(|r| &ops.a[(g * MR + r) * ops.a_row..][..ops.k])
+            .collect();
+        // Slot by slot across the rows: the panel is written in order.
+        let slots = panel.chunks_exact_mut(MR).take(ops.k.div_ceil(S::PER_SLOT));
+        for (p, out) in slots.enumerate() {
+            for (o, row) in out.iter_mut().zip(&rows) {
+                *o = S::slot_at(row, p);
             }
-        });
-    packed
+        }
+    })
 }
 
 /// `A` as AMX tiles: `[block of 16 rows][step of 16 slots][row][slot]` u32 slots, each tile 1 KiB
@@ -761,19 +756,15 @@ fn pack_a_panels<S: Source>(ops: &Operands<S>, kp: usize) -> Aligned<u32> {
 /// cache), zero past `K` and in the rows that pad `M` to a multiple of [`AMX_ROWS`].
 fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Aligned<u32> {
     let tile = AMX_TILE_ROWS * AMX_PAIRS;
-    let mut packed = Aligned::zeroed(ops.m.div_ceil(AMX_ROWS) * AMX_ROWS * kp);
-    packed
-        .par_chunks_mut(AMX_TILE_ROWS * kp)
-        .enumerate()
-        .for_each(|(block, dst)| {
-            for r in 0..AMX_TILE_ROWS.min(ops.m.saturating_sub(block * AMX_TILE_ROWS)) {
-                let row = &ops.a[(block * AMX_TILE_ROWS + r) * ops.a_row..][..ops.k];
-                for (step, src) in row.chunks(S::PER_SLOT * AMX_PAIRS).enumerate() {
-                    S::copy_slots(src, &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS]);
-                }
+    let len = ops.m.div_ceil(AMX_ROWS) * AMX_ROWS * kp;
+    Aligned::par_filled(len, AMX_TILE_ROWS * kp, |block, dst| {
+        for r in 0..AMX_TILE_ROWS.min(ops.m.saturating_sub(block * AMX_TILE_ROWS)) {
+            let row = &ops.a[(block * AMX_TILE_ROWS + r) * ops.a_row..][..ops.k];
+            for (step, src) in row.chunks(S::PER_SLOT * AMX_PAIRS).enumerate() {
+                S::copy_slots(src, &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS]);
             }
-        });
-    packed
+        }
+    })
 }
 
 /// Columns `n0 .. n0 + cols` of `B` as panels of [`NR`] columns: `[panel][slot][column]` u32 slots,

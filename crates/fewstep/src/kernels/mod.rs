@@ -14,6 +14,8 @@ pub mod unfold;
 pub mod winograd;
 
 use candle_core::{bail, CpuStorage, Layout};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// A value type of the kernels' inputs and outputs, computed in f32: f32 as is, bf16 widened
 /// exactly and rounded to nearest even when stored.
@@ -129,6 +131,43 @@ impl<T> SharedOut<T> {
     pub(crate) unsafe fn all(&self) -> &mut [T] {
         self.range(0, self.1)
     }
+}
+
+/// `len` values made on all threads a chunk at a time: chunk `i` (values `i · chunk ..`) is zeroed
+/// and handed to `f(i, chunk)` by the task that fills it, so that no thread zeroes the whole output
+/// first (the outputs zeroed by `vec!` on the calling thread while the others waited were a twelfth
+/// of the single-threaded time of a bf16 UNet step).
+pub(crate) fn par_filled<T: Copy + Default + Send + Sync>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` values need no initialisation.
+    unsafe { out.set_len(len) };
+    fill_chunks(&mut out, chunk, f);
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: every value was written (`fill_chunks`); `MaybeUninit<T>` has `T`'s layout.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut T, len, out.capacity()) }
+}
+
+/// Every value of `out` written, a chunk a task: zeroed (`T::default()`), then `f(i, chunk)`.
+pub(crate) fn fill_chunks<T: Copy + Default + Send + Sync>(
+    out: &mut [MaybeUninit<T>],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    out.par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, values)| {
+            for v in values.iter_mut() {
+                v.write(T::default());
+            }
+            // SAFETY: every value was just written; `MaybeUninit<T>` has `T`'s layout.
+            f(i, unsafe {
+                &mut *(values as *mut [MaybeUninit<T>] as *mut [T])
+            })
+        });
 }
 
 /// `f` compiled for AVX-512 where the CPU has it, so that its loops over f32 values take sixteen lanes

@@ -5,7 +5,6 @@
 
 use crate::kernels::contiguous_f32;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use half::bf16;
 use rayon::prelude::*;
 
 /// Below this `eˣ` is taken as 0 (near where it turns subnormal).
@@ -383,17 +382,14 @@ impl CustomOp1 for Softmax {
             }
             DType::BF16 => {
                 // Each row computed in a scratch copy that stays in cache, then narrowed.
-                let mut out = vec![bf16::ZERO; v.len()];
-                out.par_chunks_mut(rows * n)
-                    .zip(v.par_chunks(rows * n))
-                    .for_each(|(dst, src)| {
-                        let mut row = vec![0f32; n];
-                        for (dst, src) in dst.chunks_mut(n).zip(src.chunks(n)) {
-                            row.copy_from_slice(src);
-                            softmax_rows(&mut row, (1, n, n));
-                            crate::kernels::narrow_to_bf16(&row, dst);
-                        }
-                    });
+                let out = crate::kernels::par_filled(v.len(), rows * n, |i, dst| {
+                    let mut row = vec![0f32; n];
+                    for (dst, src) in dst.chunks_mut(n).zip(v[i * rows * n..].chunks(n)) {
+                        row.copy_from_slice(src);
+                        softmax_rows(&mut row, (1, n, n));
+                        crate::kernels::narrow_to_bf16(&row, dst);
+                    }
+                });
                 CpuStorage::BF16(out)
             }
             d => bail!("softmax: no {d:?} output"),
