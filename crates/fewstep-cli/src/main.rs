@@ -42,6 +42,9 @@ enum Command {
     Convert(convert::Args),
 }
 
+#[global_allocator]
+static ALLOCATOR: fewstep::allocator::HugePages = fewstep::allocator::HugePages;
+
 fn main() {
     fewstep::allocator::keep_freed_buffers();
     tracing_subscriber::fmt()
