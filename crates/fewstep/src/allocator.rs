@@ -98,7 +98,7 @@ mod tests {
             // SAFETY: the layouts have a non-zero size; every pointer is freed with its layout.
             unsafe {
                 let z = HugePages.alloc_zeroed(layout);
-                assert!(!z.is_null() && z as usize % align == 0);
+                assert!(!z.is_null() && (z as usize).is_multiple_of(align));
                 assert!(std::slice::from_raw_parts(z, size).iter().all(|&b| b == 0));
                 HugePages.dealloc(z, layout);
                 let p = HugePages.alloc(layout);

@@ -103,13 +103,13 @@ mod tests {
         for len in [0, 1, 15, 16, 17, 1000] {
             let mut a = Aligned::<u32>::zeroed(len);
             assert_eq!(a.len(), len);
-            assert_eq!(a.as_ptr() as usize % 64, 0, "len {len}");
+            assert!((a.as_ptr() as usize).is_multiple_of(64), "len {len}");
             assert!(a.iter().all(|&v| v == 0));
             a.iter_mut().enumerate().for_each(|(i, v)| *v = i as u32);
             assert!(a.iter().enumerate().all(|(i, &v)| v == i as u32));
         }
         let f = Aligned::<f32>::zeroed(33);
-        assert!(f.iter().all(|&v| v == 0.0) && f.as_ptr() as usize % 64 == 0);
+        assert!(f.iter().all(|&v| v == 0.0) && (f.as_ptr() as usize).is_multiple_of(64));
     }
 
     #[test]
@@ -121,9 +121,15 @@ mod tests {
                     *v = (i * chunk + j) as u32;
                 }
             });
-            assert_eq!(a.as_ptr() as usize % 64, 0);
+            assert!((a.as_ptr() as usize).is_multiple_of(64));
             let want: Vec<u32> = (0..len as u32)
-                .map(|v| if v as usize % chunk == 0 { 0 } else { v })
+                .map(|v| {
+                    if (v as usize).is_multiple_of(chunk) {
+                        0
+                    } else {
+                        v
+                    }
+                })
                 .collect();
             assert_eq!(&a[..], &want[..], "{len} in chunks of {chunk}");
         }

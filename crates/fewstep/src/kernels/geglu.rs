@@ -48,14 +48,13 @@ fn rows<T: Element>(hg: &[T], out: &mut [T], inner: usize) {
 /// for AVX-512 where the CPU has it (sixteen values a step).
 fn geglu_values<T: Element>(hg: &[T], inner: usize) -> Vec<T> {
     let block = inner * (4096 / inner).max(1);
-    let out = par_filled(hg.len() / 2, block, |i, dst| {
+    par_filled(hg.len() / 2, block, |i, dst| {
         let src = &hg[2 * i * block..][..2 * dst.len()];
         vectorised(
             #[inline(always)]
             || rows(src, dst, inner),
         )
-    });
-    out
+    })
 }
 
 struct Geglu;

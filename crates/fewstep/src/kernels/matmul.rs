@@ -479,13 +479,11 @@ enum Lhs<'a> {
 /// The CPU runs `isa`; `b` and a packed `a` were packed for it with `shape.kp` slots, a packed `a`'s
 /// rows padded to its row blocks; `a` in rows only for [`Isa::Avx512F`], with `kp` slots a row.
 unsafe fn multiply_tile(isa: Isa, a: Lhs, b: &[u32], shape: TileShape, tile: &mut [f32]) {
-    use avx512::{dot_bf16, fma_f32};
+    use avx512::{DOT_BF16, FMA_F32};
     match (isa, a) {
         (Isa::Amx, Lhs::Packed(a)) => amx::multiply_tile(a, b, shape, tile),
-        (Isa::Avx512Bf16, Lhs::Packed(_)) => {
-            avx512::multiply_tile((dot_bf16, dot_bf16), a, b, shape, tile)
-        }
-        (Isa::Avx512F, _) => avx512::multiply_tile((fma_f32, fma_f32), a, b, shape, tile),
+        (Isa::Avx512Bf16, Lhs::Packed(_)) => avx512::multiply_tile(DOT_BF16, a, b, shape, tile),
+        (Isa::Avx512F, _) => avx512::multiply_tile(FMA_F32, a, b, shape, tile),
         (Isa::Amx | Isa::Avx512Bf16, Lhs::Rows { .. }) => {
             unreachable!("bf16 rows of A are packed in pairs")
         }
@@ -652,7 +650,8 @@ impl<'a> PackedLhs<'a> {
 
     /// `A · B` written by the kernels straight into `dst`, rows `ldc` apart, with the products of the
     /// padding: rows up to a multiple of [`row_step`], columns up to a multiple of 32 (`ldc` at least
-    /// that). No copy through a tile; the caller reads the `M × N` values it wants.
+    /// that; the AVX-512 kernels leave the last 16 unwritten where `N mod 32` is 1 to 16). No copy
+    /// through a tile; the caller reads the `M × N` values it wants.
     pub(crate) fn multiply_raw(&self, b: &PackedRhs, dst: &mut [f32], ldc: usize) {
         let step = self.isa.row_step();
         assert!(
@@ -960,23 +959,44 @@ mod avx512 {
         }
     }
 
-    /// A register tile: `c[r][0..NR] (+)= Σₚ a[p][r] · b[p][0..NR]` over `kc` slots, `c` with row
-    /// stride `ldc`, added to its contents when `accumulate`.
+    /// A register tile: `c[r][0..16·H] (+)= Σₚ a[p][r] · b[p][0..16·H]` over `kc` slots of a panel
+    /// (`b`, [`NR`] slots a row), `c` with row stride `ldc`, added to its contents when
+    /// `accumulate`; `H` is 2 (the whole panel) or 1 (its first 16 columns).
     ///
     /// # Safety
     /// The CPU runs the kernel's instructions; `a` holds `kc` slots of each of its [`MR`] rows, `b`
-    /// `kc · NR` slots, `c` at least `(MR − 1) · ldc + NR` values.
+    /// `kc · NR` slots, `c` at least `(MR − 1) · ldc + 16·H` values.
     pub(super) type Kernel<A> = unsafe fn(A, &[u32], &mut [f32], usize, usize, bool);
+
+    /// A register tile's [`Kernel`]s: for packed rows and rows in place, over the first 16 columns
+    /// of a panel and over all [`NR`].
+    pub(super) struct Kernels {
+        packed: [Kernel<Panel>; 2],
+        in_place: [Kernel<InPlace>; 2],
+    }
+
+    /// The kernels of [`dot_bf16`].
+    pub(super) const DOT_BF16: Kernels = Kernels {
+        packed: [dot_bf16::<Panel, 1>, dot_bf16::<Panel, 2>],
+        in_place: [dot_bf16::<InPlace, 1>, dot_bf16::<InPlace, 2>],
+    };
+
+    /// The kernels of [`fma_f32`].
+    pub(super) const FMA_F32: Kernels = Kernels {
+        packed: [fma_f32::<Panel, 1>, fma_f32::<Panel, 2>],
+        in_place: [fma_f32::<InPlace, 1>, fma_f32::<InPlace, 2>],
+    };
 
     /// `tile = A[m0 .. m0 + rows] · B[:, panels]` over all of `K`, `tile` f32 with rows `t.ldc` apart
     /// (rows past `rows`, up to a multiple of [`MR`], and columns past `cols`, up to a multiple of
-    /// [`NR`], hold the products of padding: zeros, or the last row of `A` repeated in place).
+    /// 16, hold the products of padding: zeros, or the last row of `A` repeated in place; a last
+    /// panel of at most 16 columns leaves its other 16 unwritten).
     ///
     /// # Safety
     /// The CPU runs `kernel`s instructions; the operands hold the tile's `kp` slots (`a`'s rows
     /// padded to a multiple of [`MR`] where packed by `pack_a_panels`).
     pub(super) unsafe fn multiply_tile(
-        (packed, in_place): (Kernel<Panel>, Kernel<InPlace>),
+        kernels: Kernels,
         a: Lhs,
         b: &[u32],
         t: TileShape,
@@ -986,6 +1006,10 @@ mod avx512 {
             let kc = KC.min(t.kp - k0);
             for panel in 0..t.cols.div_ceil(NR) {
                 let b = &b[(panel * t.kp + k0) * NR..][..kc * NR];
+                // A panel of at most 16 columns (attention's 40-wide values: 48 of 64) takes half
+                // the products.
+                let half = (t.cols - panel * NR).min(NR).div_ceil(16) - 1;
+                let (packed, in_place) = (kernels.packed[half], kernels.in_place[half]);
                 for g in 0..t.rows.div_ceil(MR) {
                     let c = &mut tile[g * MR * t.ldc + panel * NR..];
                     match a {
@@ -1014,7 +1038,7 @@ mod avx512 {
             $(#[$doc])*
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name<A: Rows>(
+            pub(super) unsafe fn $name<A: Rows, const H: usize>(
                 a: A,
                 b: &[u32],
                 c: &mut [f32],
@@ -1023,15 +1047,15 @@ mod avx512 {
                 accumulate: bool,
             ) {
                 use std::arch::x86_64::*;
-                let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+                let mut acc = [[_mm512_setzero_ps(); H]; MR];
                 let b = b.as_ptr() as *const __m512i;
                 for p in 0..kc {
-                    let b0 = _mm512_loadu_si512(b.add(2 * p));
-                    let b1 = _mm512_loadu_si512(b.add(2 * p + 1));
+                    let bh: [__m512i; H] = std::array::from_fn(|h| _mm512_loadu_si512(b.add(2 * p + h)));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let av = _mm512_set1_epi32(*a.at(p, r) as i32);
-                        acc[0] = $step(acc[0], av, b0);
-                        acc[1] = $step(acc[1], av, b1);
+                        for (acc, &b) in acc.iter_mut().zip(&bh) {
+                            *acc = $step(*acc, av, b);
+                        }
                     }
                 }
                 let c = c.as_mut_ptr();
@@ -1049,7 +1073,7 @@ mod avx512 {
             }
 
             #[cfg(not(target_arch = "x86_64"))]
-            pub(super) unsafe fn $name<A: Rows>(_: A, _: &[u32], _: &mut [f32], _: usize, _: usize, _: bool) {
+            pub(super) unsafe fn $name<A: Rows, const H: usize>(_: A, _: &[u32], _: &mut [f32], _: usize, _: usize, _: bool) {
                 unreachable!("AVX-512 is x86-64's")
             }
         };
@@ -1724,11 +1748,13 @@ mod tests {
     #[test]
     fn matches_the_f32_product_at_awkward_sizes() {
         // Sizes around the blocks (MR 12, NR 32, KC 256 slots, AMX 32 rows and 16 pairs, MC 96,
-        // NC 128), odd K, one row.
+        // NC 128), odd K, one row; last panels of 1, 8 and 12 columns (half a panel's products)
+        // and of 18.
         for isa in isas() {
             for (m, k, n) in [
                 (1, 1, 1),
                 (13, 7, 33),
+                (31, 64, 50),
                 (97, 257, 129),
                 (200, 320, 40),
                 (5, 1000, 300),
