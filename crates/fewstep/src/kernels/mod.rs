@@ -8,6 +8,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod matmul;
 pub mod quick_gelu;
+pub mod relu;
 pub mod softmax;
 pub mod transpose;
 pub mod unfold;

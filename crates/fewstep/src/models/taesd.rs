@@ -14,6 +14,7 @@ use crate::models::nn::{Conv2d, GroupNorm};
 use candle_core::{Module, Tensor};
 use candle_nn::Conv2dConfig;
 
+use crate::kernels::{add::add, relu::relu};
 use crate::models::nn::{group_norm, upsample_nearest2x};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -93,15 +94,15 @@ impl Block {
         let x = match &self.pool {
             Some(p) => {
                 let h = p.expand.forward(x)?;
-                let h = p.norm.forward(&h)?.relu()?;
-                (x + p.project.forward(&h)?)?
+                let h = relu(&p.norm.forward(&h)?)?;
+                add(&x, &p.project.forward(&h)?)?
             }
             None => x.clone(),
         };
-        let h = self.convs[0].forward(&x)?.relu()?;
-        let h = self.convs[1].forward(&h)?.relu()?;
+        let h = relu(&self.convs[0].forward(&x)?)?;
+        let h = relu(&self.convs[1].forward(&h)?)?;
         let h = self.convs[2].forward(&h)?;
-        Ok((h + x)?.relu()?)
+        Ok(relu(&add(&h, &x)?)?)
     }
 }
 
@@ -118,7 +119,7 @@ fn run(layers: &[Layer], x: &Tensor) -> Result<Tensor> {
         x = match layer {
             Layer::Conv(c) => c.forward(&x)?,
             Layer::Block(b) => b.forward(&x)?,
-            Layer::Relu => x.relu()?,
+            Layer::Relu => relu(&x)?,
             Layer::Upsample => upsample_nearest2x(&x)?,
         };
     }
