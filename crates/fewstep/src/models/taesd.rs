@@ -95,7 +95,7 @@ impl Block {
             Some(p) => {
                 let h = p.expand.forward(x)?;
                 let h = relu(&p.norm.forward(&h)?)?;
-                add(&x, &p.project.forward(&h)?)?
+                add(x, &p.project.forward(&h)?)?
             }
             None => x.clone(),
         };
