@@ -25,7 +25,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels::aligned::Aligned;
-use crate::kernels::{Element, SharedOut};
+use crate::kernels::{assume_init, uninit, Element, SharedOut};
 
 /// Rows of the AVX-512 register tile: 12 × 2 accumulators, two panel vectors and a broadcast in 32
 /// registers.
@@ -328,9 +328,7 @@ impl Product {
     ) -> Vec<T> {
         let Operands { m, n, k, .. } = ops;
         // Not zeroed first: the tasks' tiles cover every element of every product.
-        let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(batch * m * n);
-        // SAFETY: `MaybeUninit` values need no initialisation.
-        unsafe { out.set_len(batch * m * n) };
+        let mut out = uninit::<T>(batch * m * n);
         let kp = self.isa.slots(k);
         let n_blocks = n.div_ceil(NC);
         let m_blocks = m.div_ceil(MC);
@@ -410,9 +408,8 @@ impl Product {
                 });
             });
         }
-        let mut out = std::mem::ManuallyDrop::new(out);
-        // SAFETY: every element was written (above); `MaybeUninit<T>` has `T`'s layout.
-        unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut T, out.len(), out.capacity()) }
+        // SAFETY: every element was written (above).
+        unsafe { assume_init(out) }
     }
 
     /// `C[m0 + r][n0 + c] = α · tile[r][c] + bias` for the tile's valid rows and columns (the

@@ -143,13 +143,28 @@ pub(crate) fn par_filled<T: Copy + Default + Send + Sync>(
     chunk: usize,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) -> Vec<T> {
-    let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
+    let mut out = uninit(len);
+    fill_chunks(&mut out, chunk, f);
+    // SAFETY: every value was written (`fill_chunks`).
+    unsafe { assume_init(out) }
+}
+
+/// `len` values not yet written: an output whose tasks write every element, not zeroed first.
+pub(crate) fn uninit<T>(len: usize) -> Vec<MaybeUninit<T>> {
+    let mut out = Vec::with_capacity(len);
     // SAFETY: `MaybeUninit` values need no initialisation.
     unsafe { out.set_len(len) };
-    fill_chunks(&mut out, chunk, f);
+    out
+}
+
+/// The values of `out`, every one written.
+///
+/// # Safety
+/// Every element of `out` was written.
+pub(crate) unsafe fn assume_init<T>(out: Vec<MaybeUninit<T>>) -> Vec<T> {
     let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: every value was written (`fill_chunks`); `MaybeUninit<T>` has `T`'s layout.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut T, len, out.capacity()) }
+    // `MaybeUninit<T>` has `T`'s layout; the caller vouches for the values.
+    Vec::from_raw_parts(out.as_mut_ptr() as *mut T, out.len(), out.capacity())
 }
 
 /// Every value of `out` written, a chunk a task: zeroed (`T::default()`), then `f(i, chunk)`.

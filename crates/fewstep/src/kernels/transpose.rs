@@ -3,10 +3,10 @@
 //! transposed view one element at a time on one thread (the transformers' two transposes were more
 //! than a quarter of the time a bf16 UNet step spent on one thread while the others waited).
 
+use crate::kernels::{assume_init, uninit};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 /// Rows and columns of a block: 64 × 64 f32 values are 16 KiB read and 16 KiB written, in L1.
 const BLOCK: usize = 64;
@@ -30,9 +30,7 @@ struct Transpose;
 impl Transpose {
     fn run<T: Copy + Send + Sync>(x: &[T], (r, c): (usize, usize)) -> Vec<T> {
         // Not zeroed first: the tasks write every element.
-        let mut y: Vec<MaybeUninit<T>> = Vec::with_capacity(x.len());
-        // SAFETY: `MaybeUninit` values need no initialisation.
-        unsafe { y.set_len(x.len()) };
+        let mut y = uninit::<T>(x.len());
         if r > 0 && c > 0 {
             y.par_chunks_mut(r * c)
                 .zip(x.par_chunks(r * c))
@@ -52,9 +50,8 @@ impl Transpose {
                         })
                 });
         }
-        let mut y = std::mem::ManuallyDrop::new(y);
-        // SAFETY: every element was written (above); `MaybeUninit<T>` has `T`'s layout.
-        unsafe { Vec::from_raw_parts(y.as_mut_ptr() as *mut T, y.len(), y.capacity()) }
+        // SAFETY: every element was written (above).
+        unsafe { assume_init(y) }
     }
 }
 
