@@ -8,6 +8,8 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut};
 
+use crate::kernels::{assume_init, fill_chunks, uninit};
+
 /// One cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -46,9 +48,7 @@ impl<T: Plain> Aligned<T> {
         f: impl Fn(usize, &mut [T]) + Sync + Send,
     ) -> Self {
         const { assert!(std::mem::size_of::<T>() == 4 && std::mem::align_of::<T>() <= 64) };
-        let mut lines: Vec<MaybeUninit<Line>> = Vec::with_capacity(len.div_ceil(16));
-        // SAFETY: `MaybeUninit` values need no initialisation.
-        unsafe { lines.set_len(len.div_ceil(16)) };
+        let mut lines = uninit::<Line>(len.div_ceil(16));
         // SAFETY: the lines hold `16 · lines` 4-byte values, `len` of them and the last line's rest.
         let values = unsafe {
             std::slice::from_raw_parts_mut(
@@ -57,20 +57,13 @@ impl<T: Plain> Aligned<T> {
             )
         };
         let (head, tail) = values.split_at_mut(len);
-        crate::kernels::fill_chunks(head, chunk, f);
+        fill_chunks(head, chunk, f);
         for v in tail {
             v.write(T::default());
         }
-        let mut lines = std::mem::ManuallyDrop::new(lines);
         Aligned {
-            // SAFETY: every value of every line was written; `MaybeUninit<Line>` has `Line`'s layout.
-            lines: unsafe {
-                Vec::from_raw_parts(
-                    lines.as_mut_ptr() as *mut Line,
-                    lines.len(),
-                    lines.capacity(),
-                )
-            },
+            // SAFETY: every value of every line was written.
+            lines: unsafe { assume_init(lines) },
             len,
             values: PhantomData,
         }
