@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::matmul::{self, PackedLhs, PackedRhs, Source};
-use crate::kernels::{softmax, Element, SharedOut};
+use crate::kernels::{assume_init, softmax, uninit, Element, SharedOut};
 
 /// Scores held at once, at most (elements): 2 MiB of f32, a core's share of the L2/L3 cache.
 const BLOCK_SCORES: usize = 1 << 19;
@@ -357,8 +357,10 @@ impl Fused {
             .map(key_blocks)
             .collect::<candle_core::Result<_>>()?;
         // `[B, Lq, H, dv]`: query `i` of head `bh` at row `(bh / H) · Lq + i`, columns `(bh % H) · dv ..`.
-        let mut out = vec![S::default(); b * lq * h * dv];
-        let shared = SharedOut::new(&mut out);
+        // Not zeroed first: the tasks write every row of every head.
+        let mut out = uninit::<S>(b * lq * h * dv);
+        // SAFETY: `S` is f32 or bf16; every element is written (below) before any is read.
+        let shared = unsafe { SharedOut::uninit(&mut out) };
         (0..b * h)
             .into_par_iter()
             .zip(&packed)
@@ -419,7 +421,8 @@ impl Fused {
                     },
                 )
             })?;
-        Ok((out, Shape::from((b, lq, h * dv))))
+        // SAFETY: every element was written (above).
+        Ok((unsafe { assume_init(out) }, Shape::from((b, lq, h * dv))))
     }
 }
 

@@ -16,7 +16,6 @@
 //! of the instruction sets for that dtype; AMX also needs the Linux kernel's permission, asked once);
 //! callers keep candle's own ops as the portable path.
 
-use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
@@ -370,10 +369,8 @@ impl Product {
                 (Some(_), _) if m_chunks == 1 => Vec::new(),
                 _ => (0..n_blocks).into_par_iter().map(block_b).collect(),
             };
-            let dst = &mut out[i * m * n..(i + 1) * m * n];
-            // SAFETY: `T` (f32 or bf16) has no invalid values and no drop; the tiles write every
-            // element before any is read.
-            let dst = SharedOut::new(unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) });
+            // SAFETY: `T` is f32 or bf16; the tiles write every element before any is read.
+            let dst = unsafe { SharedOut::uninit(&mut out[i * m * n..(i + 1) * m * n]) };
             (0..n_blocks * m_chunks).into_par_iter().for_each(|task| {
                 let (nb, chunk) = (task / m_chunks, task % m_chunks);
                 let n0 = nb * NC;

@@ -110,6 +110,16 @@ impl<T> SharedOut<T> {
         SharedOut(out.as_mut_ptr(), out.len())
     }
 
+    /// The elements of an output not written yet (from [`uninit`]), to be shared by the threads
+    /// that write all of them.
+    ///
+    /// # Safety
+    /// `T` has no invalid values and no drop (f32, bf16), and every element is written before any
+    /// is read.
+    pub(crate) unsafe fn uninit(out: &mut [MaybeUninit<T>]) -> Self {
+        SharedOut(out.as_mut_ptr() as *mut T, out.len())
+    }
+
     /// Elements `start .. start + len` (panics past the end).
     ///
     /// # Safety

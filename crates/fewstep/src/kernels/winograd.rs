@@ -14,7 +14,7 @@
 //! 10⁻⁶ of the direct convolution's, relative to the output's magnitude.
 
 use crate::kernels::matmul::PackedLhs;
-use crate::kernels::{contiguous_f32, vectorised, SharedOut};
+use crate::kernels::{assume_init, contiguous_f32, uninit, vectorised, SharedOut};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -321,11 +321,13 @@ impl CustomOp1 for Winograd<'_> {
             true => share,
             false => (CHUNK_ELEMENTS / (XI * c)).clamp(16, share),
         };
-        let mut y = vec![0f32; b * o * h * w];
+        // Not zeroed first: the tiles cover every pixel of every output channel.
+        let mut y = uninit::<f32>(b * o * h * w);
         for (img, out) in y.chunks_mut(o * h * w).enumerate() {
             let x = &x[img * c * h * w..(img + 1) * c * h * w];
             // Each chunk writes its own 4×4 blocks: disjoint pixels of `out`.
-            let out = SharedOut::new(out);
+            // SAFETY: every pixel is written (the tiles cover the image) before any is read.
+            let out = unsafe { SharedOut::uninit(out) };
             (0..tiles.div_ceil(chunk)).into_par_iter().for_each(|k| {
                 let first = k * chunk;
                 let n = chunk.min(tiles - first);
@@ -347,7 +349,11 @@ impl CustomOp1 for Winograd<'_> {
                 transform_output(&m, bias, o, h, w, tw, first, n, out);
             });
         }
-        Ok((CpuStorage::F32(y), Shape::from((b, o, h, w))))
+        // SAFETY: every element was written (above).
+        Ok((
+            CpuStorage::F32(unsafe { assume_init(y) }),
+            Shape::from((b, o, h, w)),
+        ))
     }
 }
 
