@@ -5,7 +5,6 @@
 
 use crate::kernels::contiguous_f32;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Below this `eˣ` is taken as 0 (near where it turns subnormal).
 const EXP_FLOOR: f32 = -87.0;
@@ -375,9 +374,10 @@ impl CustomOp1 for Softmax {
         let rows = block_rows(n);
         let storage = match self.out {
             DType::F32 => {
-                let mut out = v.to_vec();
-                out.par_chunks_mut(rows * n)
-                    .for_each(|block| softmax_rows(block, (block.len() / n, n, n)));
+                let out = crate::kernels::par_filled(v.len(), rows * n, |i, block| {
+                    block.copy_from_slice(&v[i * rows * n..][..block.len()]);
+                    softmax_rows(block, (block.len() / n, n, n))
+                });
                 CpuStorage::F32(out)
             }
             DType::BF16 => {
