@@ -220,10 +220,10 @@ impl Module for Conv2d {
 /// than Winograd even on kept weights (1280 channels at 16×16: 30 against 44 ms).
 const WINOGRAD_MIN_PIXELS: usize = 1024;
 
-/// Images with at most this many pixels (64×64) run Winograd on weights transformed once and kept
-/// (4× the weight's values, in f32): there transforming the weights took a quarter (320 channels at
-/// 64×64) to a half (640 channels at 32×32) of a call; on larger images its share is small and
-/// the memory is not spent.
+/// Images with at most this many pixels (64×64) make Winograd's transformed weights and keep them
+/// (4× the weight's values, in f32) for every later call: there transforming the weights took a
+/// quarter (320 channels at 64×64) to a half (640 channels at 32×32) of a call; a layer that only
+/// sees larger images transforms at each call (a small share there) and does not spend the memory.
 const WINOGRAD_CACHE_PIXELS: usize = 4096;
 
 /// The convolution of a layer: candle's on other devices; on the CPU (where candle re-lays the whole
@@ -256,19 +256,21 @@ fn conv_forward(
     }
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let y = match conv.bias() {
-        Some(bias) if winograd => match cache.filter(|_| h * w <= WINOGRAD_CACHE_PIXELS) {
-            Some(cache) => {
-                let weights = match cache.get() {
-                    Some(weights) => weights,
-                    None => {
-                        let made = WinogradWeights::new(conv.weight(), bias)?;
-                        cache.get_or_init(|| made)
-                    }
-                };
-                weights.conv(&f32(x)?)?
+        Some(bias) if winograd => {
+            // Kept weights serve every size once made; only small images make them.
+            let kept = match (cache, cache.and_then(OnceLock::get)) {
+                (_, Some(weights)) => Some(weights),
+                (Some(cache), None) if h * w <= WINOGRAD_CACHE_PIXELS => {
+                    let made = WinogradWeights::new(conv.weight(), bias)?;
+                    Some(cache.get_or_init(|| made))
+                }
+                _ => None,
+            };
+            match kept {
+                Some(weights) => weights.conv(&f32(x)?)?,
+                None => winograd::conv3x3(&f32(x)?, conv.weight(), bias)?,
             }
-            None => winograd::conv3x3(&f32(x)?, conv.weight(), bias)?,
-        },
+        }
         _ if kh == kw => conv2d_unfolded(
             &f32(x)?,
             &f32(conv.weight())?,
@@ -568,12 +570,23 @@ mod tests {
             padding: 1,
             ..Default::default()
         };
-        let conv = Conv2d::from(candle_nn::Conv2d::new(
-            weight.clone(),
-            Some(bias.clone()),
-            cfg,
-        ));
-        for (side, kept) in [(31, false), (32, true), (45, true), (80, true)] {
+        let layer = || {
+            Conv2d::from(candle_nn::Conv2d::new(
+                weight.clone(),
+                Some(bias.clone()),
+                cfg,
+            ))
+        };
+        // One layer through every size (the kept weights serve 80×80 too); another that sees only
+        // 80×80 and keeps nothing.
+        let (conv, large_only) = (layer(), layer());
+        for (conv, side, kept) in [
+            (&conv, 31, false),
+            (&conv, 32, true),
+            (&conv, 45, true),
+            (&conv, 80, true),
+            (&large_only, 80, false),
+        ] {
             let x = randn(&[1, c, side, side], 3);
             let want = x
                 .conv2d(&weight, 1, 1, 1, 1)
