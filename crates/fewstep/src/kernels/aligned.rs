@@ -40,6 +40,13 @@ impl<T: Plain> Aligned<T> {
         }
     }
 
+    /// `len` values: those the buffer held where it held as many, zeros where it grows.
+    pub(crate) fn resize(&mut self, len: usize) {
+        self.lines
+            .resize(len.div_ceil(16).max(self.lines.len()), Line([0; 16]));
+        self.len = len;
+    }
+
     /// `len` values made on all threads as [`par_filled`](crate::kernels::par_filled) makes them:
     /// chunk `i` zeroed, then `f(i, chunk)`.
     pub(crate) fn par_filled(
@@ -67,6 +74,12 @@ impl<T: Plain> Aligned<T> {
             len,
             values: PhantomData,
         }
+    }
+}
+
+impl<T: Plain> Default for Aligned<T> {
+    fn default() -> Self {
+        Self::zeroed(0)
     }
 }
 

@@ -41,6 +41,9 @@ const AMX_TILE_ROWS: usize = 16;
 const AMX_ROWS: usize = 2 * AMX_TILE_ROWS;
 /// Pairs of `K` one AMX tile holds: 16 rows of 64 bytes.
 const AMX_PAIRS: usize = 16;
+/// How far (log₂ of the factor) a block's scores may exceed an online softmax's running maximum
+/// before [`PackedLhs::exp_bf16`] takes their own maximum instead.
+const LAZY_MAX: f32 = 16.0;
 /// Rows of `C` a task's tile holds (a multiple of [`MR`] and of [`AMX_ROWS`]).
 const MC: usize = 96;
 /// Columns of `C` a task's tile holds (a multiple of [`NR`]).
@@ -497,6 +500,8 @@ pub(crate) struct PackedLhs<'a> {
 /// The values of a [`PackedLhs`].
 enum LhsSlots<'a> {
     Packed(Aligned<u32>),
+    /// Packed into a caller's buffer.
+    Lent(&'a [u32]),
     /// f32 rows `row` slots apart.
     Rows {
         a: &'a [u32],
@@ -547,16 +552,21 @@ impl<'a> PackedLhs<'a> {
     }
 
     /// A block of an online softmax's probabilities computed, rounded and packed for AMX in one
-    /// pass, or `None` where the CPU has no AMX: `A[i][j] = bf16(e^(s · values[i · a_row + j] − mᵢ))`
-    /// with `mᵢ = max(max[i], maxⱼ s · values[i · a_row + j])`, and per row `(mᵢ, Σⱼ e^(…))` (the sum
-    /// of the f32 values; [`softmax::online_step`](crate::kernels::softmax::online_step) takes both).
-    /// The numbers of `exp_rows_online` followed by [`PackedLhs::rounded_bf16`], the maxima exact,
-    /// the exponentials to a relative 3·10⁻⁶ before their rounding to bf16 (`exp_at_bf16`).
+    /// pass into `slots` (a buffer reused block after block), or `None` where the CPU has no AMX:
+    /// `A[i][j] = bf16(e^(s · values[i · a_row + j] − mᵢ))` and per row `(mᵢ, Σⱼ e^(…))` (the sum of
+    /// the f32 values; [`softmax::online_step`](crate::kernels::softmax::online_step) takes both).
+    /// `mᵢ` is the running maximum `max[i]` kept as it is while the block's scores exceed it by less
+    /// than [`LAZY_MAX`] (in log₂ units: probabilities below 2¹⁶, far from f32's range), which saves
+    /// a pass over the scores for their maximum (FlashAttention-4's lazy rescaling); otherwise, and
+    /// in a row's first block (`max[i] = −∞`), `mᵢ = max(max[i], maxⱼ s · values[i · a_row + j])` as
+    /// in `exp_rows_online`. The exponentials to a relative 3·10⁻⁶ before their rounding to bf16
+    /// (`exp_at_bf16`).
     pub(crate) fn exp_bf16(
         values: &[f32],
         (m, k, a_row): (usize, usize, usize),
         s: f32,
         max: &[f32],
+        slots: &'a mut Aligned<u32>,
     ) -> Option<(Self, Vec<(f32, f32)>)> {
         assert!(
             m == 0 || values.len() >= (m - 1) * a_row + k && max.len() >= m,
@@ -566,10 +576,10 @@ impl<'a> PackedLhs<'a> {
         if !isa.supported() {
             return None;
         }
-        let mut slots = Aligned::zeroed(m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k));
+        slots.resize(m.div_ceil(AMX_ROWS) * AMX_ROWS * isa.slots(k));
         // SAFETY: AMX implies AVX-512F and AVX-512 BF16 (Sapphire Rapids and later); the sizes hold.
-        let rows = unsafe { amx::pack_exp(values, (m, k, a_row), s, max, &mut slots) };
-        let slots = LhsSlots::Packed(slots);
+        let rows = unsafe { amx::pack_exp(values, (m, k, a_row), s, max, slots) };
+        let slots = LhsSlots::Lent(slots);
         Some((PackedLhs { isa, slots, m, k }, rows))
     }
 
@@ -589,6 +599,7 @@ impl<'a> PackedLhs<'a> {
     fn lhs(&self) -> Lhs<'_> {
         match &self.slots {
             LhsSlots::Packed(slots) => Lhs::Packed(slots),
+            LhsSlots::Lent(slots) => Lhs::Packed(slots),
             &LhsSlots::Rows { a, row } => Lhs::Rows { a, row, m: self.m },
         }
     }
@@ -1095,7 +1106,7 @@ mod avx512 {
 /// The AMX kernel: tiles `tmm0..3` hold a 32×32 block of `C`, `tmm4/5` two 16-row tiles of `A`,
 /// `tmm6/7` two 16-column tiles of `B`.
 mod amx {
-    use super::{TileShape, AMX_PAIRS, AMX_ROWS, AMX_TILE_ROWS, NR};
+    use super::{TileShape, AMX_PAIRS, AMX_ROWS, AMX_TILE_ROWS, LAZY_MAX, NR};
 
     /// The tile configuration (palette 1): eight tiles of 16 rows × 64 bytes.
     #[repr(C, align(64))]
@@ -1184,8 +1195,8 @@ mod amx {
     }
     /// [`super::PackedLhs::exp_bf16`] into AMX tiles (the layout of `pack_a_tiles`): row `r`'s
     /// slots `16·t .. 16·t + 16` hold its exponentials `32·t ..` as bf16 pairs, one
-    /// `vcvtne2ps2bf16` of two blocks of 16 (zero past `k`); the padding rows stay as `slots` held
-    /// them (zero).
+    /// `vcvtne2ps2bf16` of two blocks of 16 (zero past `k`); rows of −∞ scores and the padding rows
+    /// are zero.
     ///
     /// # Safety
     /// The CPU has AVX-512F and AVX-512 BF16; `values` holds the `m` rows, `max` `m` values and
@@ -1199,40 +1210,75 @@ mod amx {
         max: &[f32],
         slots: &mut [u32],
     ) -> Vec<(f32, f32)> {
-        use crate::kernels::softmax::avx512::{exp_at_bf16, row_max};
-        use std::arch::x86_64::*;
+        use crate::kernels::softmax::avx512::row_max;
         let kp = super::Isa::Amx.slots(k);
-        let tile = AMX_TILE_ROWS * AMX_PAIRS;
-        let dst = slots.as_mut_ptr();
-        let ls = _mm512_set1_ps(s * std::f32::consts::LOG2_E);
         // A loop, not a closure: a closure would not take the function's instruction sets.
         let mut rows = Vec::with_capacity(m);
-        for r in 0..m {
-            let row = &values[r * a_row..][..k];
-            let max = row_max(row, s, max[r]);
-            if max == f32::NEG_INFINITY {
-                rows.push((max, 1.0));
+        for r in 0..m.div_ceil(AMX_ROWS) * AMX_ROWS {
+            let first = (r / AMX_TILE_ROWS) * AMX_TILE_ROWS * kp + (r % AMX_TILE_ROWS) * AMX_PAIRS;
+            let zero = |slots: &mut [u32]| {
+                for t in 0..kp / AMX_PAIRS {
+                    let at = first + t * AMX_TILE_ROWS * AMX_PAIRS;
+                    slots[at..at + AMX_PAIRS].fill(0);
+                }
+            };
+            if r >= m {
+                zero(slots);
                 continue;
             }
-            let lm = _mm512_set1_ps(max * std::f32::consts::LOG2_E);
-            let first = (r / AMX_TILE_ROWS) * AMX_TILE_ROWS * kp + (r % AMX_TILE_ROWS) * AMX_PAIRS;
-            let mut acc = _mm512_setzero_ps();
-            for (step, j) in (0..k).step_by(2 * AMX_PAIRS).enumerate() {
-                let lo = exp_at_bf16(row, j, ls, lm);
-                acc = _mm512_add_ps(acc, lo);
-                let hi = match j + 16 < k {
-                    true => exp_at_bf16(row, j + 16, ls, lm),
-                    false => _mm512_setzero_ps(),
-                };
-                acc = _mm512_add_ps(acc, hi);
-                _mm512_storeu_si512(
-                    dst.add(first + step * tile) as *mut __m512i,
-                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
-                );
+            let row = &values[r * a_row..][..k];
+            let exact = max[r] == f32::NEG_INFINITY;
+            let mut mr = match exact {
+                true => row_max(row, s, max[r]),
+                false => max[r],
+            };
+            if mr == f32::NEG_INFINITY {
+                zero(slots);
+                rows.push((mr, 1.0));
+                continue;
             }
-            rows.push((max, _mm512_reduce_add_ps(acc)));
+            let (mut sum, above) = exp_row(row, s, mr, slots, first);
+            if !exact && above > LAZY_MAX {
+                mr = row_max(row, s, mr);
+                sum = exp_row(row, s, mr, slots, first).0;
+            }
+            rows.push((mr, sum));
         }
         rows
+    }
+
+    /// One row of [`pack_exp`]: `e^(s · row − m)` into the slots from `first`, every 16th slot a
+    /// tile row apart, returning the exponentials' sum and `maxⱼ (s · rowⱼ − m) · log₂e`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn exp_row(row: &[f32], s: f32, m: f32, slots: &mut [u32], first: usize) -> (f32, f32) {
+        use crate::kernels::softmax::avx512::exp_at_bf16;
+        use std::arch::x86_64::*;
+        let tile = AMX_TILE_ROWS * AMX_PAIRS;
+        let ls = _mm512_set1_ps(s * std::f32::consts::LOG2_E);
+        let lm = _mm512_set1_ps(m * std::f32::consts::LOG2_E);
+        let dst = slots.as_mut_ptr();
+        let (mut acc, mut above) = (_mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
+        for (step, j) in (0..row.len()).step_by(2 * AMX_PAIRS).enumerate() {
+            let (lo, y) = exp_at_bf16(row, j, ls, lm);
+            acc = _mm512_add_ps(acc, lo);
+            above = _mm512_max_ps(above, y);
+            let hi = match j + 16 < row.len() {
+                true => {
+                    let (hi, y) = exp_at_bf16(row, j + 16, ls, lm);
+                    above = _mm512_max_ps(above, y);
+                    hi
+                }
+                false => _mm512_setzero_ps(),
+            };
+            acc = _mm512_add_ps(acc, hi);
+            _mm512_storeu_si512(
+                dst.add(first + step * tile) as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
+            );
+        }
+        (_mm512_reduce_add_ps(acc), _mm512_reduce_max_ps(above))
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -1903,7 +1949,8 @@ mod tests {
     #[test]
     fn probabilities_computed_into_tiles_are_those_of_the_online_softmax() {
         // Rows with a stride, `k` off the 16- and 32-value steps, `m` off the row blocks; running
-        // maxima below, inside and above the rows' own.
+        // maxima none (−∞), below the rows' own (within [`LAZY_MAX`] and far below), above them.
+        // (The rows' own maxima lie above 0.5: `s · x` spans ±5.6.)
         let (m, k, a_row, n, s) = (37, 45, 50, 40, 0.7);
         let values: Vec<f32> = (test_input(&[m, a_row], 3) * 4.0)
             .unwrap()
@@ -1912,9 +1959,14 @@ mod tests {
             .to_vec1()
             .unwrap();
         let max: Vec<f32> = (0..m)
-            .map(|i| [f32::NEG_INFINITY, 0.5, 9.0][i % 3])
+            .map(|i| [f32::NEG_INFINITY, 0.5, 9.0, -100.0][i % 4])
             .collect();
-        let Some((got, rows)) = PackedLhs::exp_bf16(&values, (m, k, a_row), s, &max) else {
+        // A buffer reused from a larger block: its stale values must not show.
+        let mut slots = Aligned::zeroed(0);
+        slots.resize(4 * m * k);
+        slots.iter_mut().for_each(|v| *v = 0x7f80_7f80);
+        let Some((got, rows)) = PackedLhs::exp_bf16(&values, (m, k, a_row), s, &max, &mut slots)
+        else {
             assert!(!Isa::Amx.supported());
             return;
         };
@@ -1923,12 +1975,19 @@ mod tests {
         let state = (&mut want_max[..], &mut sums[..], &mut rescale[..]);
         crate::kernels::softmax::exp_rows_online(&mut exps, (m, k, a_row), s, state);
         for (i, &(row_max, block)) in rows.iter().enumerate() {
+            // A running maximum is kept where the row's scores exceed it by a little (`s · x` ≤
+            // 5.6 here, 7.4 in log₂ units above 0.5), the row's own taken where they exceed it by
+            // far (e^105 would overflow f32) or where there is none.
+            let m_i = match max[i] {
+                0.5 => 0.5,
+                _ => want_max[i],
+            };
+            assert_eq!(row_max, m_i, "row {i}");
             // The sums within the exponentials' relative 3·10⁻⁶ (and f32 summation orders).
-            assert_eq!(row_max, want_max[i], "row {i}");
+            let want = sums[i] * (want_max[i] - m_i).exp();
             assert!(
-                (block - sums[i]).abs() <= 5e-6 * sums[i],
-                "row {i}: {block} {}",
-                sums[i]
+                (block - want).abs() <= 5e-6 * want,
+                "row {i}: {block} {want}"
             );
         }
         let want = PackedLhs::rounded_bf16(&exps, (m, k, a_row)).unwrap();
@@ -1949,10 +2008,22 @@ mod tests {
                 .flat_map(|r| r[..n].to_vec())
                 .collect::<Vec<_>>()
         };
-        let (got, want) = (product(&got), product(&want));
+        // Each row of `P V` over its own sum: the same whichever maximum the exponentials took.
+        let normalised = |c: Vec<f32>, sums: &[f32]| {
+            c.chunks(n)
+                .zip(sums)
+                .flat_map(|(r, s)| r.iter().map(move |v| v / s).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        let got_sums: Vec<f32> = rows.iter().map(|r| r.1).collect();
+        let (got, want) = (
+            normalised(product(&got), &got_sums),
+            normalised(product(&want), &sums),
+        );
         assert!(got.iter().any(|&v| v != 0.0));
-        // Rounded to bf16 alike but where an exponential lies within 3·10⁻⁶ of a rounding boundary:
-        // each such probability moves by one bf16 step (2⁻⁸ of it).
+        // Rounded to bf16 alike but where an exponential lies within 3·10⁻⁶ of a rounding boundary
+        // (or where a kept maximum moved the rounding): each such probability moves by one bf16
+        // step (2⁻⁸ of it).
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
         let err = got
             .iter()

@@ -252,21 +252,24 @@ pub(crate) mod avx512 {
     /// 3·10⁻⁶ — for probabilities rounded to bf16 next (a rounding of 2⁻⁹): `ls = s · log₂e` and
     /// `lm = m · log₂e` in every lane, `y = ls · x − lm = n + f` (`n` the nearest integer), `2ᶠ` by
     /// [`EXP2`], scaled by `2ⁿ` (`vscalefps`); `y` below −160 (a score of −∞) gives 0. Half the
-    /// operations of [`exp_at`].
+    /// operations of [`exp_at`]. Returns the exponentials and `y` (0 past the row).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    pub(crate) fn exp_at_bf16(row: &[f32], i: usize, ls: __m512, lm: __m512) -> __m512 {
+    pub(crate) fn exp_at_bf16(row: &[f32], i: usize, ls: __m512, lm: __m512) -> (__m512, __m512) {
         let mask = lanes(row.len(), i);
         // SAFETY: the read is masked to the lanes inside the row.
         let x = unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().add(i)) };
-        let y = _mm512_max_ps(_mm512_fmsub_ps(x, ls, lm), _mm512_set1_ps(-160.0));
+        let y = _mm512_max_ps(
+            _mm512_mask_fmsub_ps(x, mask, ls, lm),
+            _mm512_set1_ps(-160.0),
+        );
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
         let f = _mm512_sub_ps(y, n);
         let mut p = _mm512_set1_ps(EXP2[4]);
         for c in EXP2[..4].iter().rev() {
             p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
         }
-        _mm512_maskz_scalef_ps(mask, p, n)
+        (_mm512_maskz_scalef_ps(mask, p, n), y)
     }
 
     /// `e^(s · rowᵢ − m)` of the 16 values from `i` (`s` and `m` in every lane), zero past the row.
