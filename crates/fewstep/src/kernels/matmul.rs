@@ -179,7 +179,8 @@ enum Rhs {
     /// A matrix (a batch of them) through the tensor's strides.
     Matrix,
     /// The patches of a square `k×k` convolution with stride `s` and zero padding `p` over the
-    /// `[C, H, W]` images of a batch: `B[(c, u, v)][(i, j)] = x[c][s·i + u − p][s·j + v − p]`.
+    /// `[C, H, W]` images of a batch: `B[(c, u, v)][(i, j)] = x[c][s·i + u − p][s·j + v − p]`, or
+    /// `B[(u, v, c)][(i, j)]` where the channels go in pairs ([`channel_pairs`]).
     Patches { k: usize, s: usize, p: usize },
 }
 
@@ -295,9 +296,22 @@ struct PatchGeometry {
     k: usize,
     s: usize,
     p: usize,
+    c: usize,
     h: usize,
     w: usize,
     wo: usize,
+    /// `K` ordered `(u, v, c)`, the image's channels interleaved in pairs ([`channel_pairs`]).
+    pairs: bool,
+}
+
+/// Whether a convolution of `c` channels on `isa` orders `K` as `(u, v, c)` (its weight `[O, k, k,
+/// C]`) and reads its image as bf16 channel pairs interleaved once per call
+/// ([`interleave_channels`]): then a slot of the patches is one 32-bit value of that image and a
+/// panel's slot one copy of a run, where the `(c, u, v)` order pairs two taps of one channel, read
+/// from two places and interleaved at every slot of every panel (a 320-channel 3×3 convolution
+/// packed its patches a quarter of its time).
+fn channel_pairs(isa: Isa, c: usize) -> bool {
+    isa.dtype() == DType::BF16 && c.is_multiple_of(2)
 }
 
 /// An operand of [`Product::run`] packed before the call (a [`PackedWeight`]): its values are not
@@ -359,9 +373,14 @@ impl Product {
                     Lhs::Packed(&own_a)
                 }
             };
+            let pairs = match patches {
+                Some(g) if g.pairs => interleave_channels(ops.b, g),
+                _ => Vec::new(),
+            };
             let block_b = |nb: usize| {
                 let (n0, cols) = (nb * NC, NC.min(n - nb * NC));
                 match patches {
+                    Some(g) if g.pairs => pack_patch_pairs(&pairs, g, n0, cols, kp),
                     Some(g) => pack_patches(&ops, g, n0, cols, kp),
                     None => pack_b(&ops, n0, cols, kp),
                 }
@@ -811,9 +830,105 @@ fn pack_b<S: Source>(ops: &Operands<S>, n0: usize, cols: usize, kp: usize) -> Al
     packed
 }
 
-/// As [`pack_b`], for the patch matrix of a convolution over the image `ops.b` (`[C, H, W]`): the
-/// columns of a panel fall into runs along output rows, and each run of a tap `(u, v)` reads one
-/// input row with stride `s`.
+/// A run of a panel of patches along one output row: (first column in the panel, output row `i`,
+/// first output column `j`, length).
+type Run = (usize, usize, usize, usize);
+
+/// What tap `(u, v)` of a [`Run`] reads, the same in every channel: the first value's offset in the
+/// plane and the run's columns `t0 .. t1` inside the image (the rest read padding: zero); `None`
+/// where the whole run reads padding.
+type Span = Option<(usize, usize, usize)>;
+
+/// The runs of the panel of `width` columns from column `c0` of the patch matrix (the output rows it
+/// meets) into `runs`, and the [`Span`] of each tap of each run into `spans`, `k²` a run.
+fn patch_runs(
+    g: PatchGeometry,
+    (c0, width): (usize, usize),
+    runs: &mut Vec<Run>,
+    spans: &mut Vec<Span>,
+) {
+    runs.clear();
+    let mut c = 0;
+    while c < width {
+        let (i, j) = ((c0 + c) / g.wo, (c0 + c) % g.wo);
+        let len = (g.wo - j).min(width - c);
+        runs.push((c, i, j, len));
+        c += len;
+    }
+    spans.clear();
+    for &(_, i, j, len) in runs.iter() {
+        spans.extend((0..g.k * g.k).map(|tap| {
+            let (u, v) = (tap / g.k, tap % g.k);
+            // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
+            let y = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h)?;
+            let x0 = g.s * j + v;
+            // ⌈a / s⌉, without a division for the common stride 1.
+            let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
+            let t0 = ceil(g.p.saturating_sub(x0));
+            let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
+            let offset = y * g.w + (x0 + g.s * t0).checked_sub(g.p)?;
+            (t0 < t1).then_some((offset, t0, t1))
+        }));
+    }
+}
+
+/// The image `[C, H, W]` (bf16, `C` even) as `[C/2, H, W]` pairs of channels: slot `(c, y, x)` holds
+/// channel `2c`'s value in its low half, `2c + 1`'s in its high half — the slots of the patches
+/// in `(u, v, c)` order ([`channel_pairs`]). On all threads.
+fn interleave_channels<S: Source>(image: &[S], g: PatchGeometry) -> Vec<u32> {
+    let plane = g.h * g.w;
+    crate::kernels::par_filled(g.c / 2 * plane, plane, |cp, out| {
+        let (lo, hi) = (&image[2 * cp * plane..], &image[(2 * cp + 1) * plane..]);
+        for ((o, l), h) in out.iter_mut().zip(lo).zip(hi) {
+            *o = l.bits() | h.bits() << 16;
+        }
+    })
+}
+
+/// As [`pack_patches`], for `K` in `(u, v, c)` order over the channel pairs of `pairs`
+/// ([`interleave_channels`]): slot `(u, v, c/2)` of a column is one value of `pairs`, a run of a
+/// panel one copy (stride 1) or a strided gather.
+fn pack_patch_pairs(
+    pairs: &[u32],
+    g: PatchGeometry,
+    n0: usize,
+    cols: usize,
+    kp: usize,
+) -> Aligned<u32> {
+    let panels = cols.div_ceil(NR);
+    let mut packed = Aligned::zeroed(panels * kp * NR);
+    let (plane, planes) = (g.h * g.w, g.c / 2);
+    let mut runs = Vec::with_capacity(4);
+    let mut spans = Vec::with_capacity(4 * g.k * g.k);
+    for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
+        let c0 = n0 + panel * NR;
+        patch_runs(g, (c0, NR.min(n0 + cols - c0)), &mut runs, &mut spans);
+        for (&(c, ..), spans) in runs.iter().zip(spans.chunks(g.k * g.k)) {
+            for (tap, span) in spans.iter().enumerate() {
+                let Some((offset, t0, t1)) = *span else {
+                    continue;
+                };
+                for cp in 0..planes {
+                    let out = &mut dst[(tap * planes + cp) * NR + c..][t0..t1];
+                    let row = &pairs[cp * plane + offset..];
+                    match g.s {
+                        1 => out.copy_from_slice(&row[..t1 - t0]),
+                        s => {
+                            for (o, t) in out.iter_mut().zip(0..) {
+                                *o = row[s * t];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    packed
+}
+
+/// As [`pack_b`], for the patch matrix of a convolution over the image `ops.b` (`[C, H, W]`, `K` in
+/// `(c, u, v)` order): the columns of a panel fall into runs along output rows, and each run of a
+/// tap `(u, v)` reads one input row with stride `s`.
 fn pack_patches<S: Source>(
     ops: &Operands<S>,
     g: PatchGeometry,
@@ -832,34 +947,7 @@ fn pack_patches<S: Source>(
     let mut spans = Vec::with_capacity(4 * g.k * g.k);
     for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
         let c0 = n0 + panel * NR;
-        let width = NR.min(n0 + cols - c0);
-        // (first column in the panel, output row i, first output column j, length) of each output
-        // row the panel meets.
-        runs.clear();
-        let mut c = 0;
-        while c < width {
-            let (i, j) = ((c0 + c) / g.wo, (c0 + c) % g.wo);
-            let len = (g.wo - j).min(width - c);
-            runs.push((c, i, j, len));
-            c += len;
-        }
-        // What each tap of each run reads, the same in every channel: the first value's offset in
-        // the plane and the run's columns t0..t1 inside the image (the rest read padding: zero).
-        spans.clear();
-        for &(_, i, j, len) in &runs {
-            spans.extend((0..g.k * g.k).map(|tap| {
-                let (u, v) = (tap / g.k, tap % g.k);
-                // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
-                let y = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h)?;
-                let x0 = g.s * j + v;
-                // ⌈a / s⌉, without a division for the common stride 1.
-                let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
-                let t0 = ceil(g.p.saturating_sub(x0));
-                let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
-                let offset = y * g.w + (x0 + g.s * t0).checked_sub(g.p)?;
-                (t0 < t1).then_some((offset, t0, t1))
-            }));
-        }
+        patch_runs(g, (c0, NR.min(n0 + cols - c0)), &mut runs, &mut spans);
         for (slot, taps) in taps.chunks(S::PER_SLOT).enumerate() {
             let out = &mut dst[slot * NR..][..NR];
             for (&(c, ..), spans) in runs.iter().zip(spans.chunks(g.k * g.k)) {
@@ -1392,9 +1480,11 @@ impl Product {
                         k: kk,
                         s,
                         p,
+                        c,
                         h,
                         w,
                         wo,
+                        pairs: channel_pairs(self.isa, c),
                     }),
                     shape: vec![bn, m, ho, wo],
                 })
@@ -1551,10 +1641,18 @@ fn conv2d_on(
         out: x.dtype(),
         rhs: Rhs::Patches { k, s, p },
     };
-    weight
-        .contiguous()?
+    conv_lhs(isa, weight)?
         .reshape((o, c * k * k))?
         .apply_op2_no_bwd(&x.contiguous()?, &op)
+}
+
+/// A convolution's weight `[O, C, k, k]` in the order of `K` its product on `isa` takes: as it is,
+/// or `[O, k, k, C]` where the channels go in pairs ([`channel_pairs`]); contiguous.
+fn conv_lhs(isa: Isa, weight: &Tensor) -> candle_core::Result<Tensor> {
+    match channel_pairs(isa, weight.dim(1)?) {
+        true => weight.permute((0, 2, 3, 1))?.contiguous(),
+        false => weight.contiguous(),
+    }
 }
 
 /// A layer's weight packed once, at load, for this CPU's product kernel, in place of its tensor
@@ -1604,8 +1702,8 @@ impl PackedWeight {
             return Ok(None);
         };
         let dims = w.dims().to_vec();
-        /// `Wᵀ` of a linear layer's `[N, K]` as a right operand, a convolution's `[O, C·k·k]` as
-        /// a left one.
+        /// `Wᵀ` of a linear layer's `[N, K]` as a right operand, a convolution's `[O, C·k·k]` (in
+        /// the order of [`conv_lhs`]) as a left one.
         fn values<S: Source>(isa: Isa, dims: &[usize], v: &[S]) -> Aligned<u32> {
             match *dims {
                 [n, k] => PackedRhs::pack(isa, v, (1, k), k, n).slots,
@@ -1615,7 +1713,10 @@ impl PackedWeight {
                 }
             }
         }
-        let flat = w.flatten_all()?;
+        let flat = match dims.len() {
+            4 => conv_lhs(isa, w)?.flatten_all()?,
+            _ => w.flatten_all()?,
+        };
         let slots = match w.dtype() {
             DType::BF16 => values(isa, &dims, &flat.to_vec1::<bf16>()?),
             _ => values(isa, &dims, &flat.to_vec1::<f32>()?),
@@ -1869,10 +1970,15 @@ mod tests {
 
     #[test]
     fn convolutions_match_candle_at_awkward_sizes() {
-        // Kernel, stride, padding as the UNet and VAE use them, on sizes off the blocks.
+        // Kernel, stride, padding as the UNet and VAE use them, on sizes off the blocks; odd and
+        // even channels (bf16's come in pairs where even), rows of the output longer and shorter
+        // than a panel, padding at every edge.
         for isa in isas() {
             for (b, c, o, h, w, k, s, p) in [
                 (2, 5, 7, 9, 13, 3, 1, 1),
+                (2, 6, 9, 9, 13, 3, 1, 1),
+                (1, 34, 33, 5, 45, 3, 1, 1),
+                (1, 8, 5, 11, 10, 3, 2, 1),
                 (1, 33, 17, 16, 15, 3, 2, 1),
                 (1, 20, 40, 7, 5, 1, 1, 0),
                 (1, 3, 2, 1, 1, 3, 1, 1),
@@ -1916,10 +2022,10 @@ mod tests {
                 0.0,
                 "{dtype:?} linear"
             );
-            for (k, s, p) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+            for (c, k, s, p) in [(5, 3, 1, 1), (5, 3, 2, 1), (5, 1, 1, 0), (6, 3, 1, 1)] {
                 let (x, w, b) = (
-                    cast(isa, &test_input(&[2, 5, 17, 11], 12)),
-                    cast(isa, &test_input(&[13, 5, k, k], 13)),
+                    cast(isa, &test_input(&[2, c, 17, 11], 12)),
+                    cast(isa, &test_input(&[13, c, k, k], 13)),
                     cast(isa, &test_input(&[13], 14)),
                 );
                 let packed = PackedWeight::conv(&w, Some(&b)).unwrap().unwrap();
@@ -1929,7 +2035,7 @@ mod tests {
                 assert_eq!(
                     max_abs_diff(&f32(&got), &f32(&want)),
                     0.0,
-                    "{dtype:?} conv {k} {s} {p}"
+                    "{dtype:?} conv {c} {k} {s} {p}"
                 );
             }
             // An input of another dtype is refused, naming both.
