@@ -24,6 +24,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels::aligned::Aligned;
+use crate::kernels::geglu;
 use crate::kernels::{assume_init, uninit, Element, SharedOut};
 
 /// Rows of the AVX-512 register tile: 12 × 2 accumulators, two panel vectors and a broadcast in 32
@@ -329,6 +330,10 @@ struct Product {
     bias: Bias,
     out: DType,
     rhs: Rhs,
+    /// `C`'s columns come in blocks of [`NC`], each `h` in its first half and the `g` of the same
+    /// features in its second ([`PackedWeight::geglu`]): the product writes `h · gelu(g)`, `N / 2`
+    /// columns.
+    gated: bool,
 }
 
 impl Product {
@@ -343,8 +348,12 @@ impl Product {
         packed: Prepacked,
     ) -> Vec<T> {
         let Operands { m, n, k, .. } = ops;
+        let n_out = match self.gated {
+            true => n / 2,
+            false => n,
+        };
         // Not zeroed first: the tasks' tiles cover every element of every product.
-        let mut out = uninit::<T>(batch * m * n);
+        let mut out = uninit::<T>(batch * m * n_out);
         let kp = self.isa.slots(k);
         let n_blocks = n.div_ceil(NC);
         let m_blocks = m.div_ceil(MC);
@@ -392,7 +401,7 @@ impl Product {
                 _ => (0..n_blocks).into_par_iter().map(block_b).collect(),
             };
             // SAFETY: `T` is f32 or bf16; the tiles write every element before any is read.
-            let dst = unsafe { SharedOut::uninit(&mut out[i * m * n..(i + 1) * m * n]) };
+            let dst = unsafe { SharedOut::uninit(&mut out[i * m * n_out..(i + 1) * m * n_out]) };
             (0..n_blocks * m_chunks).into_par_iter().for_each(|task| {
                 let (nb, chunk) = (task / m_chunks, task % m_chunks);
                 let n0 = nb * NC;
@@ -422,7 +431,7 @@ impl Product {
                         // packed for it, with `kp` slots and rows padded to its row blocks.
                         unsafe { multiply_tile(self.isa, packed_a, packed_b, shape, tile) };
                         // SAFETY: the tile (rows m0.., columns n0..) is this task's alone.
-                        unsafe { self.write_tile(tile, dst, m0, rows, n0, cols, n) };
+                        unsafe { self.write_tile(tile, dst, m0, rows, n0, cols, n_out) };
                     }
                 });
             });
@@ -432,7 +441,8 @@ impl Product {
     }
 
     /// `C[m0 + r][n0 + c] = α · tile[r][c] + bias` for the tile's valid rows and columns (the
-    /// tile's values are scaled in place first).
+    /// tile's values are scaled in place first); where the product is `gated`, the first half of
+    /// the columns times the GELU of the second ([`geglu::gate_rows`]) at `C[m0 + r][n0 / 2 + c]`.
     ///
     /// # Safety
     /// `dst` holds `M · n` elements and no other task writes this tile.
@@ -462,7 +472,16 @@ impl Product {
                     src.iter_mut().for_each(|v| *v = self.alpha * *v + b);
                 }
             }
-            T::store(src, dst.range((m0 + r) * n + n0, cols));
+        }
+        let (n0, cols) = match self.gated {
+            true => {
+                geglu::gate_rows(tile, rows, cols / 2, NC);
+                (n0 / 2, cols / 2)
+            }
+            false => (n0, cols),
+        };
+        for r in 0..rows {
+            T::store(&tile[r * NC..][..cols], dst.range((m0 + r) * n + n0, cols));
         }
     }
 }
@@ -647,6 +666,7 @@ impl<'a> PackedLhs<'a> {
             bias: Bias::None,
             out: DType::F32,
             rhs: Rhs::Matrix,
+            gated: false,
         };
         let out = SharedOut::new(dst);
         with_tile(|tile| {
@@ -1447,7 +1467,7 @@ impl Product {
                 }
                 let a_batch = if ar == 3 { astr[0] } else { 0 };
                 let mut shape = ad[..ar - 1].to_vec();
-                shape.push(n);
+                shape.push(if self.gated { n / 2 } else { n });
                 Ok(Plan {
                     a_row,
                     b_k: bstr[br - 2],
@@ -1580,6 +1600,7 @@ fn matmul_on(
         bias: Bias::None,
         out,
         rhs: Rhs::Matrix,
+        gated: false,
     };
     a.apply_op2_no_bwd(b, &op)
 }
@@ -1605,6 +1626,7 @@ fn linear_on(
         bias: Bias::of(bias, Bias::Columns)?,
         out: x.dtype(),
         rhs: Rhs::Matrix,
+        gated: false,
     };
     let y = x2.apply_op2_no_bwd(&w.t()?, &op)?;
     let mut out = dims;
@@ -1640,6 +1662,7 @@ fn conv2d_on(
         bias: Bias::of(bias, Bias::Rows)?,
         out: x.dtype(),
         rhs: Rhs::Patches { k, s, p },
+        gated: false,
     };
     conv_lhs(isa, weight)?
         .reshape((o, c * k * k))?
@@ -1667,6 +1690,8 @@ pub struct PackedWeight {
     /// The weight's shape as stored: `[N, K]` or `[O, C, k, k]`.
     dims: Vec<usize>,
     bias: Bias,
+    /// A GEGLU projection's, its features reordered for the gated product ([`PackedWeight::geglu`]).
+    gated: bool,
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -1726,7 +1751,51 @@ impl PackedWeight {
             slots,
             dims,
             bias: Bias::of(bias, along)?,
+            gated: false,
         }))
+    }
+
+    /// The projection of a GEGLU feed-forward, `W: [2·inner, K]` and its bias, whose features
+    /// `0 .. inner` are `h` and `inner .. 2·inner` the gates `g` ([`forward_geglu`](Self::forward_geglu)),
+    /// or `None` where no kernel runs its dtype on its device. The features are reordered so that each
+    /// block of [`NC`] columns of the product holds 64 features of `h` and the same 64 of `g`.
+    pub fn geglu(w: &Tensor, bias: &Tensor) -> candle_core::Result<Option<Self>> {
+        let (n, _) = w.dims2()?;
+        if !n.is_multiple_of(2) || bias.dims1()? != n {
+            bail!(
+                "geglu: a projection {:?} with a bias {:?} has no halves h and g",
+                w.dims(),
+                bias.dims()
+            );
+        }
+        let inner = n / 2;
+        let order: Vec<u32> = (0..inner)
+            .step_by(NC / 2)
+            .flat_map(|f0| {
+                let features = f0..(f0 + NC / 2).min(inner);
+                features.clone().chain(features.map(|f| f + inner))
+            })
+            .map(|f| f as u32)
+            .collect();
+        let order = Tensor::new(order, w.device())?;
+        let packed = Self::linear(
+            &w.index_select(&order, 0)?,
+            Some(&bias.index_select(&order, 0)?),
+        )?;
+        Ok(packed.map(|p| Self { gated: true, ..p }))
+    }
+
+    /// `h · gelu(g)` of `[h, g] = x Wᵀ + bias` for `x: [.., K]` (diffusers' `GEGLU`, the exact GELU),
+    /// `[.., inner]`, the gate computed on each block of the product as it is written (never the
+    /// `2·inner` features), for a weight packed by [`geglu`](Self::geglu).
+    pub fn forward_geglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.gated {
+            true => self.forward_rows(x, self.dims[0] / 2),
+            false => bail!(
+                "geglu: the weight {:?} was not packed as a GEGLU projection",
+                self.dims
+            ),
+        }
     }
 
     /// The weight's shape as stored.
@@ -1736,7 +1805,18 @@ impl PackedWeight {
 
     /// `y = x Wᵀ + bias` for `x: [.., K]` of the weight's dtype (candle's `Linear`).
     pub fn forward_linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, k) = (self.dims[0], self.dims[1]);
+        match self.gated {
+            true => bail!(
+                "matmul: the weight {:?} was packed as a GEGLU projection",
+                self.dims
+            ),
+            false => self.forward_rows(x, self.dims[0]),
+        }
+    }
+
+    /// The product over the rows of `x: [.., K]`, `n` values a row out.
+    fn forward_rows(&self, x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+        let k = self.dims[1];
         let dims = x.dims().to_vec();
         let x2 = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
         let y = x2.apply_op1_no_bwd(&self.product(x, Rhs::Matrix)?)?;
@@ -1772,6 +1852,7 @@ impl PackedWeight {
                 bias: self.bias.clone(),
                 out: x.dtype(),
                 rhs,
+                gated: self.gated,
             },
             weight: self,
         })
@@ -1997,6 +2078,48 @@ mod tests {
                 assert_eq!(got.dims(), want.dims(), "{what}");
                 assert_close(&got, &want, &what);
             }
+        }
+    }
+
+    #[test]
+    fn a_geglu_projection_gives_the_gate_of_the_linear_layer() {
+        // Inner widths of less than one block of 64 features, and of blocks and a part; K odd.
+        for dtype in [DType::BF16, DType::F32] {
+            if Isa::best(dtype).is_none() {
+                continue;
+            }
+            for (rows, k, inner) in [(7, 33, 40), (2 * 45, 70, 200)] {
+                let (x, w, b) = (
+                    test_input(&[rows, k], 20).to_dtype(dtype).unwrap(),
+                    test_input(&[2 * inner, k], 21).to_dtype(dtype).unwrap(),
+                    test_input(&[2 * inner], 22).to_dtype(dtype).unwrap(),
+                );
+                let packed = PackedWeight::geglu(&w, &b).unwrap().unwrap();
+                let got = packed.forward_geglu(&x).unwrap();
+                assert_eq!((got.dims(), got.dtype()), (&[rows, inner][..], dtype));
+                // The f32 gate of the f32 product: the same numbers in f32; in bf16 the output's
+                // rounding (the unfused path also rounds `[h, g]`).
+                let hg = linear(&f32(&x), &f32(&w), Some(&f32(&b))).unwrap();
+                let want = crate::kernels::geglu::geglu(&hg).unwrap();
+                let err = max_abs_diff(&f32(&got), &want) / max_abs(&want);
+                let bound = if dtype == DType::F32 { 0.0 } else { 8e-3 };
+                assert!(err <= bound, "{dtype:?} {rows}×{k}→{inner}: {err}");
+            }
+            // A gated weight is no linear layer, a plain one no GEGLU projection; halves must exist.
+            let (w, b) = (
+                test_input(&[10, 4], 1).to_dtype(dtype).unwrap(),
+                test_input(&[10], 2).to_dtype(dtype).unwrap(),
+            );
+            let x = test_input(&[3, 4], 3).to_dtype(dtype).unwrap();
+            let gated = PackedWeight::geglu(&w, &b).unwrap().unwrap();
+            let err = gated.forward_linear(&x).unwrap_err().to_string();
+            assert!(err.contains("GEGLU projection"), "{err}");
+            let plain = PackedWeight::linear(&w, Some(&b)).unwrap().unwrap();
+            let err = plain.forward_geglu(&x).unwrap_err().to_string();
+            assert!(err.contains("not packed as a GEGLU"), "{err}");
+            let odd = test_input(&[9, 4], 1).to_dtype(dtype).unwrap();
+            let err = PackedWeight::geglu(&odd, &b.narrow(0, 0, 9).unwrap()).unwrap_err();
+            assert!(err.to_string().contains("no halves"), "{err}");
         }
     }
 

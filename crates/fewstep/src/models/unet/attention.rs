@@ -130,23 +130,56 @@ impl SpatialSelfAttention {
 /// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`): `[h, g] = x W_1 + b_1` split in halves of width
 /// `inner = 4·dim`; `y = (h ⊙ gelu(g)) W_2 + b_2`, with the exact (erf) GELU.
 struct FeedForward {
-    proj: Linear,
+    proj: GegluProjection,
     out: Linear,
     inner: usize,
+}
+
+/// The projection `W_1` of a [`FeedForward`]: for inference on a CPU with a product kernel (and no
+/// LoRA branch at run time), packed with the gate fused into the product
+/// ([`PackedWeight::geglu`](crate::kernels::matmul::PackedWeight::geglu): the `2·inner` features
+/// are never written out); else a [`Linear`] followed by the gate.
+enum GegluProjection {
+    Gated(std::sync::Arc<crate::kernels::matmul::PackedWeight>),
+    Plain(Linear),
 }
 
 impl FeedForward {
     fn new(w: &Weights, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
+        let p = w.pp("net.0.proj");
+        let gated = match p.is_for_cpu_inference() && p.lora_branches("weight").is_empty() {
+            true => crate::kernels::matmul::PackedWeight::geglu(
+                &p.get((2 * inner, dim), "weight")?,
+                &p.get(2 * inner, "bias")?,
+            )?,
+            false => None,
+        };
+        let proj = match gated {
+            Some(g) => GegluProjection::Gated(std::sync::Arc::new(g)),
+            None => GegluProjection::Plain(linear(&p, dim, 2 * inner, true)?),
+        };
         Ok(Self {
-            proj: linear(&w.pp("net.0.proj"), dim, 2 * inner, true)?,
+            proj,
             out: linear(&w.pp("net.2"), inner, dim, true)?,
             inner,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hg = apply(&self.proj, x)?;
+        let proj = match &self.proj {
+            GegluProjection::Gated(p) => {
+                let dim = x.dims().last().copied().unwrap_or(0);
+                crate::flops::add(crate::flops::matmul(
+                    x.elem_count() / dim.max(1),
+                    dim,
+                    2 * self.inner,
+                ));
+                return apply(&self.out, &p.forward_geglu(x)?);
+            }
+            GegluProjection::Plain(proj) => proj,
+        };
+        let hg = apply(proj, x)?;
         if matches!(hg.dtype(), DType::BF16 | DType::F32) && hg.device().is_cpu() && !hg.track_op()
         {
             return apply(&self.out, &crate::kernels::geglu::geglu(&hg)?);
