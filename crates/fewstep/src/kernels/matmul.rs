@@ -711,13 +711,19 @@ impl<'a> PackedLhs<'a> {
             dst.len()
         );
         let kp = self.isa.slots(self.k);
-        for n0 in (0..b.n).step_by(NC) {
+        // AMX takes the whole product in one call (one tile configuration), its rows in groups
+        // that each meet every panel; the register tiles in blocks of MC × NC.
+        let (mc, nc) = match self.isa {
+            Isa::Amx => (self.m.max(1), b.n.max(1)),
+            _ => (MC, NC),
+        };
+        for n0 in (0..b.n).step_by(nc) {
             let panels = &b.slots[n0 / NR * kp * NR..];
-            for m0 in (0..self.m).step_by(MC) {
+            for m0 in (0..self.m).step_by(mc) {
                 let shape = TileShape {
                     m0,
-                    rows: MC.min(self.m - m0),
-                    cols: NC.min(b.n - n0),
+                    rows: mc.min(self.m - m0),
+                    cols: nc.min(b.n - n0),
                     kp,
                     ldc,
                 };
