@@ -8,6 +8,8 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut};
 
+use rayon::prelude::*;
+
 use crate::kernels::{assume_init, fill_chunks, uninit};
 
 /// One cache line.
@@ -54,6 +56,32 @@ impl<T: Plain> Aligned<T> {
         chunk: usize,
         f: impl Fn(usize, &mut [T]) + Sync + Send,
     ) -> Self {
+        Self::par_chunks(len, |values| fill_chunks(values, chunk, &f))
+    }
+
+    /// `len` values made on all threads by `f(i, chunk)`, which writes every value of chunk `i`
+    /// (values `i · chunk ..`): not zeroed first.
+    ///
+    /// # Safety
+    /// `f` writes every value of the chunk it is handed before reading any.
+    pub(crate) unsafe fn par_written(
+        len: usize,
+        chunk: usize,
+        f: impl Fn(usize, &mut [T]) + Sync + Send,
+    ) -> Self {
+        Self::par_chunks(len, |values| {
+            values
+                .par_chunks_mut(chunk.max(1))
+                .enumerate()
+                // SAFETY: `f` writes every value before reading any (the caller's promise);
+                // `MaybeUninit<T>` has `T`'s layout.
+                .for_each(|(i, v)| f(i, unsafe { &mut *(v as *mut [MaybeUninit<T>] as *mut [T]) }))
+        })
+    }
+
+    /// `len` values from a cache line on, `fill` writing the first `len` (the last line's rest
+    /// zeroed here).
+    fn par_chunks(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Self {
         const { assert!(std::mem::size_of::<T>() == 4 && std::mem::align_of::<T>() <= 64) };
         let mut lines = uninit::<Line>(len.div_ceil(16));
         // SAFETY: the lines hold `16 · lines` 4-byte values, `len` of them and the last line's rest.
@@ -64,7 +92,7 @@ impl<T: Plain> Aligned<T> {
             )
         };
         let (head, tail) = values.split_at_mut(len);
-        fill_chunks(head, chunk, f);
+        fill(head);
         for v in tail {
             v.write(T::default());
         }

@@ -802,18 +802,44 @@ fn pack_a_panels<S: Source>(ops: &Operands<S>, kp: usize) -> Aligned<u32> {
 
 /// `A` as AMX tiles: `[block of 16 rows][step of 16 slots][row][slot]` u32 slots, each tile 1 KiB
 /// contiguous (rows of a plain row-major `A` lie a power of two apart and evict each other from the
-/// cache), zero past `K` and in the rows that pad `M` to a multiple of [`AMX_ROWS`].
+/// cache), zero past `K` and in the rows that pad `M` to a multiple of [`AMX_ROWS`]. Each task
+/// writes every slot of its block once (no zeroing first), in AVX-512 registers where the CPU has
+/// them (a step's 64 bytes one move).
 fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Aligned<u32> {
     let tile = AMX_TILE_ROWS * AMX_PAIRS;
     let len = ops.m.div_ceil(AMX_ROWS) * AMX_ROWS * kp;
-    Aligned::par_filled(len, AMX_TILE_ROWS * kp, |block, dst| {
-        for r in 0..AMX_TILE_ROWS.min(ops.m.saturating_sub(block * AMX_TILE_ROWS)) {
-            let row = &ops.a[(block * AMX_TILE_ROWS + r) * ops.a_row..][..ops.k];
-            for (step, src) in row.chunks(S::PER_SLOT * AMX_PAIRS).enumerate() {
-                S::copy_slots(src, &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS]);
+    let fill = |block: usize, dst: &mut [u32]| {
+        let rows = AMX_TILE_ROWS.min(ops.m.saturating_sub(block * AMX_TILE_ROWS));
+        for r in 0..AMX_TILE_ROWS {
+            let row = match r < rows {
+                true => &ops.a[(block * AMX_TILE_ROWS + r) * ops.a_row..][..ops.k],
+                false => &[],
+            };
+            let mut steps = row.chunks(S::PER_SLOT * AMX_PAIRS);
+            for step in 0..kp / AMX_PAIRS {
+                let out = &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS];
+                match steps.next() {
+                    Some(src) if src.len() == S::PER_SLOT * AMX_PAIRS => S::copy_slots(src, out),
+                    Some(src) => {
+                        let (head, tail) = out.split_at_mut(src.len().div_ceil(S::PER_SLOT));
+                        S::copy_slots(src, head);
+                        tail.fill(0);
+                    }
+                    None => out.fill(0),
+                }
             }
         }
-    })
+    };
+    // SAFETY: `fill` writes every slot of its block: each of the 16 rows' `kp` slots, a step of
+    // AMX_PAIRS at a time (copied, copied and zero-padded, or zero).
+    unsafe {
+        Aligned::par_written(len, AMX_TILE_ROWS * kp, |block, dst| {
+            crate::kernels::vectorised(
+                #[inline(always)]
+                || fill(block, dst),
+            )
+        })
+    }
 }
 
 /// Columns `n0 .. n0 + cols` of `B` as panels of [`NR`] columns: `[panel][slot][column]` u32 slots,
@@ -2084,6 +2110,33 @@ mod tests {
                 assert_eq!(got.dims(), want.dims(), "{what}");
                 assert_close(&got, &want, &what);
             }
+        }
+    }
+
+    #[test]
+    fn amx_tiles_of_a_hold_its_pairs_and_zeros_elsewhere() {
+        // Rows off the 32-row blocks, K off the 32-value steps, rows with a stride: every slot
+        // written (the buffer is not zeroed first), the padding with zeros.
+        let (m, k, a_row) = (37, 45, 50);
+        let a: Vec<bf16> = (0..m * a_row).map(|i| bf16::from_f32(i as f32)).collect();
+        let kp = Isa::Amx.slots(k);
+        let got = pack_a_tiles(&Operands::lhs(&a, a_row, m, k), kp);
+        assert_eq!(got.len(), 64 * kp);
+        for (i, &slot) in got.iter().enumerate() {
+            // [block of 16 rows][step of 16 slots][row][slot]
+            let (block, rest) = (i / (16 * kp), i % (16 * kp));
+            let (step, row, p) = (rest / 256, rest % 256 / 16, rest % 16);
+            let (r, j) = (block * 16 + row, 2 * (step * 16 + p));
+            let value = |j: usize| match r < m && j < k {
+                true => a[r * a_row + j].to_bits() as u32,
+                false => 0,
+            };
+            assert_eq!(
+                slot,
+                value(j) | value(j + 1) << 16,
+                "row {r}, values {j}, {}",
+                j + 1
+            );
         }
     }
 
