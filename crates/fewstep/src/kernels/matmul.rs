@@ -362,7 +362,6 @@ impl Product {
         // the patches of an image (`k²` times its size) a block at a time, by the task that uses it,
         // where each block has one task.
         let m_chunks = (4 * threads).div_ceil(n_blocks).clamp(1, m_blocks);
-        let blocks_per_chunk = m_blocks.div_ceil(m_chunks);
         for i in 0..batch {
             let ops = Operands {
                 a: &ops.a[a_batch * i..],
@@ -415,9 +414,14 @@ impl Product {
                         &own_b
                     }
                 };
-                let first = chunk * blocks_per_chunk;
+                // Chunks of ⌊m_blocks / m_chunks⌋ or one more block, none empty: 14 blocks in 8
+                // chunks of 2 left one empty and gave one thread 8 blocks, the other 6.
+                let (first, end) = (
+                    chunk * m_blocks / m_chunks,
+                    (chunk + 1) * m_blocks / m_chunks,
+                );
                 with_tile(|tile| {
-                    for mb in first..(first + blocks_per_chunk).min(m_blocks) {
+                    for mb in first..end {
                         let m0 = mb * MC;
                         let rows = MC.min(m - m0);
                         let shape = TileShape {
