@@ -1077,6 +1077,9 @@ struct TileShape {
 mod avx512 {
     use super::{Lhs, TileShape, KC, MR, NR};
 
+    /// Slots ahead of use that [`Rows::prefetch`] asks for: four cache lines.
+    const PREFETCH: usize = 64;
+
     /// Where a register tile reads its [`MR`] rows of `A`: slot `p` of row `r` at [`Rows::at`].
     pub(super) trait Rows: Copy {
         /// The address of slot `p` of row `r`.
@@ -1084,6 +1087,11 @@ mod avx512 {
         /// # Safety
         /// The slot lies in the operand the rows were made from.
         unsafe fn at(self, p: usize, r: usize) -> *const u32;
+
+        /// Asks for the cache lines of slot `p` of every row ahead of use (a hint: nothing where
+        /// the rows are one packed stream, which the hardware prefetches by itself).
+        #[inline(always)]
+        fn prefetch(self, _p: usize) {}
     }
 
     /// Rows packed by `pack_a_panels`: slot `p` of row `r` at `p · MR + r`.
@@ -1105,6 +1113,21 @@ mod avx512 {
         #[inline(always)]
         unsafe fn at(self, p: usize, r: usize) -> *const u32 {
             self.0[r].add(p)
+        }
+
+        /// Twelve rows are twelve streams from memory (a weight of 8×8 convolutions read once:
+        /// 59 MB at 6 GB/s where a core reads 14), more than the hardware keeps ahead of.
+        #[inline(always)]
+        fn prefetch(self, p: usize) {
+            #[cfg(target_arch = "x86_64")]
+            for row in self.0 {
+                // SAFETY: a prefetch is a hint and never faults, whatever the address.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        row.wrapping_add(p) as *const i8,
+                    )
+                };
+            }
         }
     }
 
@@ -1199,6 +1222,9 @@ mod avx512 {
                 let mut acc = [[_mm512_setzero_ps(); H]; MR];
                 let b = b.as_ptr() as *const __m512i;
                 for p in 0..kc {
+                    if p % 16 == 0 {
+                        a.prefetch(p + PREFETCH);
+                    }
                     let bh: [__m512i; H] = std::array::from_fn(|h| _mm512_loadu_si512(b.add(2 * p + h)));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let av = _mm512_set1_epi32(*a.at(p, r) as i32);
