@@ -895,37 +895,46 @@ type Run = (usize, usize, usize, usize);
 /// where the whole run reads padding.
 type Span = Option<(usize, usize, usize)>;
 
-/// The runs of the panel of `width` columns from column `c0` of the patch matrix (the output rows it
-/// meets) into `runs`, and the [`Span`] of each tap of each run into `spans`, `k²` a run.
-fn patch_runs(
+/// The panels of [`NR`] columns of the patch matrix's columns `n0 .. n0 + cols`, `kp` slots each,
+/// zeroed, then each filled by `fill(panel, runs, spans)` with the [`Run`]s of the panel (the output
+/// rows it meets) and the [`Span`] of each tap of each run, `k²` a run.
+fn patch_panels(
     g: PatchGeometry,
-    (c0, width): (usize, usize),
-    runs: &mut Vec<Run>,
-    spans: &mut Vec<Span>,
-) {
-    runs.clear();
-    let mut c = 0;
-    while c < width {
-        let (i, j) = ((c0 + c) / g.wo, (c0 + c) % g.wo);
-        let len = (g.wo - j).min(width - c);
-        runs.push((c, i, j, len));
-        c += len;
+    (n0, cols, kp): (usize, usize, usize),
+    mut fill: impl FnMut(&mut [u32], &[Run], &[Span]),
+) -> Aligned<u32> {
+    let mut packed = Aligned::zeroed(cols.div_ceil(NR) * kp * NR);
+    let mut runs = Vec::with_capacity(4);
+    let mut spans = Vec::with_capacity(4 * g.k * g.k);
+    for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
+        let c0 = n0 + panel * NR;
+        let width = NR.min(n0 + cols - c0);
+        runs.clear();
+        let mut c = 0;
+        while c < width {
+            let (i, j) = ((c0 + c) / g.wo, (c0 + c) % g.wo);
+            let len = (g.wo - j).min(width - c);
+            runs.push((c, i, j, len));
+            c += len;
+        }
+        spans.clear();
+        for &(_, i, j, len) in &runs {
+            spans.extend((0..g.k * g.k).map(|tap| {
+                let (u, v) = (tap / g.k, tap % g.k);
+                // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
+                let y = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h)?;
+                let x0 = g.s * j + v;
+                // ⌈a / s⌉, without a division for the common stride 1.
+                let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
+                let t0 = ceil(g.p.saturating_sub(x0));
+                let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
+                let offset = y * g.w + (x0 + g.s * t0).checked_sub(g.p)?;
+                (t0 < t1).then_some((offset, t0, t1))
+            }));
+        }
+        fill(dst, &runs, &spans);
     }
-    spans.clear();
-    for &(_, i, j, len) in runs.iter() {
-        spans.extend((0..g.k * g.k).map(|tap| {
-            let (u, v) = (tap / g.k, tap % g.k);
-            // Input row y = s·i + u − p; input column x = s·(j + t) + v − p for t < len.
-            let y = (g.s * i + u).checked_sub(g.p).filter(|&y| y < g.h)?;
-            let x0 = g.s * j + v;
-            // ⌈a / s⌉, without a division for the common stride 1.
-            let ceil = |a: usize| if g.s == 1 { a } else { a.div_ceil(g.s) };
-            let t0 = ceil(g.p.saturating_sub(x0));
-            let t1 = ceil((g.w + g.p).saturating_sub(x0)).min(len);
-            let offset = y * g.w + (x0 + g.s * t0).checked_sub(g.p)?;
-            (t0 < t1).then_some((offset, t0, t1))
-        }));
-    }
+    packed
 }
 
 /// The image `[C, H, W]` (bf16, `C` even) as `[C/2, H, W]` pairs of channels: slot `(c, y, x)` holds
@@ -951,14 +960,8 @@ fn pack_patch_pairs(
     cols: usize,
     kp: usize,
 ) -> Aligned<u32> {
-    let panels = cols.div_ceil(NR);
-    let mut packed = Aligned::zeroed(panels * kp * NR);
     let (plane, planes) = (g.h * g.w, g.c / 2);
-    let mut runs = Vec::with_capacity(4);
-    let mut spans = Vec::with_capacity(4 * g.k * g.k);
-    for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
-        let c0 = n0 + panel * NR;
-        patch_runs(g, (c0, NR.min(n0 + cols - c0)), &mut runs, &mut spans);
+    patch_panels(g, (n0, cols, kp), |dst, runs, spans| {
         for (&(c, ..), spans) in runs.iter().zip(spans.chunks(g.k * g.k)) {
             for (tap, span) in spans.iter().enumerate() {
                 let Some((offset, t0, t1)) = *span else {
@@ -978,8 +981,7 @@ fn pack_patch_pairs(
                 }
             }
         }
-    }
-    packed
+    })
 }
 
 /// As [`pack_b`], for the patch matrix of a convolution over the image `ops.b` (`[C, H, W]`, `K` in
@@ -992,18 +994,12 @@ fn pack_patches<S: Source>(
     cols: usize,
     kp: usize,
 ) -> Aligned<u32> {
-    let panels = cols.div_ceil(NR);
-    let mut packed = Aligned::zeroed(panels * kp * NR);
     let plane = g.h * g.w;
     // k = (channel, u, v) in order: the first value of the channel's plane and the tap `u·k + v`.
     let taps: Vec<(usize, usize)> = (0..ops.k / (g.k * g.k))
         .flat_map(|ch| (0..g.k * g.k).map(move |tap| (ch * plane, tap)))
         .collect();
-    let mut runs = Vec::with_capacity(4);
-    let mut spans = Vec::with_capacity(4 * g.k * g.k);
-    for (panel, dst) in packed.chunks_mut(kp * NR).enumerate() {
-        let c0 = n0 + panel * NR;
-        patch_runs(g, (c0, NR.min(n0 + cols - c0)), &mut runs, &mut spans);
+    patch_panels(g, (n0, cols, kp), |dst, runs, spans| {
         for (slot, taps) in taps.chunks(S::PER_SLOT).enumerate() {
             let out = &mut dst[slot * NR..][..NR];
             for (&(c, ..), spans) in runs.iter().zip(spans.chunks(g.k * g.k)) {
@@ -1058,8 +1054,7 @@ fn pack_patches<S: Source>(
                 }
             }
         }
-    }
-    packed
+    })
 }
 
 /// Where a task's tile of `C` lies: rows `m0 .. m0 + rows`, `cols` columns, over `kp` pairs of `K`,
