@@ -48,7 +48,7 @@ pub struct StableDiffusion {
     device: Device,
 }
 
-/// What to generate. Defaults are those of the CLI contract (see [`Request::new`]).
+/// What to generate. Defaults are those of the CLI contract (see [`StableDiffusion::request`]).
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: String,
