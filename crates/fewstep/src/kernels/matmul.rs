@@ -337,6 +337,14 @@ struct Product {
 }
 
 impl Product {
+    /// The columns of the output for `N` columns of `C`: half where the product is `gated`.
+    fn out_columns(&self, n: usize) -> usize {
+        match self.gated {
+            true => n / 2,
+            false => n,
+        }
+    }
+
     /// `C` for `batch` products into `out` (`batch · M · N` elements, row-major), operand `i` of the
     /// batch found at `a_batch · i` and `b_batch · i` elements past the operands' offsets.
     fn run<S: Source, T: Element>(
@@ -348,10 +356,7 @@ impl Product {
         packed: Prepacked,
     ) -> Vec<T> {
         let Operands { m, n, k, .. } = ops;
-        let n_out = match self.gated {
-            true => n / 2,
-            false => n,
-        };
+        let n_out = self.out_columns(n);
         // Not zeroed first: the tasks' tiles cover every element of every product.
         let mut out = uninit::<T>(batch * m * n_out);
         let kp = self.isa.slots(k);
@@ -822,20 +827,16 @@ fn pack_a_tiles<S: Source>(ops: &Operands<S>, kp: usize) -> Aligned<u32> {
             let mut steps = row.chunks(S::PER_SLOT * AMX_PAIRS);
             for step in 0..kp / AMX_PAIRS {
                 let out = &mut dst[step * tile + r * AMX_PAIRS..][..AMX_PAIRS];
-                match steps.next() {
-                    Some(src) if src.len() == S::PER_SLOT * AMX_PAIRS => S::copy_slots(src, out),
-                    Some(src) => {
-                        let (head, tail) = out.split_at_mut(src.len().div_ceil(S::PER_SLOT));
-                        S::copy_slots(src, head);
-                        tail.fill(0);
-                    }
-                    None => out.fill(0),
-                }
+                // The step's values (none past `K` or `M`), then zeros.
+                let src = steps.next().unwrap_or(&[]);
+                let (head, tail) = out.split_at_mut(src.len().div_ceil(S::PER_SLOT));
+                S::copy_slots(src, head);
+                tail.fill(0);
             }
         }
     };
     // SAFETY: `fill` writes every slot of its block: each of the 16 rows' `kp` slots, a step of
-    // AMX_PAIRS at a time (copied, copied and zero-padded, or zero).
+    // AMX_PAIRS at a time (its values copied, the rest zero).
     unsafe {
         Aligned::par_written(len, AMX_TILE_ROWS * kp, |block, dst| {
             crate::kernels::vectorised(
@@ -1524,7 +1525,7 @@ impl Product {
                 }
                 let a_batch = if ar == 3 { astr[0] } else { 0 };
                 let mut shape = ad[..ar - 1].to_vec();
-                shape.push(if self.gated { n / 2 } else { n });
+                shape.push(self.out_columns(n));
                 Ok(Plan {
                     a_row,
                     b_k: bstr[br - 2],
@@ -1847,7 +1848,7 @@ impl PackedWeight {
     /// `2·inner` features), for a weight packed by [`geglu`](Self::geglu).
     pub fn forward_geglu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.gated {
-            true => self.forward_rows(x, self.dims[0] / 2),
+            true => self.forward_rows(x),
             false => bail!(
                 "geglu: the weight {:?} was not packed as a GEGLU projection",
                 self.dims
@@ -1867,18 +1868,18 @@ impl PackedWeight {
                 "matmul: the weight {:?} was packed as a GEGLU projection",
                 self.dims
             ),
-            false => self.forward_rows(x, self.dims[0]),
+            false => self.forward_rows(x),
         }
     }
 
-    /// The product over the rows of `x: [.., K]`, `n` values a row out.
-    fn forward_rows(&self, x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    /// The product over the rows of `x: [.., K]`, as many values a row out as the product writes.
+    fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let k = self.dims[1];
         let dims = x.dims().to_vec();
         let x2 = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
         let y = x2.apply_op1_no_bwd(&self.product(x, Rhs::Matrix)?)?;
         let mut out = dims;
-        *out.last_mut().unwrap() = n;
+        *out.last_mut().unwrap() = y.dim(1)?;
         y.reshape(out)
     }
 
