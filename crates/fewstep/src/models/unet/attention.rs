@@ -140,7 +140,7 @@ struct FeedForward {
 /// ([`PackedWeight::geglu`](crate::kernels::matmul::PackedWeight::geglu): the `2·inner` features
 /// are never written out); else a [`Linear`] followed by the gate.
 enum GegluProjection {
-    Gated(std::sync::Arc<crate::kernels::matmul::PackedWeight>),
+    Gated(crate::kernels::matmul::PackedWeight),
     Plain(Linear),
 }
 
@@ -156,7 +156,7 @@ impl FeedForward {
             false => None,
         };
         let proj = match gated {
-            Some(g) => GegluProjection::Gated(std::sync::Arc::new(g)),
+            Some(g) => GegluProjection::Gated(g),
             None => GegluProjection::Plain(linear(&p, dim, 2 * inner, true)?),
         };
         Ok(Self {
